@@ -1,0 +1,501 @@
+//! Lowers per-endpoint rule lists to the exact datapath entries of a [`DesiredState`].
+//!
+//! The kernel does two fixed lookups per decision, whatever the number of rules: the
+//! destination's address class (longest prefix in the address trie), then the longest prefix of
+//! (endpoint, class, protocol, port) in the policy trie. This module makes both tries give the
+//! answer that evaluating the rules would:
+//!
+//! * **Classes.** Every prefix named by any rule (`to` and `except`) goes into the address trie.
+//!   For an address `a`, the longest such prefix `L` is contained in every named prefix that
+//!   contains `a` (prefixes are nested or disjoint), so the set of rules whose address set
+//!   contains `L` is exactly the set whose address set contains `a`. Prefixes with the same set
+//!   share a class id.
+//! * **Ports.** For each (endpoint, class), the rules matching that class split each protocol's
+//!   port space into segments; each segment is evaluated once and written as a few port
+//!   prefixes, only where it differs from the shorter entry the kernel would fall back to.
+//!
+//! How the matching rules combine into a decision (first match, Kubernetes' union, Pass, Audit)
+//! is the caller's `evaluate` function: this module only finds which rules match.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use egret_common::CLASS_WORLD;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+
+use super::state::{ClassId, Decision, DesiredState, EndpointId, PolicyMatch, PortPrefix};
+
+/// An endpoint's rules, in evaluation order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRules<A> {
+    pub endpoint: EndpointId,
+    pub rules: Vec<Rule<A>>,
+}
+
+/// One rule: the destinations and ports it matches, and what the evaluator makes of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule<A> {
+    /// Destination prefixes the rule matches (IPv4 and IPv6 may mix).
+    pub to: Vec<IpNet>,
+    /// Prefixes carved out of `to`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub except: Vec<IpNet>,
+    /// Protocol and ports.
+    #[serde(default)]
+    pub l4: L4,
+    pub action: A,
+}
+
+/// The protocol and port part of a rule.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum L4 {
+    /// Every protocol and port.
+    #[default]
+    Any,
+    /// One IP protocol, every port.
+    Protocol(u8),
+    /// One IP protocol, ports `first..=last`.
+    Ports { protocol: u8, first: u16, last: u16 },
+}
+
+impl L4 {
+    fn protocol(self) -> Option<u8> {
+        match self {
+            Self::Any => None,
+            Self::Protocol(p) | Self::Ports { protocol: p, .. } => Some(p),
+        }
+    }
+
+    /// Whether a connection over `protocol` to a port in `first..=last` (all of them) matches.
+    fn covers(self, protocol: u8, first: u16, last: u16) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Protocol(p) => p == protocol,
+            Self::Ports {
+                protocol: p,
+                first: f,
+                last: l,
+            } => p == protocol && f <= first && last <= l,
+        }
+    }
+}
+
+/// Lowers `endpoints` to datapath entries. `evaluate` gets an endpoint and the rules that match
+/// one (destination, protocol, port), in the endpoint's order, and returns the decision; with no
+/// rule it must return the endpoint's default.
+pub fn lower<A, F>(endpoints: &[EndpointRules<A>], evaluate: F) -> DesiredState
+where
+    F: Fn(EndpointId, &[&Rule<A>]) -> Decision,
+{
+    let mut state = DesiredState::default();
+    // (endpoint index, rule index) sets, per class.
+    let mut members: BTreeMap<ClassId, Vec<(usize, usize)>> = BTreeMap::new();
+    let mut next_class = CLASS_WORLD + 1;
+
+    let v4 = classify(endpoints, |net| match net {
+        IpNet::V4(n) => Some(n.trunc()),
+        IpNet::V6(_) => None,
+    });
+    let v6 = classify(endpoints, |net| match net {
+        IpNet::V6(n) => Some(n.trunc()),
+        IpNet::V4(_) => None,
+    });
+    let mut ids: HashMap<Vec<(usize, usize)>, ClassId> = HashMap::new();
+    for (net, set) in v4 {
+        let class = class_id(&mut ids, &mut members, &mut next_class, set);
+        state.addr4.insert(net, class);
+    }
+    // IPv4 and IPv6 never share a class: a rule set is keyed with its family.
+    ids.clear();
+    for (net, set) in v6 {
+        let class = class_id(&mut ids, &mut members, &mut next_class, set);
+        state.addr6.insert(net, class);
+    }
+
+    // Per endpoint, the classes where some rule of it matches.
+    let mut per_endpoint: Vec<BTreeMap<ClassId, Vec<usize>>> = vec![BTreeMap::new(); endpoints.len()];
+    for (class, set) in &members {
+        for &(e, r) in set {
+            per_endpoint[e].entry(*class).or_default().push(r);
+        }
+    }
+
+    for (e, endpoint) in endpoints.iter().enumerate() {
+        let id = endpoint.endpoint;
+        let default = evaluate(id, &[]);
+        state.policy.insert(
+            PolicyMatch {
+                endpoint: id,
+                class: None,
+                protocol: None,
+                port: None,
+            },
+            default,
+        );
+        for (class, rule_indices) in &per_endpoint[e] {
+            let rules: Vec<&Rule<A>> = rule_indices.iter().map(|&r| &endpoint.rules[r]).collect();
+            lower_class(&mut state, id, *class, &rules, default, &evaluate);
+        }
+    }
+    state
+}
+
+/// Writes the policy entries of one (endpoint, class) whose matching rules are `rules`.
+fn lower_class<A, F>(
+    state: &mut DesiredState,
+    endpoint: EndpointId,
+    class: ClassId,
+    rules: &[&Rule<A>],
+    fallback: Decision,
+    evaluate: &F,
+) where
+    F: Fn(EndpointId, &[&Rule<A>]) -> Decision,
+{
+    let select = |pred: &dyn Fn(L4) -> bool| -> Vec<&Rule<A>> {
+        rules.iter().copied().filter(|r| pred(r.l4)).collect()
+    };
+    let class_match = PolicyMatch {
+        endpoint,
+        class: Some(class),
+        protocol: None,
+        port: None,
+    };
+    let class_decision = evaluate(endpoint, &select(&|l4| l4 == L4::Any));
+    if class_decision != fallback {
+        state.policy.insert(class_match, class_decision);
+    }
+    let protocols: BTreeSet<u8> = rules.iter().filter_map(|r| r.l4.protocol()).collect();
+    for protocol in protocols {
+        let protocol_match = PolicyMatch {
+            protocol: Some(protocol),
+            ..class_match
+        };
+        let rest = evaluate(
+            endpoint,
+            &select(&|l4| l4 == L4::Any || l4 == L4::Protocol(protocol)),
+        );
+        if rest != class_decision {
+            state.policy.insert(protocol_match, rest);
+        }
+        // Segment boundaries: each range's first port, and the port after its last.
+        let mut cuts = BTreeSet::from([0u32]);
+        for rule in rules {
+            if let L4::Ports {
+                protocol: p,
+                first,
+                last,
+            } = rule.l4
+                && p == protocol
+            {
+                cuts.insert(u32::from(first));
+                cuts.insert(u32::from(last) + 1);
+            }
+        }
+        cuts.insert(1 << 16);
+        let cuts: Vec<u32> = cuts.into_iter().collect();
+        // Adjacent segments with equal decisions are merged before being cut into prefixes.
+        let mut run: Option<(u16, u16, Decision)> = None;
+        for pair in cuts.windows(2) {
+            let (first, last) = (pair[0] as u16, (pair[1] - 1) as u16);
+            let decision = evaluate(endpoint, &select(&|l4| l4.covers(protocol, first, last)));
+            run = match run {
+                Some((f, _, d)) if d == decision => Some((f, last, d)),
+                Some((f, l, d)) => {
+                    emit_ports(state, protocol_match, f, l, d, rest);
+                    Some((first, last, decision))
+                }
+                None => Some((first, last, decision)),
+            };
+        }
+        if let Some((f, l, d)) = run {
+            emit_ports(state, protocol_match, f, l, d, rest);
+        }
+    }
+}
+
+fn emit_ports(
+    state: &mut DesiredState,
+    protocol_match: PolicyMatch,
+    first: u16,
+    last: u16,
+    decision: Decision,
+    rest: Decision,
+) {
+    if decision == rest {
+        return;
+    }
+    for prefix in port_prefixes(first, last) {
+        state.policy.insert(
+            PolicyMatch {
+                port: Some(prefix),
+                ..protocol_match
+            },
+            decision,
+        );
+    }
+}
+
+/// The fewest port prefixes that cover exactly `first..=last`. A whole-space range yields none
+/// of 0 bits: callers write that as the protocol entry itself.
+pub fn port_prefixes(first: u16, last: u16) -> Vec<PortPrefix> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (u32::from(first), u32::from(last));
+    while lo <= hi {
+        // Largest aligned block starting at `lo` that stays within `hi`.
+        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        let bits = 16 - size.trailing_zeros();
+        if bits == 0 {
+            // The whole port space: two /1 blocks keep every entry longer than the protocol's.
+            out.push(PortPrefix { port: 0, bits: 1 });
+            out.push(PortPrefix {
+                port: 0x8000,
+                bits: 1,
+            });
+        } else {
+            out.push(PortPrefix {
+                port: lo as u16,
+                bits: bits as u8,
+            });
+        }
+        lo += size;
+    }
+    out
+}
+
+/// Assigns the rules' prefixes of one family their rule sets: for each prefix named anywhere,
+/// the (endpoint, rule) pairs whose address set contains the whole prefix.
+fn classify<A, N, F>(endpoints: &[EndpointRules<A>], family: F) -> BTreeMap<N, Vec<(usize, usize)>>
+where
+    N: Prefix,
+    F: Fn(&IpNet) -> Option<N>,
+{
+    let mut sets: BTreeMap<N, Vec<(usize, usize)>> = BTreeMap::new();
+    for endpoint in endpoints {
+        for rule in &endpoint.rules {
+            for net in rule.to.iter().chain(&rule.except).filter_map(&family) {
+                sets.entry(net).or_default();
+            }
+        }
+    }
+    // Named prefixes sorted by (first address, length): those inside `net` form one run.
+    let named: Vec<N> = sets.keys().copied().collect();
+    for (e, endpoint) in endpoints.iter().enumerate() {
+        for (r, rule) in endpoint.rules.iter().enumerate() {
+            let excepts: Vec<N> = rule.except.iter().filter_map(&family).collect();
+            let mut inside: BTreeSet<N> = BTreeSet::new();
+            for net in rule.to.iter().filter_map(&family) {
+                let start = named.partition_point(|n| n.first() < net.first());
+                inside.extend(
+                    named[start..]
+                        .iter()
+                        .take_while(|n| n.first() <= net.last())
+                        .filter(|n| net.holds(**n)),
+                );
+            }
+            for n in inside {
+                if !excepts.iter().any(|x| x.holds(n))
+                    && let Some(set) = sets.get_mut(&n)
+                {
+                    set.push((e, r));
+                }
+            }
+        }
+    }
+    sets
+}
+
+fn class_id(
+    ids: &mut HashMap<Vec<(usize, usize)>, ClassId>,
+    members: &mut BTreeMap<ClassId, Vec<(usize, usize)>>,
+    next: &mut ClassId,
+    set: Vec<(usize, usize)>,
+) -> ClassId {
+    if set.is_empty() {
+        // Named only as an exception (or by a rule of nobody): matches no rule, like the world.
+        return CLASS_WORLD;
+    }
+    if let Some(id) = ids.get(&set) {
+        return *id;
+    }
+    let id = *next;
+    *next += 1;
+    ids.insert(set.clone(), id);
+    members.insert(id, set);
+    id
+}
+
+/// The few operations [`classify`] needs from a prefix of either family.
+trait Prefix: Copy + Ord {
+    fn first(&self) -> u128;
+    fn last(&self) -> u128;
+    /// Whether `other` lies entirely within `self`.
+    fn holds(&self, other: Self) -> bool {
+        self.first() <= other.first() && other.last() <= self.last()
+    }
+}
+
+impl Prefix for Ipv4Net {
+    fn first(&self) -> u128 {
+        u128::from(u32::from(self.network()))
+    }
+    fn last(&self) -> u128 {
+        u128::from(u32::from(self.broadcast()))
+    }
+}
+
+impl Prefix for Ipv6Net {
+    fn first(&self) -> u128 {
+        u128::from(self.network())
+    }
+    fn last(&self) -> u128 {
+        u128::from(self.broadcast())
+    }
+}
+
+/// The simplest evaluator: the first matching rule's decision, else `default`.
+pub fn first_match(default: Decision) -> impl Fn(EndpointId, &[&Rule<Decision>]) -> Decision {
+    move |_, rules| rules.first().map_or(default, |rule| rule.action)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::datapath::state::Verdict;
+
+    const DEFAULT: Decision = Decision {
+        verdict: Verdict::Allow,
+        rule: 0,
+    };
+
+    /// What the rules mean, evaluated directly: the reference the lowered entries must match.
+    fn reference(rules: &[Rule<Decision>], addr: IpAddr, protocol: u8, port: u16) -> Decision {
+        let in_net = |n: &IpNet| n.contains(&addr);
+        rules
+            .iter()
+            .find(|r| {
+                r.to.iter().any(in_net)
+                    && !r.except.iter().any(in_net)
+                    && r.l4.covers(protocol, port, port)
+            })
+            .map_or(DEFAULT, |r| r.action)
+    }
+
+    #[test]
+    fn port_prefixes_cover_exactly() {
+        for (first, last) in [(0, 65535), (80, 80), (1, 65535), (1000, 2000), (0, 0), (65535, 65535)] {
+            let prefixes = port_prefixes(first, last);
+            let mut covered: Vec<(u16, u16)> = prefixes.iter().map(|p| p.range()).collect();
+            covered.sort();
+            assert_eq!(covered.first().unwrap().0, first);
+            assert_eq!(covered.last().unwrap().1, last);
+            for w in covered.windows(2) {
+                assert_eq!(u32::from(w[0].1) + 1, u32::from(w[1].0), "{first}-{last}: gap or overlap");
+            }
+            assert!(prefixes.iter().all(|p| p.bits >= 1));
+        }
+        assert_eq!(port_prefixes(80, 80).len(), 1);
+        assert!(port_prefixes(1000, 2000).len() <= 2 * 16);
+    }
+
+    #[test]
+    fn except_carves_out_of_cidr() {
+        let rules = vec![EndpointRules {
+            endpoint: 1,
+            rules: vec![Rule {
+                to: vec!["192.0.2.0/24".parse().unwrap()],
+                except: vec!["192.0.2.128/25".parse().unwrap()],
+                l4: L4::Any,
+                action: Decision {
+                    verdict: Verdict::Deny,
+                    rule: 5,
+                },
+            }],
+        }];
+        let state = lower(&rules, first_match(DEFAULT));
+        let at = |a: &str| state.lookup(1, a.parse().unwrap(), 6, 443).entry.unwrap().1;
+        assert_eq!(at("192.0.2.1").verdict, Verdict::Deny);
+        assert_eq!(at("192.0.2.200").verdict, Verdict::Allow);
+        assert_eq!(at("198.51.100.1").verdict, Verdict::Allow);
+    }
+
+    fn arb_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (0u8..4, 24u8..=32).prop_map(|(host, len)| {
+                IpNet::V4(Ipv4Net::new([192, 0, 2, host * 64].into(), len).unwrap().trunc())
+            }),
+            (0u8..4, 120u8..=128).prop_map(|(host, len)| {
+                let addr: std::net::Ipv6Addr = format!("2001:db8::{:x}", u16::from(host) * 64).parse().unwrap();
+                IpNet::V6(Ipv6Net::new(addr, len).unwrap().trunc())
+            }),
+            Just("0.0.0.0/0".parse().unwrap()),
+        ]
+    }
+
+    fn arb_l4() -> impl Strategy<Value = L4> {
+        prop_oneof![
+            Just(L4::Any),
+            prop_oneof![Just(6u8), Just(17)].prop_map(L4::Protocol),
+            (prop_oneof![Just(6u8), Just(17)], 0u16..70, 0u16..10).prop_map(|(protocol, first, span)| {
+                L4::Ports {
+                    protocol,
+                    first,
+                    last: first + span,
+                }
+            }),
+        ]
+    }
+
+    fn arb_rule(rule: u32) -> impl Strategy<Value = Rule<Decision>> {
+        (
+            prop::collection::vec(arb_net(), 1..3),
+            prop::collection::vec(arb_net(), 0..2),
+            arb_l4(),
+            prop_oneof![Just(Verdict::Allow), Just(Verdict::Deny), Just(Verdict::Audit)],
+        )
+            .prop_map(move |(to, except, l4, verdict)| Rule {
+                to,
+                except,
+                l4,
+                action: Decision { verdict, rule },
+            })
+    }
+
+    fn arb_endpoint(endpoint: EndpointId) -> impl Strategy<Value = EndpointRules<Decision>> {
+        prop::collection::vec((1u32..100).prop_flat_map(arb_rule), 0..6)
+            .prop_map(move |rules| EndpointRules { endpoint, rules })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        /// The kernel's two lookups over the lowered entries give the first-match decision for
+        /// every endpoint, address, protocol and port.
+        #[test]
+        fn lowered_lookup_agrees_with_rules(
+            endpoints in (arb_endpoint(1), arb_endpoint(2)).prop_map(|(a, b)| vec![a, b]),
+            probes in prop::collection::vec(
+                (0usize..2, 0u8..=255, any::<bool>(), prop_oneof![Just(6u8), Just(17), Just(1)], 0u16..90),
+                40,
+            ),
+        ) {
+            let state = lower(&endpoints, first_match(DEFAULT));
+            for (e, host, v6, protocol, port) in probes {
+                let addr: IpAddr = if v6 {
+                    format!("2001:db8::{host:x}").parse().unwrap()
+                } else {
+                    format!("192.0.2.{host}").parse().unwrap()
+                };
+                let expected = reference(&endpoints[e].rules, addr, protocol, port);
+                let got = state.lookup(endpoints[e].endpoint, addr, protocol, port).entry.map(|(_, d)| d);
+                prop_assert_eq!(got, Some(expected), "endpoint {} to {} proto {} port {}", e, addr, protocol, port);
+            }
+        }
+    }
+}

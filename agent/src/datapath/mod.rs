@@ -1,0 +1,644 @@
+//! The agent's side of the kernel boundary: loads or re-adopts the pinned programs and maps, and
+//! is the only writer of the maps.
+//!
+//! Policy lives in two generations. [`Datapath::apply`] writes the inactive one (a diff against
+//! what it held), then flips the one-word state map: every decision the kernel makes reads one
+//! generation whole, so no connection sees a verdict that is neither the old policy's nor the
+//! new one's.
+
+pub mod lower;
+pub mod state;
+
+use std::{
+    fs::{self, File},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::{
+    EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    pin::PinError,
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+};
+use egret_common::{
+    ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CounterKey, CounterValue,
+    EndpointValue, GENERATIONS, PolicyKey, PolicyValue, StateValue, family, map_names,
+    program_names,
+};
+use ipnet::{Ipv4Net, Ipv6Net};
+pub use state::{
+    Changes, ClassId, Decision, DesiredState, EndpointId, Lookup, PolicyMatch, PortPrefix, RuleId,
+    Verdict, diff,
+};
+
+use crate::sys::{self, SysError};
+
+/// The kernel programs, built by `build.rs`.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egret"));
+
+/// Where bpffs is mounted when the pin directory lies on none.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// Default pin directory.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egret";
+
+/// How long after a flip the agent waits before writing the generation it flipped away from.
+/// Programs run to completion under RCU without sleeping, in microseconds; one that read the
+/// old generation number just before the flip is long done after this.
+const FLIP_GRACE: Duration = Duration::from_millis(20);
+
+/// Errors of the datapath; each names the program, map, path or entry involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("failed to create pin directory {path}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to open cgroup {path}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to load the eBPF object")]
+    Load {
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("the eBPF object has no program {name}")]
+    MissingProgram { name: &'static str },
+    #[error("failed to load or attach program {name} to cgroup {cgroup}")]
+    Program {
+        name: &'static str,
+        cgroup: PathBuf,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("program {name} has no bpf_link to pin (kernel older than 5.7?)")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("failed to pin {name} at {path}")]
+    Pin {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: PinError,
+    },
+    #[error("failed to open pinned map {name} at {path}")]
+    OpenMap {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: MapError,
+    },
+    #[error("failed to read map {name}")]
+    ReadMap {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("failed to write {entry} to map {name} (a full map refuses new entries)")]
+    WriteMap {
+        name: &'static str,
+        entry: String,
+        #[source]
+        source: MapError,
+    },
+    #[error("failed to remove pin {path}")]
+    Unpin {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// Where the datapath is pinned and which cgroup it enforces on.
+#[derive(Clone, Debug)]
+pub struct DatapathConfig {
+    /// bpffs directory holding `maps/` and `links/`.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory the programs attach to; everything below it is subject to egret.
+    pub cgroup: PathBuf,
+}
+
+/// How [`Datapath::open`] came by the programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LoadMode {
+    /// Every program was already attached through a pinned link: nothing was loaded, and
+    /// enforcement never paused.
+    Adopted,
+    /// These programs were loaded and attached now (all of them on a first start).
+    Loaded { attached: Vec<&'static str> },
+}
+
+/// One counter: attempts from an endpoint to a destination with one verdict and rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CounterSample {
+    pub endpoint: EndpointId,
+    pub rule: RuleId,
+    /// `None` for attempts counted without their destination (the destination map was full).
+    pub destination: Option<IpAddr>,
+    pub protocol: u8,
+    pub verdict: Verdict,
+    pub attempts: u64,
+}
+
+/// Everything the counter maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub samples: Vec<CounterSample>,
+    /// Attempts neither counter map had room for, per verdict (allow, deny, audit).
+    pub lost: [u64; 3],
+}
+
+/// Number of entries in each map, for fill ratios.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapUsage {
+    pub name: &'static str,
+    pub entries: u32,
+    pub capacity: u32,
+}
+
+/// The loaded (or adopted) datapath.
+pub struct Datapath {
+    pin_dir: PathBuf,
+    mode: LoadMode,
+    endpoints: HashMap<MapData, u64, EndpointValue>,
+    state: Array<MapData, StateValue>,
+    addr4: LpmTrie<MapData, Addr4Key, AddrValue>,
+    addr6: LpmTrie<MapData, Addr6Key, AddrValue>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    counters: HashMap<MapData, CounterKey, CounterValue>,
+    counters_overflow: HashMap<MapData, CounterKey, CounterValue>,
+    counters_lost: PerCpuArray<MapData, u64>,
+    /// The generation the kernel reads.
+    generation: u32,
+    /// What each generation holds, as read at open and kept in step by `apply`.
+    shadow: [DesiredState; GENERATIONS as usize],
+    last_flip: Option<Instant>,
+}
+
+impl Datapath {
+    /// Adopts the datapath pinned at `config.pin_dir`, or loads and attaches the programs that
+    /// are not pinned there yet. Pinned maps are always reused, so a restart keeps policy and
+    /// counters.
+    pub fn open(config: &DatapathConfig) -> Result<Self> {
+        let DatapathConfig { pin_dir, cgroup } = config;
+        sys::ensure_bpffs(pin_dir, Path::new(BPFFS_MOUNT))?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for dir in [&maps_dir, &links_dir] {
+            fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        let missing: Vec<&'static str> = program_names::ALL
+            .into_iter()
+            .filter(|name| !links_dir.join(name).exists())
+            .collect();
+        let mode = if missing.is_empty() {
+            tracing::info!(pin_dir = %pin_dir.display(), "adopting pinned datapath");
+            LoadMode::Adopted
+        } else {
+            tracing::info!(
+                pin_dir = %pin_dir.display(),
+                cgroup = %cgroup.display(),
+                programs = ?missing,
+                "loading programs: no pinned link for them"
+            );
+            attach(&maps_dir, &links_dir, cgroup, &missing)?;
+            LoadMode::Loaded { attached: missing }
+        };
+
+        let state: Array<MapData, StateValue> = open_map(&maps_dir, map_names::STATE)?;
+        let generation = state
+            .get(&0, 0)
+            .map_err(|source| DatapathError::ReadMap {
+                name: map_names::STATE,
+                source,
+            })?
+            .generation
+            % GENERATIONS;
+        let mut datapath = Self {
+            pin_dir: pin_dir.clone(),
+            mode,
+            endpoints: open_map(&maps_dir, map_names::ENDPOINTS)?,
+            state,
+            addr4: open_map(&maps_dir, map_names::ADDR4)?,
+            addr6: open_map(&maps_dir, map_names::ADDR6)?,
+            policy: open_map(&maps_dir, map_names::POLICY)?,
+            counters: open_map(&maps_dir, map_names::COUNTERS)?,
+            counters_overflow: open_map(&maps_dir, map_names::COUNTERS_OVERFLOW)?,
+            counters_lost: open_map(&maps_dir, map_names::COUNTERS_LOST)?,
+            generation,
+            shadow: Default::default(),
+            last_flip: None,
+        };
+        datapath.shadow = datapath.read_generations()?;
+        Ok(datapath)
+    }
+
+    /// How the programs were come by.
+    pub fn mode(&self) -> &LoadMode {
+        &self.mode
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The generation the kernel currently reads.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// What the kernel currently enforces, as last written (or read at open).
+    pub fn active(&self) -> &DesiredState {
+        &self.shadow[self.generation as usize]
+    }
+
+    /// Makes `desired` the enforced policy: writes the inactive generation, then flips.
+    /// On error the active generation is untouched, and so is enforcement.
+    pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes> {
+        let next = (self.generation + 1) % GENERATIONS;
+        if let Some(flipped) = self.last_flip {
+            let since = flipped.elapsed();
+            if since < FLIP_GRACE {
+                std::thread::sleep(FLIP_GRACE - since);
+            }
+        }
+        let changes = diff(&self.shadow[next as usize], desired);
+        if let Err(err) = self.write_generation(next, &changes) {
+            // Whatever did get written stays in the inactive generation; re-read it so the
+            // next diff starts from the truth.
+            if let Ok(shadow) = self.read_generations() {
+                self.shadow = shadow;
+            }
+            return Err(err);
+        }
+        self.shadow[next as usize] = desired.clone();
+        self.state
+            .set(
+                0,
+                StateValue {
+                    generation: next,
+                    flags: 0,
+                },
+                0,
+            )
+            .map_err(|source| DatapathError::WriteMap {
+                name: map_names::STATE,
+                entry: format!("generation {next}"),
+                source,
+            })?;
+        self.generation = next;
+        self.last_flip = Some(Instant::now());
+        tracing::debug!(generation = next, changes = changes.len(), "policy generation flipped");
+        Ok(changes)
+    }
+
+    fn write_generation(&mut self, generation: u32, changes: &Changes) -> Result<()> {
+        let Changes {
+            upsert_addr4,
+            upsert_addr6,
+            upsert_policy,
+            delete_addr4,
+            delete_addr6,
+            delete_policy,
+        } = changes;
+        // Deletes first: they make room for the upserts in a nearly full map.
+        for net in delete_addr4 {
+            ignore_missing(self.addr4.remove(&addr4_key(generation, *net)))
+                .map_err(|source| write_err(map_names::ADDR4, net, source))?;
+        }
+        for net in delete_addr6 {
+            ignore_missing(self.addr6.remove(&addr6_key(generation, *net)))
+                .map_err(|source| write_err(map_names::ADDR6, net, source))?;
+        }
+        for m in delete_policy {
+            ignore_missing(self.policy.remove(&Key::new(m.prefix_len(), m.to_key(generation))))
+                .map_err(|source| write_err(map_names::POLICY, m, source))?;
+        }
+        for (net, class) in upsert_addr4 {
+            self.addr4
+                .insert(&addr4_key(generation, *net), AddrValue { class_id: *class }, 0)
+                .map_err(|source| write_err(map_names::ADDR4, net, source))?;
+        }
+        for (net, class) in upsert_addr6 {
+            self.addr6
+                .insert(&addr6_key(generation, *net), AddrValue { class_id: *class }, 0)
+                .map_err(|source| write_err(map_names::ADDR6, net, source))?;
+        }
+        for (m, decision) in upsert_policy {
+            let value = PolicyValue {
+                verdict: decision.verdict.to_raw(),
+                _pad: [0; 3],
+                rule_id: decision.rule,
+            };
+            self.policy
+                .insert(&Key::new(m.prefix_len(), m.to_key(generation)), value, 0)
+                .map_err(|source| write_err(map_names::POLICY, m, source))?;
+        }
+        Ok(())
+    }
+
+    /// Reads what each generation holds from the kernel maps.
+    fn read_generations(&self) -> Result<[DesiredState; GENERATIONS as usize]> {
+        let mut out: [DesiredState; GENERATIONS as usize] = Default::default();
+        let read_err = |name| move |source| DatapathError::ReadMap { name, source };
+        for item in self.addr4.iter() {
+            let (key, value) = item.map_err(read_err(map_names::ADDR4))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(ADDR_KEY_GENERATION_BITS) as u8;
+            if let (Some(gen_state), Ok(net)) = (
+                out.get_mut(data.generation as usize),
+                Ipv4Net::new(Ipv4Addr::from(data.addr), len),
+            ) {
+                gen_state.addr4.insert(net, value.class_id);
+            }
+        }
+        for item in self.addr6.iter() {
+            let (key, value) = item.map_err(read_err(map_names::ADDR6))?;
+            let data = key.data();
+            let len = key.prefix_len().saturating_sub(ADDR_KEY_GENERATION_BITS) as u8;
+            if let (Some(gen_state), Ok(net)) = (
+                out.get_mut(data.generation as usize),
+                Ipv6Net::new(Ipv6Addr::from(data.addr), len),
+            ) {
+                gen_state.addr6.insert(net, value.class_id);
+            }
+        }
+        for item in self.policy.iter() {
+            let (key, value) = item.map_err(read_err(map_names::POLICY))?;
+            let data = key.data();
+            if let (Some(gen_state), Some(m), Some(verdict)) = (
+                out.get_mut(data.generation as usize),
+                PolicyMatch::from_key(&data, key.prefix_len()),
+                Verdict::from_raw(value.verdict),
+            ) {
+                gen_state.policy.insert(
+                    m,
+                    Decision {
+                        verdict,
+                        rule: value.rule_id,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes the cgroup with id `cgroup_id` (and every cgroup below it) the endpoint
+    /// `endpoint`. Write the endpoint's policy first: until then it gets the fail-open default.
+    pub fn set_endpoint(&mut self, cgroup_id: u64, endpoint: EndpointId) -> Result<()> {
+        let value = EndpointValue {
+            endpoint_id: endpoint,
+            flags: 0,
+        };
+        self.endpoints
+            .insert(cgroup_id, value, 0)
+            .map_err(|source| DatapathError::WriteMap {
+                name: map_names::ENDPOINTS,
+                entry: format!("cgroup {cgroup_id} -> endpoint {endpoint}"),
+                source,
+            })
+    }
+
+    /// Stops treating the cgroup as an endpoint; its processes are no longer decided.
+    pub fn remove_endpoint(&mut self, cgroup_id: u64) -> Result<()> {
+        ignore_missing(self.endpoints.remove(&cgroup_id)).map_err(|source| {
+            DatapathError::WriteMap {
+                name: map_names::ENDPOINTS,
+                entry: format!("cgroup {cgroup_id}"),
+                source,
+            }
+        })
+    }
+
+    /// The endpoints the kernel knows: cgroup id -> endpoint id.
+    pub fn endpoints(&self) -> Result<std::collections::BTreeMap<u64, EndpointId>> {
+        self.endpoints
+            .iter()
+            .map(|item| item.map(|(cgroup, value)| (cgroup, value.endpoint_id)))
+            .collect::<Result<_, _>>()
+            .map_err(|source| DatapathError::ReadMap {
+                name: map_names::ENDPOINTS,
+                source,
+            })
+    }
+
+    /// Reads every counter. The kernel only ever adds to them.
+    pub fn counters(&self) -> Result<Counters> {
+        let mut samples = Vec::new();
+        for (name, map) in [
+            (map_names::COUNTERS, &self.counters),
+            (map_names::COUNTERS_OVERFLOW, &self.counters_overflow),
+        ] {
+            for item in map.iter() {
+                let (key, value) = item.map_err(|source| DatapathError::ReadMap { name, source })?;
+                let Some(verdict) = Verdict::from_raw(key.verdict) else {
+                    continue;
+                };
+                samples.push(CounterSample {
+                    endpoint: key.endpoint_id,
+                    rule: key.rule_id,
+                    destination: counter_destination(&key),
+                    protocol: key.protocol,
+                    verdict,
+                    attempts: value.attempts,
+                });
+            }
+        }
+        samples.sort();
+        let mut lost = [0u64; 3];
+        for (verdict, slot) in lost.iter_mut().enumerate() {
+            let per_cpu = self
+                .counters_lost
+                .get(&(verdict as u32), 0)
+                .map_err(|source| DatapathError::ReadMap {
+                    name: map_names::COUNTERS_LOST,
+                    source,
+                })?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(Counters { samples, lost })
+    }
+
+    /// Entries and capacity of each map, for fill ratios.
+    pub fn usage(&self) -> Vec<MapUsage> {
+        use egret_common::capacity;
+        vec![
+            MapUsage {
+                name: map_names::ENDPOINTS,
+                entries: self.endpoints.keys().count() as u32,
+                capacity: capacity::ENDPOINTS,
+            },
+            MapUsage {
+                name: map_names::ADDR4,
+                entries: self.addr4.keys().count() as u32,
+                capacity: capacity::ADDR4,
+            },
+            MapUsage {
+                name: map_names::ADDR6,
+                entries: self.addr6.keys().count() as u32,
+                capacity: capacity::ADDR6,
+            },
+            MapUsage {
+                name: map_names::POLICY,
+                entries: self.policy.keys().count() as u32,
+                capacity: capacity::POLICY,
+            },
+            MapUsage {
+                name: map_names::COUNTERS,
+                entries: self.counters.keys().count() as u32,
+                capacity: capacity::COUNTERS,
+            },
+            MapUsage {
+                name: map_names::COUNTERS_OVERFLOW,
+                entries: self.counters_overflow.keys().count() as u32,
+                capacity: capacity::COUNTERS_OVERFLOW,
+            },
+        ]
+    }
+}
+
+/// Removes egret's pins under `pin_dir`: dropping the last reference to each link detaches its
+/// program, and the maps go with the programs. Enforcement stops.
+pub fn uninstall(pin_dir: &Path) -> Result<()> {
+    for sub in ["links", "maps"] {
+        let dir = pin_dir.join(sub);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(DatapathError::Unpin { path: dir, source }),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(|source| DatapathError::Unpin { path, source })?;
+        }
+        fs::remove_dir(&dir).map_err(|source| DatapathError::Unpin { path: dir, source })?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(DatapathError::Unpin {
+            path: pin_dir.into(),
+            source: err,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Loads the object (reusing pinned maps), attaches `programs` to `cgroup` and pins their links.
+fn attach(maps_dir: &Path, links_dir: &Path, cgroup: &Path, programs: &[&'static str]) -> Result<()> {
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(maps_dir)
+        .load(EBPF_OBJECT)
+        .map_err(|source| DatapathError::Load {
+            source: Box::new(source),
+        })?;
+    let cgroup_dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
+        path: cgroup.into(),
+        source,
+    })?;
+    for &name in programs {
+        let program_err = |source| DatapathError::Program {
+            name,
+            cgroup: cgroup.into(),
+            source,
+        };
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or(DatapathError::MissingProgram { name })?
+            .try_into()
+            .map_err(program_err)?;
+        program.load().map_err(program_err)?;
+        // AllowMultiple: coexist with other agents' programs on the same cgroup (a deny from
+        // any of them wins, as the kernel runs them all).
+        let link_id = program
+            .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+            .map_err(program_err)?;
+        let link = FdLink::try_from(program.take_link(link_id).map_err(program_err)?)
+            .map_err(|source| DatapathError::Link { name, source })?;
+        let path = links_dir.join(name);
+        link.pin(&path)
+            .map_err(|source| DatapathError::Pin { name, path, source })?;
+    }
+    Ok(())
+}
+
+fn open_map<T>(maps_dir: &Path, name: &'static str) -> Result<T>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let path = maps_dir.join(name);
+    let open_err = |source| DatapathError::OpenMap {
+        name,
+        path: path.clone(),
+        source,
+    };
+    let data = MapData::from_pin(&path).map_err(open_err)?;
+    T::try_from(Map::from_map_data(data).map_err(open_err)?).map_err(open_err)
+}
+
+fn addr4_key(generation: u32, net: Ipv4Net) -> Key<Addr4Key> {
+    Key::new(
+        ADDR_KEY_GENERATION_BITS + u32::from(net.prefix_len()),
+        Addr4Key {
+            generation,
+            addr: net.network().octets(),
+        },
+    )
+}
+
+fn addr6_key(generation: u32, net: Ipv6Net) -> Key<Addr6Key> {
+    Key::new(
+        ADDR_KEY_GENERATION_BITS + u32::from(net.prefix_len()),
+        Addr6Key {
+            generation,
+            addr: net.network().octets(),
+        },
+    )
+}
+
+fn counter_destination(key: &CounterKey) -> Option<IpAddr> {
+    match key.family {
+        family::INET => {
+            let [a, b, c, d, ..] = key.addr;
+            Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
+        }
+        family::INET6 => Some(IpAddr::V6(Ipv6Addr::from(key.addr))),
+        _ => None,
+    }
+}
+
+fn write_err(name: &'static str, entry: &impl std::fmt::Debug, source: MapError) -> DatapathError {
+    DatapathError::WriteMap {
+        name,
+        entry: format!("{entry:?}"),
+        source,
+    }
+}
+
+/// A delete of an entry that is already gone has done its job.
+fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
+    match result {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(())
+        }
+        other => other,
+    }
+}

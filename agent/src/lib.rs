@@ -1,0 +1,8 @@
+//! egret: eBPF egress enforcement for Kubernetes pods and local cgroups.
+//!
+//! Data flows one way: a source (Kubernetes or local files) gives cluster state, the policy
+//! compiler turns it into rules per endpoint, [`datapath::lower`] turns those into map entries,
+//! and [`datapath::Datapath`] writes them and reads the kernel's counters back.
+
+pub mod datapath;
+pub mod sys;

@@ -1,0 +1,296 @@
+//! Map keys, values and names shared by egret's kernel programs and its agent.
+//!
+//! Every type is `#[repr(C)]` with explicit padding and a compile-time size check: the kernel
+//! compares key and value sizes byte for byte, so a layout drift must break the build, not the
+//! datapath. `docs/datapath.md` describes each map.
+#![cfg_attr(target_arch = "bpf", no_std)]
+
+use core::mem::size_of;
+
+/// Names of the maps, as the loaded object and the pin directory know them.
+pub mod map_names {
+    /// cgroup id -> endpoint.
+    pub const ENDPOINTS: &str = "EGRET_ENDPOINTS";
+    /// The active policy generation.
+    pub const STATE: &str = "EGRET_STATE";
+    /// IPv4 destination prefix -> address class.
+    pub const ADDR4: &str = "EGRET_ADDR4";
+    /// IPv6 destination prefix -> address class.
+    pub const ADDR6: &str = "EGRET_ADDR6";
+    /// (generation, endpoint, class, protocol, port) prefix -> decision.
+    pub const POLICY: &str = "EGRET_POLICY";
+    /// (endpoint, destination, verdict, rule) -> attempts.
+    pub const COUNTERS: &str = "EGRET_COUNTERS";
+    /// Attempts whose destination found no room in `COUNTERS`, without the destination.
+    pub const COUNTERS_OVERFLOW: &str = "EGRET_COUNTERS_OVERFLOW";
+    /// Attempts that found room in neither counter map, per verdict.
+    pub const COUNTERS_LOST: &str = "EGRET_COUNTERS_LOST";
+
+    /// Every map the object must hold.
+    pub const ALL: [&str; 8] = [
+        ENDPOINTS,
+        STATE,
+        ADDR4,
+        ADDR6,
+        POLICY,
+        COUNTERS,
+        COUNTERS_OVERFLOW,
+        COUNTERS_LOST,
+    ];
+}
+
+/// Names of the kernel programs; each is named after its hook.
+pub mod program_names {
+    pub const CONNECT4: &str = "connect4";
+    pub const CONNECT6: &str = "connect6";
+    pub const SENDMSG4: &str = "sendmsg4";
+    pub const SENDMSG6: &str = "sendmsg6";
+
+    /// Every program the object must hold.
+    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+}
+
+/// Maximum entries of each map. The agent checks fill ratios against these.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 16_384;
+    pub const ADDR4: u32 = 262_144;
+    pub const ADDR6: u32 = 262_144;
+    pub const POLICY: u32 = 1_048_576;
+    pub const COUNTERS: u32 = 65_536;
+    pub const COUNTERS_OVERFLOW: u32 = 16_384;
+}
+
+/// How many cgroup levels the kernel walks up from the caller to find its endpoint.
+///
+/// A Kubernetes pod's cgroup sits at depth 3 to 5 (`kubepods.slice/…/pod<uid>.slice/<ctr>.scope`),
+/// a systemd service at depth 2; 16 leaves room for nesting while keeping the loop bounded.
+pub const MAX_CGROUP_DEPTH: u32 = 16;
+
+/// Number of policy generations: the agent writes the inactive one, then flips.
+pub const GENERATIONS: u32 = 2;
+
+/// Address class of a destination that no prefix in the address map covers.
+pub const CLASS_WORLD: u32 = 0;
+
+/// Rule id of a decision no rule made: the endpoint's default, or a datapath fallback.
+pub const RULE_DEFAULT: u32 = 0;
+
+/// Verdict values, as stored in [`PolicyValue::verdict`] and [`CounterKey::verdict`].
+pub mod verdict {
+    /// Allowed; counted as `passthrough`.
+    pub const ALLOW: u8 = 0;
+    /// Denied with `EPERM`; counted as `blocked`.
+    pub const DENY: u8 = 1;
+    /// Allowed, but an Audit policy would have denied it; counted as `audit`.
+    pub const AUDIT: u8 = 2;
+    /// Number of verdicts (size of per-verdict arrays).
+    pub const COUNT: u32 = 3;
+}
+
+/// Address family values in [`CounterKey::family`].
+pub mod family {
+    pub const INET: u8 = 2;
+    pub const INET6: u8 = 10;
+}
+
+/// An endpoint: a cgroup (a pod's, not each container's) whose egress egret decides.
+///
+/// Value of [`map_names::ENDPOINTS`], keyed by the cgroup id (`u64`, the cgroup directory's inode
+/// number on cgroup2).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointValue {
+    /// Agent-assigned id, stable while the endpoint exists; keys the policy and counters.
+    pub endpoint_id: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<EndpointValue>() == 8);
+
+/// The datapath's global state, the one element of [`map_names::STATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateValue {
+    /// The policy generation programs read (`0` or `1`).
+    pub generation: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<StateValue>() == 8);
+
+/// Data part of an [`map_names::ADDR4`] LPM key. Prefix length counts the 32 generation bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr4Key {
+    pub generation: u32,
+    /// Address in network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<Addr4Key>() == 8);
+
+/// Data part of an [`map_names::ADDR6`] LPM key. Prefix length counts the 32 generation bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr6Key {
+    pub generation: u32,
+    /// Address in network byte order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<Addr6Key>() == 20);
+
+/// Value of the address maps: the class of addresses that the same rule peers contain.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrValue {
+    pub class_id: u32,
+}
+const _: () = assert!(size_of::<AddrValue>() == 4);
+
+/// Bits of an address key's prefix taken by the generation.
+pub const ADDR_KEY_GENERATION_BITS: u32 = 32;
+
+/// Data part of a [`map_names::POLICY`] LPM key.
+///
+/// Field order is match order: the prefix covers generation and endpoint always, then class,
+/// protocol and port as far as they are specified. Prefix lengths:
+/// [`POLICY_PREFIX_ENDPOINT`] (endpoint default), [`POLICY_PREFIX_CLASS`] (any protocol),
+/// [`POLICY_PREFIX_PROTOCOL`] (any port), and up to [`POLICY_PREFIX_PORT`] (one port); a port
+/// range is a few prefixes in between.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    pub generation: u32,
+    /// Stored big-endian so the trie's bit order matches numeric order.
+    pub endpoint_id_be: [u8; 4],
+    /// Stored big-endian, like the endpoint id.
+    pub class_id_be: [u8; 4],
+    /// IP protocol number (`IPPROTO_TCP`, …).
+    pub protocol: u8,
+    /// Destination port, network byte order.
+    pub port_be: [u8; 2],
+    /// Never part of a prefix; zero.
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<PolicyKey>() == 16);
+
+pub const POLICY_PREFIX_ENDPOINT: u32 = 64;
+pub const POLICY_PREFIX_CLASS: u32 = 96;
+pub const POLICY_PREFIX_PROTOCOL: u32 = 104;
+pub const POLICY_PREFIX_PORT: u32 = 120;
+
+impl PolicyKey {
+    /// A fully specified key, as the kernel looks it up.
+    pub const fn new(generation: u32, endpoint_id: u32, class_id: u32, protocol: u8, port: u16) -> Self {
+        Self {
+            generation,
+            endpoint_id_be: endpoint_id.to_be_bytes(),
+            class_id_be: class_id.to_be_bytes(),
+            protocol,
+            port_be: port.to_be_bytes(),
+            _pad: 0,
+        }
+    }
+
+    pub const fn endpoint_id(&self) -> u32 {
+        u32::from_be_bytes(self.endpoint_id_be)
+    }
+
+    pub const fn class_id(&self) -> u32 {
+        u32::from_be_bytes(self.class_id_be)
+    }
+
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port_be)
+    }
+}
+
+/// Value of [`map_names::POLICY`]: what to do, and which rule said so.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyValue {
+    /// One of [`verdict`].
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+    /// Agent-assigned id of the deciding rule; [`RULE_DEFAULT`] for the endpoint's default.
+    pub rule_id: u32,
+}
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+
+/// Key of [`map_names::COUNTERS`] (and, with a zero address, of the overflow map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    pub endpoint_id: u32,
+    pub rule_id: u32,
+    /// Destination in network byte order; IPv4 in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// One of [`family`]; zero in the overflow map.
+    pub family: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(size_of::<CounterKey>() == 28);
+
+/// Value of the counter maps. Incremented atomically by the kernel, never reset by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    /// Connection attempts (a `connect()`, or one datagram's `sendmsg()`).
+    pub attempts: u64,
+}
+const _: () = assert!(size_of::<CounterValue>() == 8);
+
+#[cfg(feature = "user")]
+mod user {
+    //! Lets the agent use these types as map keys and values.
+    use super::*;
+
+    // SAFETY: each type is `repr(C)`, `Copy`, has explicit padding and no invalid bit patterns.
+    unsafe impl aya::Pod for EndpointValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for StateValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Addr4Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Addr6Key {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AddrValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CounterKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CounterValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_key_orders_bits_like_the_trie() {
+        // The LPM trie compares bits from the first byte's most significant bit: big-endian ids
+        // and ports make "prefix of the port" mean "range of numerically adjacent ports".
+        let key = PolicyKey::new(1, 0x0102_0304, 7, 6, 0x1f90);
+        assert_eq!(key.endpoint_id_be, [1, 2, 3, 4]);
+        assert_eq!(key.endpoint_id(), 0x0102_0304);
+        assert_eq!(key.class_id(), 7);
+        assert_eq!(key.port(), 8080);
+        assert_eq!(key.port_be, [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn prefix_lengths_match_field_offsets() {
+        assert_eq!(POLICY_PREFIX_ENDPOINT as usize, 8 * core::mem::offset_of!(PolicyKey, class_id_be));
+        assert_eq!(POLICY_PREFIX_CLASS as usize, 8 * core::mem::offset_of!(PolicyKey, protocol));
+        assert_eq!(POLICY_PREFIX_PROTOCOL as usize, 8 * core::mem::offset_of!(PolicyKey, port_be));
+        assert_eq!(POLICY_PREFIX_PORT as usize, 8 * core::mem::offset_of!(PolicyKey, _pad));
+        assert_eq!(ADDR_KEY_GENERATION_BITS as usize, 8 * core::mem::offset_of!(Addr4Key, addr));
+        assert_eq!(ADDR_KEY_GENERATION_BITS as usize, 8 * core::mem::offset_of!(Addr6Key, addr));
+    }
+}

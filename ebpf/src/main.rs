@@ -1,0 +1,267 @@
+//! egret's kernel programs: cgroup `sock_addr` hooks that decide every outbound `connect()` and
+//! unconnected `sendmsg()` of the endpoints' processes, and count each decision.
+//!
+//! Each hook is a thin entry point over [`decide`]; the maps are described in `docs/datapath.md`.
+#![no_std]
+#![no_main]
+// The BPF target's `core` has no atomic read-modify-write methods; the intrinsic lowers to the
+// BPF atomic add instruction.
+#![feature(core_intrinsics)]
+#![expect(internal_features, reason = "atomic add, see above")]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    bindings::{BPF_NOEXIST, bpf_sock_addr},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    macros::{cgroup_sock_addr, map},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    programs::SockAddrContext,
+};
+use egret_common::{
+    ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey,
+    CounterValue, EndpointValue, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey, PolicyValue,
+    RULE_DEFAULT, StateValue, capacity, family, verdict,
+};
+
+/// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
+const EEXIST: i32 = 17;
+
+/// Return value that lets the syscall proceed.
+const PROCEED: i32 = 1;
+/// Return value that fails the syscall with `EPERM`.
+const REJECT: i32 = 0;
+
+/// What a hook returns when the datapath's own state cannot be read (the state map has no
+/// element). Fail open: a fault in egret must not cut a node's network; the agent reports the
+/// fault through its health metrics instead.
+const ON_DATAPATH_FAULT: i32 = PROCEED;
+
+/// Decision for a managed endpoint that has no policy entry at all in the active generation.
+/// The agent writes an endpoint's policy before the endpoint itself, so this only covers a
+/// half-removed endpoint; it is counted, so it cannot go unnoticed.
+const ON_MISSING_POLICY: PolicyValue = PolicyValue {
+    verdict: verdict::ALLOW,
+    _pad: [0; 3],
+    rule_id: RULE_DEFAULT,
+};
+
+#[map(name = "EGRET_ENDPOINTS")]
+static ENDPOINTS: HashMap<u64, EndpointValue> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+#[map(name = "EGRET_STATE")]
+static STATE: Array<StateValue> = Array::pinned(1, 0);
+
+#[map(name = "EGRET_ADDR4")]
+static ADDR4: LpmTrie<Addr4Key, AddrValue> = LpmTrie::pinned(capacity::ADDR4, 0);
+
+#[map(name = "EGRET_ADDR6")]
+static ADDR6: LpmTrie<Addr6Key, AddrValue> = LpmTrie::pinned(capacity::ADDR6, 0);
+
+#[map(name = "EGRET_POLICY")]
+static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+
+#[map(name = "EGRET_COUNTERS")]
+static COUNTERS: HashMap<CounterKey, CounterValue> = HashMap::pinned(capacity::COUNTERS, 0);
+
+#[map(name = "EGRET_COUNTERS_OVERFLOW")]
+static COUNTERS_OVERFLOW: HashMap<CounterKey, CounterValue> =
+    HashMap::pinned(capacity::COUNTERS_OVERFLOW, 0);
+
+#[map(name = "EGRET_COUNTERS_LOST")]
+static COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(verdict::COUNT, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    match try_hook4(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
+    match try_hook4(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    match try_hook6(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
+    match try_hook6(&ctx) {
+        Ok(ret) | Err(ret) => ret,
+    }
+}
+
+/// A destination address, in network byte order.
+#[derive(Clone, Copy)]
+enum Destination {
+    V4([u8; 4]),
+    V6([u8; 16]),
+}
+
+fn try_hook4(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid context; ctx fields are read with their own width.
+    let ip = unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip4) };
+    decide(sa, Destination::V4(ip.to_ne_bytes()))
+}
+
+fn try_hook6(ctx: &SockAddrContext) -> Result<i32, i32> {
+    let sa = ctx.sock_addr;
+    let mut words = [0u32; 4];
+    for (i, word) in words.iter_mut().enumerate() {
+        // SAFETY: as in `try_hook4`; the verifier only accepts 4-byte loads of `user_ip6`.
+        *word = unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip6[i]) };
+    }
+    // An IPv4-mapped address (::ffff:a.b.c.d) on an AF_INET6 socket reaches an IPv4 host:
+    // decide it by the IPv4 rules, or a dual-stack socket would bypass them.
+    if words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == [0, 0, 0xff, 0xff] {
+        return decide(sa, Destination::V4(words[3].to_ne_bytes()));
+    }
+    let mut addr = [0u8; 16];
+    for (i, word) in words.iter().enumerate() {
+        addr[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    decide(sa, Destination::V6(addr))
+}
+
+/// Decides one connection attempt to `dest` and counts it.
+fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
+    // Cgroups that belong to no endpoint are not egret's: no lookup, no count.
+    let Some(endpoint_id) = find_endpoint() else {
+        return Ok(PROCEED);
+    };
+    let generation = STATE.get(0).ok_or(ON_DATAPATH_FAULT)?.generation;
+    // SAFETY: valid context, as in `try_hook4`.
+    let (protocol, port) = unsafe {
+        let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
+        let port = core::ptr::read_volatile(&raw const (*sa).user_port);
+        // `user_port` holds the port in network byte order in its low 16 bits.
+        (protocol as u8, u16::from_be(port as u16))
+    };
+    let class_id = class_of(generation, dest);
+    let key = Key::new(
+        POLICY_PREFIX_PORT,
+        PolicyKey::new(generation, endpoint_id, class_id, protocol, port),
+    );
+    let decision = POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY);
+    count(endpoint_id, dest, protocol, decision);
+    Ok(if decision.verdict == verdict::DENY {
+        REJECT
+    } else {
+        PROCEED
+    })
+}
+
+/// The endpoint of the calling task: its own cgroup's, else its deepest ancestor's that is one.
+/// A container cgroup created under a pod after the policy was written is thus enforced from its
+/// first syscall without a new map entry.
+fn find_endpoint() -> Option<u32> {
+    // SAFETY: helpers without pointer arguments.
+    let current = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: values are plain data written whole by the agent.
+    if let Some(endpoint) = unsafe { ENDPOINTS.get(&current) } {
+        return Some(endpoint.endpoint_id);
+    }
+    for level in (0..MAX_CGROUP_DEPTH).rev() {
+        // SAFETY: as above. Levels deeper than the caller's return 0.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
+        if id == 0 || id == current {
+            continue;
+        }
+        // SAFETY: as above.
+        if let Some(endpoint) = unsafe { ENDPOINTS.get(&id) } {
+            return Some(endpoint.endpoint_id);
+        }
+    }
+    None
+}
+
+/// The address class of `dest` in `generation`: the longest prefix that holds it.
+fn class_of(generation: u32, dest: Destination) -> u32 {
+    let found = match dest {
+        Destination::V4(addr) => ADDR4.get(&Key::new(
+            ADDR_KEY_GENERATION_BITS + 32,
+            Addr4Key { generation, addr },
+        )),
+        Destination::V6(addr) => ADDR6.get(&Key::new(
+            ADDR_KEY_GENERATION_BITS + 128,
+            Addr6Key { generation, addr },
+        )),
+    };
+    found.map_or(CLASS_WORLD, |class| class.class_id)
+}
+
+/// Counts one attempt under (endpoint, destination, verdict, rule). When the destination map is
+/// full the attempt is counted without its destination; when that is full too, per verdict in
+/// `COUNTERS_LOST`. Nothing goes uncounted.
+fn count(endpoint_id: u32, dest: Destination, protocol: u8, decision: PolicyValue) {
+    let mut key = CounterKey {
+        endpoint_id,
+        rule_id: decision.rule_id,
+        addr: [0; 16],
+        family: 0,
+        protocol,
+        verdict: decision.verdict,
+        _pad: 0,
+    };
+    match dest {
+        Destination::V4(addr) => {
+            key.addr[..4].copy_from_slice(&addr);
+            key.family = family::INET;
+        }
+        Destination::V6(addr) => {
+            key.addr = addr;
+            key.family = family::INET6;
+        }
+    }
+    if bump(&COUNTERS, &key) {
+        return;
+    }
+    key.addr = [0; 16];
+    key.family = 0;
+    if bump(&COUNTERS_OVERFLOW, &key) {
+        return;
+    }
+    if let Some(lost) = COUNTERS_LOST.get_ptr_mut(u32::from(decision.verdict)) {
+        // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+        unsafe { *lost += 1 };
+    }
+}
+
+/// Adds one to `key`'s counter in `map`, creating it; false when the map has no room.
+fn bump(map: &HashMap<CounterKey, CounterValue>, key: &CounterKey) -> bool {
+    for _ in 0..2 {
+        if let Some(value) = map.get_ptr_mut(key) {
+            // SAFETY: the pointer is to a live map value; other CPUs add to it atomically too.
+            unsafe {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*value).attempts, 1)
+            };
+            return true;
+        }
+        match map.insert(key, &CounterValue { attempts: 1 }, u64::from(BPF_NOEXIST)) {
+            Ok(()) => return true,
+            // Another CPU created it between our lookup and insert: add to theirs.
+            Err(err) if err == -EEXIST => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
