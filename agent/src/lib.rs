@@ -5,4 +5,5 @@
 //! and [`datapath::Datapath`] writes them and reads the kernel's counters back.
 
 pub mod datapath;
+pub mod rules_file;
 pub mod sys;

@@ -1,1 +1,209 @@
-fn main(){}
+//! The `egret` binary: command-line edge over the library. Errors become one line with their
+//! whole chain, and a non-zero exit.
+
+use std::{io::Write as _, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use egret::{
+    datapath::{self, Datapath, DatapathConfig, LoadMode},
+    rules_file::RulesFile,
+    sys,
+};
+
+/// eBPF egress enforcement: decides every outbound connection of the processes in the
+/// endpoints' cgroups, and counts blocked and passthrough attempts per destination.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// bpffs directory where programs and maps are pinned (bpffs is mounted when missing).
+    #[arg(long, global = true, default_value = datapath::DEFAULT_PIN_DIR, env = "EGRET_PIN_DIR")]
+    pin_dir: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Loads and attaches the programs to a cgroup and pins them, or adopts those already
+    /// pinned. Enforcement stays after egret exits.
+    Attach {
+        /// cgroup v2 directory to attach to; defaults to the cgroup2 root.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+    },
+    /// Enforces a datapath rules file (endpoints by cgroup, ordered first-match rules).
+    Apply {
+        /// The rules file (JSON).
+        #[arg(long)]
+        rules: PathBuf,
+        /// cgroup v2 directory to attach to when not attached yet; defaults to the cgroup2 root.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Stay running after applying, as an agent does, until killed.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Prints the kernel's connection counters.
+    Counters {
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Prints the active generation and each map's fill.
+    Status,
+    /// Detaches the programs and removes every pin. Enforcement stops.
+    Detach,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EGRET_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("egret: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli { pin_dir, command } = cli;
+    match command {
+        Command::Attach { cgroup } => {
+            let datapath = open(pin_dir, Some(cgroup))?;
+            report_mode(&datapath);
+        }
+        Command::Apply {
+            rules,
+            cgroup,
+            hold,
+        } => {
+            let file = RulesFile::load(&rules)?;
+            let mut datapath = open(pin_dir, Some(cgroup))?;
+            report_mode(&datapath);
+            let desired = file.desired();
+            let endpoints = file.cgroup_ids()?;
+            let changes = datapath
+                .sync(&desired, &endpoints)
+                .with_context(|| format!("failed to enforce {}", rules.display()))?;
+            tracing::info!(
+                rules = %rules.display(),
+                endpoints = endpoints.len(),
+                entries = desired.len(),
+                changes = changes.len(),
+                generation = datapath.generation(),
+                "policy enforced"
+            );
+            if hold {
+                loop {
+                    std::thread::park();
+                }
+            }
+        }
+        Command::Counters { output } => {
+            let datapath = open(pin_dir, None)?;
+            let counters = datapath.counters()?;
+            print_counters(&counters, output)?;
+        }
+        Command::Status => {
+            let datapath = open(pin_dir, None)?;
+            println!("pin directory: {}", datapath.pin_dir().display());
+            println!("active generation: {}", datapath.generation());
+            for usage in datapath.usage() {
+                println!(
+                    "{:<26} {:>8} / {:<8} ({:.1}%)",
+                    usage.name,
+                    usage.entries,
+                    usage.capacity,
+                    100.0 * f64::from(usage.entries) / f64::from(usage.capacity)
+                );
+            }
+        }
+        Command::Detach => {
+            datapath::uninstall(&pin_dir)?;
+            tracing::info!(pin_dir = %pin_dir.display(), "detached");
+        }
+    }
+    Ok(())
+}
+
+/// Opens the datapath; `attach_to` is `Some` for commands that may attach (its inner `None`
+/// meaning the cgroup2 root).
+fn open(pin_dir: PathBuf, attach_to: Option<Option<PathBuf>>) -> anyhow::Result<Datapath> {
+    let cgroup = match attach_to {
+        Some(Some(cgroup)) => Some(cgroup),
+        Some(None) => Some(sys::cgroup2_mount()?),
+        None => None,
+    };
+    Ok(Datapath::open(&DatapathConfig { pin_dir, cgroup })?)
+}
+
+fn report_mode(datapath: &Datapath) {
+    match datapath.mode() {
+        LoadMode::Adopted => tracing::info!(
+            pin_dir = %datapath.pin_dir().display(),
+            generation = datapath.generation(),
+            "adopted pinned programs and maps"
+        ),
+        LoadMode::Loaded { attached } => tracing::info!(
+            pin_dir = %datapath.pin_dir().display(),
+            programs = ?attached,
+            "attached and pinned programs"
+        ),
+    }
+}
+
+fn print_counters(counters: &datapath::Counters, output: Output) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match output {
+        Output::Json => {
+            for s in &counters.samples {
+                let line = serde_json::json!({
+                    "endpoint": s.endpoint,
+                    "rule": s.rule,
+                    "destination": s.destination.map_or_else(|| "other".to_owned(), |d| d.to_string()),
+                    "protocol": s.protocol,
+                    "verdict": s.verdict.counter_label(),
+                    "attempts": s.attempts,
+                });
+                writeln!(out, "{line}")?;
+            }
+        }
+        Output::Table => {
+            writeln!(
+                out,
+                "{:<9} {:<6} {:<40} {:<6} {:<12} {:>10}",
+                "ENDPOINT", "RULE", "DESTINATION", "PROTO", "VERDICT", "ATTEMPTS"
+            )?;
+            for s in &counters.samples {
+                let dest = s.destination.map_or_else(|| "other".to_owned(), |d| d.to_string());
+                writeln!(
+                    out,
+                    "{:<9} {:<6} {:<40} {:<6} {:<12} {:>10}",
+                    s.endpoint,
+                    s.rule,
+                    dest,
+                    s.protocol,
+                    s.verdict.counter_label(),
+                    s.attempts
+                )?;
+            }
+            if counters.lost.iter().any(|&n| n > 0) {
+                writeln!(out, "lost (no room in either counter map): {:?}", counters.lost)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -356,9 +356,11 @@ impl Prefix for Ipv6Net {
     }
 }
 
-/// The simplest evaluator: the first matching rule's decision, else `default`.
-pub fn first_match(default: Decision) -> impl Fn(EndpointId, &[&Rule<Decision>]) -> Decision {
-    move |_, rules| rules.first().map_or(default, |rule| rule.action)
+/// The simplest evaluator: the first matching rule's decision, else the endpoint's default.
+pub fn first_match(
+    default: impl Fn(EndpointId) -> Decision,
+) -> impl Fn(EndpointId, &[&Rule<Decision>]) -> Decision {
+    move |endpoint, rules| rules.first().map_or_else(|| default(endpoint), |rule| rule.action)
 }
 
 #[cfg(test)]
@@ -419,7 +421,7 @@ mod tests {
                 },
             }],
         }];
-        let state = lower(&rules, first_match(DEFAULT));
+        let state = lower(&rules, first_match(|_| DEFAULT));
         let at = |a: &str| state.lookup(1, a.parse().unwrap(), 6, 443).entry.unwrap().1;
         assert_eq!(at("192.0.2.1").verdict, Verdict::Deny);
         assert_eq!(at("192.0.2.200").verdict, Verdict::Allow);
@@ -485,7 +487,7 @@ mod tests {
                 40,
             ),
         ) {
-            let state = lower(&endpoints, first_match(DEFAULT));
+            let state = lower(&endpoints, first_match(|_| DEFAULT));
             for (e, host, v6, protocol, port) in probes {
                 let addr: IpAddr = if v6 {
                     format!("2001:db8::{host:x}").parse().unwrap()

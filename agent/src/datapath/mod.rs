@@ -54,6 +54,11 @@ const FLIP_GRACE: Duration = Duration::from_millis(20);
 pub enum DatapathError {
     #[error(transparent)]
     Sys(#[from] SysError),
+    #[error("egret is not attached at {pin_dir} (no pinned link for {missing:?}); run `egret attach`")]
+    NotAttached {
+        pin_dir: PathBuf,
+        missing: Vec<&'static str>,
+    },
     #[error("failed to create pin directory {path}")]
     PinDir {
         path: PathBuf,
@@ -128,8 +133,9 @@ type Result<T, E = DatapathError> = std::result::Result<T, E>;
 pub struct DatapathConfig {
     /// bpffs directory holding `maps/` and `links/`.
     pub pin_dir: PathBuf,
-    /// cgroup v2 directory the programs attach to; everything below it is subject to egret.
-    pub cgroup: PathBuf,
+    /// cgroup v2 directory the programs attach to (everything below it is subject to egret).
+    /// `None` only adopts: opening fails when the programs are not attached yet.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// How [`Datapath::open`] came by the programs.
@@ -213,6 +219,12 @@ impl Datapath {
             tracing::info!(pin_dir = %pin_dir.display(), "adopting pinned datapath");
             LoadMode::Adopted
         } else {
+            let Some(cgroup) = cgroup else {
+                return Err(DatapathError::NotAttached {
+                    pin_dir: pin_dir.clone(),
+                    missing,
+                });
+            };
             tracing::info!(
                 pin_dir = %pin_dir.display(),
                 cgroup = %cgroup.display(),
@@ -402,6 +414,27 @@ impl Datapath {
         Ok(out)
     }
 
+    /// Makes the kernel enforce `desired` on exactly `endpoints` (cgroup id -> endpoint id), in
+    /// the order that never leaves an endpoint without its policy: endpoints that go are removed
+    /// first, then the policy generation flips, then new endpoints are added.
+    pub fn sync(
+        &mut self,
+        desired: &DesiredState,
+        endpoints: &std::collections::BTreeMap<u64, EndpointId>,
+    ) -> Result<Changes> {
+        let current = self.endpoints()?;
+        for cgroup in current.keys().filter(|c| !endpoints.contains_key(c)) {
+            self.remove_endpoint(*cgroup)?;
+        }
+        let changes = self.apply(desired)?;
+        for (cgroup, endpoint) in endpoints {
+            if current.get(cgroup) != Some(endpoint) {
+                self.set_endpoint(*cgroup, *endpoint)?;
+            }
+        }
+        Ok(changes)
+    }
+
     /// Makes the cgroup with id `cgroup_id` (and every cgroup below it) the endpoint
     /// `endpoint`. Write the endpoint's policy first: until then it gets the fail-open default.
     pub fn set_endpoint(&mut self, cgroup_id: u64, endpoint: EndpointId) -> Result<()> {
@@ -565,10 +598,10 @@ fn attach(maps_dir: &Path, links_dir: &Path, cgroup: &Path, programs: &[&'static
             .try_into()
             .map_err(program_err)?;
         program.load().map_err(program_err)?;
-        // AllowMultiple: coexist with other agents' programs on the same cgroup (a deny from
-        // any of them wins, as the kernel runs them all).
+        // `Single` means "no flags": the kernel refuses flags on cgroup bpf_links, which always
+        // coexist with other programs on the cgroup (a deny from any of them wins).
         let link_id = program
-            .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+            .attach(&cgroup_dir, CgroupAttachMode::Single)
             .map_err(program_err)?;
         let link = FdLink::try_from(program.take_link(link_id).map_err(program_err)?)
             .map_err(|source| DatapathError::Link { name, source })?;
