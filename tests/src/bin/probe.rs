@@ -1,1 +1,309 @@
-fn main(){}
+//! `egret-probe`: makes connection attempts the way an application would and prints one JSON
+//! line per attempt with its outcome. The sandbox runs it inside a test pod's network namespace
+//! and cgroup, so the kernel programs see an ordinary process of that pod.
+//!
+//! ```text
+//! egret-probe connect 192.0.2.10:80 [--count N] [--interval-ms MS] [--timeout-ms MS] [--v6only=false]
+//! egret-probe udp 192.0.2.10:53 [--count N] [--payload TEXT]
+//! egret-probe sendmmsg 192.0.2.10:53 192.0.2.11:53 ... [--payload TEXT]
+//! egret-probe loop 192.0.2.10:80 --until-file PATH [--interval-ms MS]
+//! ```
+//! `[::ffff:192.0.2.10]:80` uses an AF_INET6 socket with an IPv4-mapped destination.
+
+use std::{
+    io,
+    mem::size_of,
+    net::{SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use egret_tests::probe::Outcome;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(err) = run(&args) {
+        eprintln!("egret-probe: {err}");
+        std::process::exit(2);
+    }
+}
+
+struct Options {
+    count: u32,
+    interval: Duration,
+    timeout: Duration,
+    payload: String,
+    until_file: Option<PathBuf>,
+    targets: Vec<SocketAddr>,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        count: 1,
+        interval: Duration::from_millis(0),
+        timeout: Duration::from_millis(1000),
+        payload: "egret".into(),
+        until_file: None,
+        targets: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--count" => o.count = value()?.parse().map_err(|e| format!("--count: {e}"))?,
+            "--interval-ms" => {
+                o.interval = Duration::from_millis(value()?.parse().map_err(|e| format!("--interval-ms: {e}"))?)
+            }
+            "--timeout-ms" => {
+                o.timeout = Duration::from_millis(value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?)
+            }
+            "--payload" => o.payload = value()?.clone(),
+            "--until-file" => o.until_file = Some(value()?.into()),
+            target => o
+                .targets
+                .push(target.parse().map_err(|e| format!("target {target}: {e}"))?),
+        }
+    }
+    if o.targets.is_empty() {
+        return Err("no target address".into());
+    }
+    Ok(o)
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let (mode, rest) = args.split_first().ok_or("usage: egret-probe connect|udp|sendmmsg|loop TARGET...")?;
+    let o = parse(rest)?;
+    match mode.as_str() {
+        "connect" => {
+            for i in 0..o.count {
+                if i > 0 {
+                    std::thread::sleep(o.interval);
+                }
+                report("tcp", o.targets[0], tcp_connect(o.targets[0], o.timeout));
+            }
+        }
+        "udp" => {
+            for i in 0..o.count {
+                if i > 0 {
+                    std::thread::sleep(o.interval);
+                }
+                report("udp", o.targets[0], udp_send(o.targets[0], o.payload.as_bytes()));
+            }
+        }
+        "sendmmsg" => {
+            for (target, outcome) in send_mmsg(&o.targets, o.payload.as_bytes())? {
+                report("udp", target, outcome);
+            }
+        }
+        "loop" => {
+            let stop = o.until_file.as_ref().ok_or("loop needs --until-file")?;
+            while !stop.exists() {
+                report("tcp", o.targets[0], tcp_connect(o.targets[0], o.timeout));
+                std::thread::sleep(o.interval);
+            }
+        }
+        other => return Err(format!("unknown mode {other}")),
+    }
+    Ok(())
+}
+
+fn report(protocol: &str, target: SocketAddr, outcome: Outcome) {
+    println!(
+        "{}",
+        serde_json::json!({"protocol": protocol, "target": target.to_string(), "outcome": outcome})
+    );
+}
+
+/// A socket of the target's family; a mapped IPv4 target gets a dual-stack AF_INET6 socket.
+fn socket(target: SocketAddr, kind: i32) -> io::Result<OwnedFd> {
+    let family = match target {
+        SocketAddr::V4(_) => libc::AF_INET,
+        SocketAddr::V6(_) => libc::AF_INET6,
+    };
+    // SAFETY: plain syscall; the fd is owned right away.
+    let fd = unsafe { libc::socket(family, kind | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    if family == libc::AF_INET6 {
+        let off: libc::c_int = 0;
+        // SAFETY: valid fd and option buffer.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&raw const off).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+    Ok(fd)
+}
+
+fn tcp_connect(target: SocketAddr, timeout: Duration) -> Outcome {
+    // std's connect_timeout cannot make the dual-stack socket a mapped target needs.
+    let fd = match socket(target, libc::SOCK_STREAM | libc::SOCK_NONBLOCK) {
+        Ok(fd) => fd,
+        Err(err) => return Outcome::from_error(&err),
+    };
+    let (storage, len) = sockaddr(target);
+    // SAFETY: valid fd and address buffer.
+    let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) };
+    if rc == 0 {
+        return Outcome::Connected;
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINPROGRESS) {
+        return Outcome::from_error(&err);
+    }
+    let deadline = Instant::now() + timeout;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    let left = deadline.saturating_duration_since(Instant::now()).as_millis() as i32;
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, left) };
+    if n == 0 {
+        return Outcome::Timeout;
+    }
+    let mut so_error: libc::c_int = 0;
+    let mut optlen = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: valid fd and out buffers.
+    unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ERROR,
+            (&raw mut so_error).cast(),
+            &mut optlen,
+        )
+    };
+    if so_error == 0 {
+        Outcome::Connected
+    } else {
+        Outcome::from_error(&io::Error::from_raw_os_error(so_error))
+    }
+}
+
+fn udp_send(target: SocketAddr, payload: &[u8]) -> Outcome {
+    let fd = match socket(target, libc::SOCK_DGRAM) {
+        Ok(fd) => fd,
+        Err(err) => return Outcome::from_error(&err),
+    };
+    let (storage, len) = sockaddr(target);
+    // SAFETY: valid fd, payload and address buffers.
+    let rc = unsafe {
+        libc::sendto(
+            fd.as_raw_fd(),
+            payload.as_ptr().cast(),
+            payload.len(),
+            0,
+            (&raw const storage).cast(),
+            len,
+        )
+    };
+    if rc < 0 {
+        Outcome::from_error(&io::Error::last_os_error())
+    } else {
+        Outcome::Sent
+    }
+}
+
+/// Sends one datagram to each target with `sendmmsg` from one unconnected socket, as a batching
+/// application would: when a message fails, the rest are retried from the one after it.
+fn send_mmsg(targets: &[SocketAddr], payload: &[u8]) -> Result<Vec<(SocketAddr, Outcome)>, String> {
+    let fd = socket(targets[0], libc::SOCK_DGRAM).map_err(|e| format!("socket: {e}"))?;
+    let addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> = targets.iter().map(|t| sockaddr(*t)).collect();
+    let mut payloads: Vec<Vec<u8>> = targets
+        .iter()
+        .enumerate()
+        .map(|(i, _)| format!("{}-{i}", String::from_utf8_lossy(payload)).into_bytes())
+        .collect();
+    let mut iovs: Vec<libc::iovec> = payloads
+        .iter_mut()
+        .map(|p| libc::iovec {
+            iov_base: p.as_mut_ptr().cast(),
+            iov_len: p.len(),
+        })
+        .collect();
+    // SAFETY: mmsghdr is plain data; every pointer set below outlives the syscalls.
+    let mut msgs: Vec<libc::mmsghdr> = (0..targets.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    for (i, msg) in msgs.iter_mut().enumerate() {
+        msg.msg_hdr.msg_name = (&raw const addrs[i].0).cast_mut().cast();
+        msg.msg_hdr.msg_namelen = addrs[i].1;
+        msg.msg_hdr.msg_iov = &raw mut iovs[i];
+        msg.msg_hdr.msg_iovlen = 1;
+    }
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < msgs.len() {
+        // SAFETY: valid fd and a vector of initialised headers.
+        let n = unsafe {
+            libc::sendmmsg(
+                fd.as_raw_fd(),
+                msgs[start..].as_mut_ptr(),
+                (msgs.len() - start) as u32,
+                0,
+            )
+        };
+        if n < 0 {
+            out.push((targets[start], Outcome::from_error(&io::Error::last_os_error())));
+            start += 1;
+        } else {
+            for t in &targets[start..start + n as usize] {
+                out.push((*t, Outcome::Sent));
+            }
+            start += n as usize;
+        }
+    }
+    Ok(out)
+}
+
+fn sockaddr(target: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match target {
+        SocketAddr::V4(v4) => {
+            let sin = sockaddr_in(v4);
+            // SAFETY: sockaddr_storage is large enough and aligned for sockaddr_in.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = sockaddr_in6(v6);
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+fn sockaddr_in(v4: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(v4.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+fn sockaddr_in6(v6: SocketAddrV6) -> libc::sockaddr_in6 {
+    libc::sockaddr_in6 {
+        sin6_family: libc::AF_INET6 as libc::sa_family_t,
+        sin6_port: v6.port().to_be(),
+        sin6_flowinfo: 0,
+        sin6_addr: libc::in6_addr {
+            s6_addr: v6.ip().octets(),
+        },
+        sin6_scope_id: 0,
+    }
+}
