@@ -188,7 +188,9 @@ fn print_counters(counters: &datapath::Counters, output: Output) -> anyhow::Resu
                 "ENDPOINT", "RULE", "DESTINATION", "PROTO", "VERDICT", "ATTEMPTS"
             )?;
             for s in &counters.samples {
-                let dest = s.destination.map_or_else(|| "other".to_owned(), |d| d.to_string());
+                let dest = s
+                    .destination
+                    .map_or_else(|| "other".to_owned(), |d| d.to_string());
                 writeln!(
                     out,
                     "{:<9} {:<6} {:<40} {:<6} {:<12} {:>10}",
@@ -201,7 +203,11 @@ fn print_counters(counters: &datapath::Counters, output: Output) -> anyhow::Resu
                 )?;
             }
             if counters.lost.iter().any(|&n| n > 0) {
-                writeln!(out, "lost (no room in either counter map): {:?}", counters.lost)?;
+                writeln!(
+                    out,
+                    "lost (no room in either counter map): {:?}",
+                    counters.lost
+                )?;
             }
         }
     }

@@ -126,3 +126,46 @@ impl RulesFile {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    #[test]
+    fn example_rules_file_means_what_it_says() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/rules.json");
+        let file = RulesFile::load(&path).unwrap();
+        let state = file.desired();
+        let decide = |addr: &str, protocol: u8, port: u16| {
+            state
+                .lookup(1, addr.parse().unwrap(), protocol, port)
+                .entry
+                .unwrap()
+                .1
+        };
+        let d = |verdict, rule| Decision { verdict, rule };
+        assert_eq!(decide("192.0.2.10", 6, 443), d(Verdict::Allow, 1));
+        assert_eq!(decide("192.0.2.10", 6, 80), d(Verdict::Deny, 0));
+        assert_eq!(decide("2001:db8::1", 17, 53), d(Verdict::Allow, 2));
+        assert_eq!(decide("198.51.100.5", 6, 22), d(Verdict::Audit, 3));
+        assert_eq!(decide("198.51.100.200", 6, 22), d(Verdict::Deny, 0));
+    }
+
+    #[test]
+    fn malformed_rules_file_names_the_file_and_field() {
+        let dir = std::env::temp_dir().join(format!("egret-rules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.json");
+        std::fs::write(&path, r#"{"endpoints": [{"cgroup": "/x", "id": 1, "rules": [{"to": ["192.0.2.0/33"], "action": {"verdict": "deny", "rule": 1}}]}]}"#).unwrap();
+        let err = RulesFile::load(&path).unwrap_err();
+        let message = format!("{err}: {}", std::error::Error::source(&err).unwrap());
+        assert!(message.contains("bad.json"), "{message}");
+        assert!(
+            message.contains("invalid IP address") || message.contains("prefix"),
+            "{message}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

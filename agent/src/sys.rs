@@ -147,8 +147,12 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
     if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    #[expect(clippy::unnecessary_cast, reason = "f_type's width differs between libc targets")]
-    Ok(buf.f_type as i64)
+    // Not `expect`: the conversion is only useless on targets where `f_type` is already i64.
+    #[allow(
+        clippy::useless_conversion,
+        reason = "f_type is i64 on x86_64 glibc, narrower on other libc targets"
+    )]
+    Ok(i64::from(buf.f_type))
 }
 
 #[cfg(test)]
@@ -162,8 +166,14 @@ mod tests {
 26 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu
 27 25 0:25 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw
 ";
-        assert_eq!(parse_cgroup2_mount(mountinfo), Some("/sys/fs/cgroup/unified".into()));
-        assert_eq!(parse_cgroup2_mount("26 25 0:24 / /x rw - cgroup cgroup rw"), None);
+        assert_eq!(
+            parse_cgroup2_mount(mountinfo),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        assert_eq!(
+            parse_cgroup2_mount("26 25 0:24 / /x rw - cgroup cgroup rw"),
+            None
+        );
         assert_eq!(
             parse_cgroup2_mount("1 2 0:1 / /my\\040cgroups rw - cgroup2 none rw"),
             Some("/my cgroups".into())

@@ -180,7 +180,13 @@ pub const POLICY_PREFIX_PORT: u32 = 120;
 
 impl PolicyKey {
     /// A fully specified key, as the kernel looks it up.
-    pub const fn new(generation: u32, endpoint_id: u32, class_id: u32, protocol: u8, port: u16) -> Self {
+    pub const fn new(
+        generation: u32,
+        endpoint_id: u32,
+        class_id: u32,
+        protocol: u8,
+        port: u16,
+    ) -> Self {
         Self {
             generation,
             endpoint_id_be: endpoint_id.to_be_bytes(),
@@ -286,11 +292,29 @@ mod tests {
 
     #[test]
     fn prefix_lengths_match_field_offsets() {
-        assert_eq!(POLICY_PREFIX_ENDPOINT as usize, 8 * core::mem::offset_of!(PolicyKey, class_id_be));
-        assert_eq!(POLICY_PREFIX_CLASS as usize, 8 * core::mem::offset_of!(PolicyKey, protocol));
-        assert_eq!(POLICY_PREFIX_PROTOCOL as usize, 8 * core::mem::offset_of!(PolicyKey, port_be));
-        assert_eq!(POLICY_PREFIX_PORT as usize, 8 * core::mem::offset_of!(PolicyKey, _pad));
-        assert_eq!(ADDR_KEY_GENERATION_BITS as usize, 8 * core::mem::offset_of!(Addr4Key, addr));
-        assert_eq!(ADDR_KEY_GENERATION_BITS as usize, 8 * core::mem::offset_of!(Addr6Key, addr));
+        assert_eq!(
+            POLICY_PREFIX_ENDPOINT as usize,
+            8 * core::mem::offset_of!(PolicyKey, class_id_be)
+        );
+        assert_eq!(
+            POLICY_PREFIX_CLASS as usize,
+            8 * core::mem::offset_of!(PolicyKey, protocol)
+        );
+        assert_eq!(
+            POLICY_PREFIX_PROTOCOL as usize,
+            8 * core::mem::offset_of!(PolicyKey, port_be)
+        );
+        assert_eq!(
+            POLICY_PREFIX_PORT as usize,
+            8 * core::mem::offset_of!(PolicyKey, _pad)
+        );
+        assert_eq!(
+            ADDR_KEY_GENERATION_BITS as usize,
+            8 * core::mem::offset_of!(Addr4Key, addr)
+        );
+        assert_eq!(
+            ADDR_KEY_GENERATION_BITS as usize,
+            8 * core::mem::offset_of!(Addr6Key, addr)
+        );
     }
 }

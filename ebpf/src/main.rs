@@ -19,9 +19,9 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use egret_common::{
-    ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey,
-    CounterValue, EndpointValue, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey, PolicyValue,
-    RULE_DEFAULT, StateValue, capacity, family, verdict,
+    ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
+    EndpointValue, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_DEFAULT,
+    StateValue, capacity, family, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -167,7 +167,7 @@ fn find_endpoint() -> Option<u32> {
     // SAFETY: helpers without pointer arguments.
     let current = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values are plain data written whole by the agent.
-    if let Some(endpoint) = unsafe { ENDPOINTS.get(&current) } {
+    if let Some(endpoint) = unsafe { ENDPOINTS.get(current) } {
         return Some(endpoint.endpoint_id);
     }
     for level in (0..MAX_CGROUP_DEPTH).rev() {
@@ -177,7 +177,7 @@ fn find_endpoint() -> Option<u32> {
             continue;
         }
         // SAFETY: as above.
-        if let Some(endpoint) = unsafe { ENDPOINTS.get(&id) } {
+        if let Some(endpoint) = unsafe { ENDPOINTS.get(id) } {
             return Some(endpoint.endpoint_id);
         }
     }
@@ -187,11 +187,11 @@ fn find_endpoint() -> Option<u32> {
 /// The address class of `dest` in `generation`: the longest prefix that holds it.
 fn class_of(generation: u32, dest: Destination) -> u32 {
     let found = match dest {
-        Destination::V4(addr) => ADDR4.get(&Key::new(
+        Destination::V4(addr) => ADDR4.get(Key::new(
             ADDR_KEY_GENERATION_BITS + 32,
             Addr4Key { generation, addr },
         )),
-        Destination::V6(addr) => ADDR6.get(&Key::new(
+        Destination::V6(addr) => ADDR6.get(Key::new(
             ADDR_KEY_GENERATION_BITS + 128,
             Addr6Key { generation, addr },
         )),
@@ -246,7 +246,7 @@ fn bump(map: &HashMap<CounterKey, CounterValue>, key: &CounterKey) -> bool {
             };
             return true;
         }
-        match map.insert(key, &CounterValue { attempts: 1 }, u64::from(BPF_NOEXIST)) {
+        match map.insert(key, CounterValue { attempts: 1 }, u64::from(BPF_NOEXIST)) {
             Ok(()) => return true,
             // Another CPU created it between our lookup and insert: add to theirs.
             Err(err) if err == -EEXIST => {}

@@ -43,7 +43,9 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 /// Errors of the sandbox; each says which step failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("the privileged tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF); run them as root, as CI does")]
+    #[error(
+        "the privileged tests need root (CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_BPF); run them as root, as CI does"
+    )]
     NotRoot,
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
@@ -64,7 +66,9 @@ pub enum SandboxError {
     NoCgroup2,
     #[error("probe output is not JSON lines: {0}")]
     ProbeOutput(#[from] serde_json::Error),
-    #[error("address {0} is outside the sandbox's host subnets (192.0.2.0/24, 203.0.113.0/24, 2001:db8:2::/64)")]
+    #[error(
+        "address {0} is outside the sandbox's host subnets (192.0.2.0/24, 203.0.113.0/24, 2001:db8:2::/64)"
+    )]
     HostAddress(IpAddr),
 }
 
@@ -166,15 +170,43 @@ impl Sandbox {
         let netns = format!("{}-{name}", self.id);
         self.add_netns(&netns)?;
         let ipv4 = Ipv4Addr::new(198, 51, 100, index as u8);
-        let ipv6: Ipv6Addr = format!("2001:db8:1::{index:x}").parse().unwrap_or(Ipv6Addr::UNSPECIFIED);
+        let ipv6: Ipv6Addr = format!("2001:db8:1::{index:x}")
+            .parse()
+            .unwrap_or(Ipv6Addr::UNSPECIFIED);
         self.wire(&netns, &format!("p{index}"))?;
         let ns = netns.as_str();
-        ip(&["-n", ns, "addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-        ip(&["-n", ns, "addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ipv4}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{ipv6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
         for net in ["192.0.2.0/24", "203.0.113.0/24"] {
             ip(&["-n", ns, "route", "add", net, "via", "198.51.100.1"])?;
         }
-        ip(&["-n", ns, "-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:1::1"])?;
+        ip(&[
+            "-n",
+            ns,
+            "-6",
+            "route",
+            "add",
+            "2001:db8:2::/64",
+            "via",
+            "2001:db8:1::1",
+        ])?;
         let cgroup = self.add_cgroup(&self.cgroup.join(name))?;
         Ok(Pod {
             name: name.into(),
@@ -219,7 +251,16 @@ impl Sandbox {
                     v4_gateways.push("203.0.113.1");
                 }
                 IpAddr::V6(v6addr) if v6addr.segments()[..4] == [0x2001, 0xdb8, 2, 0] => {
-                    ip(&["-n", ns, "addr", "add", &format!("{v6addr}/64"), "dev", "eth0", "nodad"])?;
+                    ip(&[
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("{v6addr}/64"),
+                        "dev",
+                        "eth0",
+                        "nodad",
+                    ])?;
                     v6 = true;
                 }
                 other => return Err(SandboxError::HostAddress(*other)),
@@ -229,7 +270,16 @@ impl Sandbox {
             ip(&["-n", ns, "route", "add", "198.51.100.0/24", "via", gateway])?;
         }
         if v6 {
-            ip(&["-n", ns, "-6", "route", "add", "2001:db8:1::/64", "via", "2001:db8:2::1"])?;
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "route",
+                "add",
+                "2001:db8:1::/64",
+                "via",
+                "2001:db8:2::1",
+            ])?;
         }
         Ok(Host {
             name: name.into(),
@@ -294,7 +344,8 @@ impl Sandbox {
     /// Runs `egret-probe` with `args` in `pod` (or in `cgroup`, when given, within the pod's
     /// namespace) and returns its attempts.
     pub fn probe(&self, pod: &Pod, cgroup: Option<&Path>, args: &[&str]) -> Result<Vec<Attempt>> {
-        let mut command = self.command_in(&pod.netns, cgroup.unwrap_or(&pod.cgroup), &probe_binary())?;
+        let mut command =
+            self.command_in(&pod.netns, cgroup.unwrap_or(&pod.cgroup), &probe_binary())?;
         let output = run(command.args(args))?;
         Ok(parse_attempts(&String::from_utf8_lossy(&output.stdout))?)
     }
@@ -313,7 +364,10 @@ impl Sandbox {
                 source,
             })?;
         let pid = child.id();
-        self.children.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
         Ok(pid)
     }
 
@@ -327,16 +381,21 @@ impl Sandbox {
         let Some(child) = child else {
             return Ok(Vec::new());
         };
-        let output = child.wait_with_output().map_err(|source| SandboxError::Spawn {
-            command: format!("egret-probe (pid {pid})"),
-            source,
-        })?;
+        let output = child
+            .wait_with_output()
+            .map_err(|source| SandboxError::Spawn {
+                command: format!("egret-probe (pid {pid})"),
+                source,
+            })?;
         Ok(parse_attempts(&String::from_utf8_lossy(&output.stdout))?)
     }
 
     /// Keeps a child process (an agent, a server) to be killed when the sandbox goes.
     pub fn adopt_child(&self, child: Child) {
-        self.children.lock().unwrap_or_else(|e| e.into_inner()).push(child);
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child);
     }
 
     fn add_netns(&mut self, name: &str) -> Result<()> {
@@ -353,7 +412,10 @@ impl Sandbox {
     /// Connects `netns` to the node bridge: `eth0` inside, `node_end` on the bridge.
     fn wire(&self, netns: &str, node_end: &str) -> Result<()> {
         let node = self.node_netns.as_str();
-        ip(&["-n", node, "link", "add", node_end, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
+        ip(&[
+            "-n", node, "link", "add", node_end, "type", "veth", "peer", "name", "eth0", "netns",
+            netns,
+        ])?;
         ip(&["-n", node, "link", "set", node_end, "master", "br0", "up"])?;
         ip(&["-n", netns, "link", "set", "eth0", "up"])?;
         Ok(())
@@ -365,14 +427,22 @@ impl Sandbox {
             path: path.into(),
             source,
         })?;
-        self.cgroups.lock().unwrap_or_else(|e| e.into_inner()).push(path.into());
+        self.cgroups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(path.into());
         Ok(path.into())
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        for mut child in self.children.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for mut child in self
+            .children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -423,7 +493,9 @@ fn sweep_stale() {
             return false;
         };
         let pid: Option<u32> = rest.split('-').next().and_then(|p| p.parse().ok());
-        pid.is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+        pid.is_some_and(|pid| {
+            pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+        })
     };
     if let Ok(entries) = fs::read_dir(NETNS_DIR) {
         for entry in entries.flatten() {
@@ -466,7 +538,10 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 /// Runs `f` on a thread that has entered `netns`; sockets it creates stay in that namespace.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> io::Result<T> + Send + 'static) -> Result<T> {
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T> {
     let ns_path = Path::new(NETNS_DIR).join(netns);
     let ns = fs::File::open(&ns_path).map_err(|source| SandboxError::Io {
         what: "failed to open network namespace",
@@ -493,11 +568,12 @@ fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> io::Result<T> + 
 
 /// The cgroup2 mount point, from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(|source| SandboxError::Io {
-        what: "failed to read mountinfo",
-        path: "/proc/self/mountinfo".into(),
-        source,
-    })?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|source| SandboxError::Io {
+            what: "failed to read mountinfo",
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
     mountinfo
         .lines()
         .find_map(|line| {

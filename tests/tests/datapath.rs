@@ -1,6 +1,10 @@
 //! End-to-end tests of the datapath against the real kernel: each test builds a sandbox, loads
 //! and attaches egret's programs under the sandbox's cgroup, and makes real connection attempts
 //! from inside test pods. They need root; without it they fail with a message saying so.
+#![expect(
+    clippy::expect_used,
+    reason = "a test fails by panicking with what it expected"
+)]
 
 use std::{
     collections::BTreeMap,
@@ -97,7 +101,9 @@ impl World {
     }
 
     fn listen(&self, at: &str) -> TcpListener {
-        self.sandbox.listen_tcp(&self.host, addr(at)).expect("listen")
+        self.sandbox
+            .listen_tcp(&self.host, addr(at))
+            .expect("listen")
     }
 
     /// Outcomes of TCP connects from the pod (or from `cgroup` in the pod's namespace).
@@ -139,7 +145,9 @@ fn drain(listener: &TcpListener) -> usize {
     while Instant::now() < deadline {
         match listener.accept() {
             Ok(_) => n += 1,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
             Err(e) => panic!("accept: {e}"),
         }
     }
@@ -155,7 +163,11 @@ fn tcp_denied_by_exact_address_fails_with_eperm_and_sends_nothing() {
 
     assert_eq!(w.connect(None, "192.0.2.10:80", 1), [Outcome::Denied]);
     assert_eq!(w.connect(None, "192.0.2.11:80", 1), [Outcome::Connected]);
-    assert_eq!(drain(&denied), 0, "a denied connect must not reach the host");
+    assert_eq!(
+        drain(&denied),
+        0,
+        "a denied connect must not reach the host"
+    );
     assert_eq!(drain(&allowed), 1);
 }
 
@@ -172,14 +184,21 @@ fn tcp_denied_by_cidr_with_except() {
 
     assert_eq!(w.connect(None, "192.0.2.10:443", 1), [Outcome::Denied]);
     assert_eq!(w.connect(None, "192.0.2.200:443", 1), [Outcome::Denied]);
-    assert_eq!(w.connect(None, "192.0.2.20:443", 1), [Outcome::Connected], "inside the except");
+    assert_eq!(
+        w.connect(None, "192.0.2.20:443", 1),
+        [Outcome::Connected],
+        "inside the except"
+    );
 }
 
 #[test]
 fn tcp_denied_by_port_and_port_range() {
     let w = World::new(&["192.0.2.10"]);
     let ports_open = [8080u16, 8081, 8999, 9000, 9005, 9010, 9011];
-    let _listeners: Vec<_> = ports_open.iter().map(|p| w.listen(&format!("192.0.2.10:{p}"))).collect();
+    let _listeners: Vec<_> = ports_open
+        .iter()
+        .map(|p| w.listen(&format!("192.0.2.10:{p}")))
+        .collect();
     let _dp = w.enforce(vec![
         rule(&["0.0.0.0/0"], ports(TCP, 8080, 8080), Verdict::Deny, 1),
         rule(&["192.0.2.0/24"], ports(TCP, 9000, 9010), Verdict::Deny, 2),
@@ -194,22 +213,42 @@ fn tcp_denied_by_port_and_port_range() {
         (9010, Outcome::Denied),
         (9011, Outcome::Connected),
     ] {
-        assert_eq!(w.connect(None, &format!("192.0.2.10:{port}"), 1), [expected], "port {port}");
+        assert_eq!(
+            w.connect(None, &format!("192.0.2.10:{port}"), 1),
+            [expected],
+            "port {port}"
+        );
     }
 }
 
 #[test]
 fn udp_sendto_denied_while_other_destination_passes() {
     let w = World::new(&["192.0.2.10", "192.0.2.11"]);
-    let denied = w.sandbox.bind_udp(&w.host, addr("192.0.2.10:53")).expect("udp");
-    let allowed = w.sandbox.bind_udp(&w.host, addr("192.0.2.11:53")).expect("udp");
-    let _dp = w.enforce(vec![rule(&["192.0.2.10/32"], ports(UDP, 53, 53), Verdict::Deny, 4)]);
+    let denied = w
+        .sandbox
+        .bind_udp(&w.host, addr("192.0.2.10:53"))
+        .expect("udp");
+    let allowed = w
+        .sandbox
+        .bind_udp(&w.host, addr("192.0.2.11:53"))
+        .expect("udp");
+    let _dp = w.enforce(vec![rule(
+        &["192.0.2.10/32"],
+        ports(UDP, 53, 53),
+        Verdict::Deny,
+        4,
+    )]);
 
     assert_eq!(w.udp("192.0.2.10:53", 1), [Outcome::Denied]);
     assert_eq!(w.udp("192.0.2.11:53", 1), [Outcome::Sent]);
     let mut buf = [0u8; 64];
-    assert!(denied.recv_from(&mut buf).is_err(), "a denied datagram must not arrive");
-    let (n, _) = allowed.recv_from(&mut buf).expect("allowed datagram arrives");
+    assert!(
+        denied.recv_from(&mut buf).is_err(),
+        "a denied datagram must not arrive"
+    );
+    let (n, _) = allowed
+        .recv_from(&mut buf)
+        .expect("allowed datagram arrives");
     assert_eq!(&buf[..n], b"egret");
 }
 
@@ -218,10 +257,18 @@ fn ipv6_destinations_are_enforced() {
     let w = World::new(&["2001:db8:2::10", "2001:db8:2::11"]);
     let denied = w.listen("[2001:db8:2::10]:80");
     let _allowed = w.listen("[2001:db8:2::11]:80");
-    let _dp = w.enforce(vec![rule(&["2001:db8:2::10/128"], ports(TCP, 80, 80), Verdict::Deny, 5)]);
+    let _dp = w.enforce(vec![rule(
+        &["2001:db8:2::10/128"],
+        ports(TCP, 80, 80),
+        Verdict::Deny,
+        5,
+    )]);
 
     assert_eq!(w.connect(None, "[2001:db8:2::10]:80", 1), [Outcome::Denied]);
-    assert_eq!(w.connect(None, "[2001:db8:2::11]:80", 1), [Outcome::Connected]);
+    assert_eq!(
+        w.connect(None, "[2001:db8:2::11]:80", 1),
+        [Outcome::Connected]
+    );
     assert_eq!(drain(&denied), 0);
 }
 
@@ -230,12 +277,24 @@ fn ipv4_mapped_ipv6_is_decided_by_ipv4_rules_on_tcp_and_udp() {
     let w = World::new(&["192.0.2.10", "192.0.2.11"]);
     let _denied = w.listen("192.0.2.10:80");
     let _allowed = w.listen("192.0.2.11:80");
-    let udp_denied = w.sandbox.bind_udp(&w.host, addr("192.0.2.10:53")).expect("udp");
-    let udp_allowed = w.sandbox.bind_udp(&w.host, addr("192.0.2.11:53")).expect("udp");
+    let udp_denied = w
+        .sandbox
+        .bind_udp(&w.host, addr("192.0.2.10:53"))
+        .expect("udp");
+    let udp_allowed = w
+        .sandbox
+        .bind_udp(&w.host, addr("192.0.2.11:53"))
+        .expect("udp");
     let dp = w.enforce(vec![rule(&["192.0.2.10/32"], L4::Any, Verdict::Deny, 6)]);
 
-    assert_eq!(w.connect(None, "[::ffff:192.0.2.10]:80", 1), [Outcome::Denied]);
-    assert_eq!(w.connect(None, "[::ffff:192.0.2.11]:80", 1), [Outcome::Connected]);
+    assert_eq!(
+        w.connect(None, "[::ffff:192.0.2.10]:80", 1),
+        [Outcome::Denied]
+    );
+    assert_eq!(
+        w.connect(None, "[::ffff:192.0.2.11]:80", 1),
+        [Outcome::Connected]
+    );
     assert_eq!(w.udp("[::ffff:192.0.2.10]:53", 1), [Outcome::Denied]);
     assert_eq!(w.udp("[::ffff:192.0.2.11]:53", 1), [Outcome::Sent]);
     let mut buf = [0u8; 64];
@@ -243,7 +302,10 @@ fn ipv4_mapped_ipv6_is_decided_by_ipv4_rules_on_tcp_and_udp() {
     assert!(udp_allowed.recv_from(&mut buf).is_ok());
     // Counted under the IPv4 address, where the IPv4 rules decided it.
     let counters = counts(&dp.counters().expect("counters"));
-    assert_eq!(counters.get(&(Some(ip("192.0.2.10")), Verdict::Deny, 6)), Some(&2));
+    assert_eq!(
+        counters.get(&(Some(ip("192.0.2.10")), Verdict::Deny, 6)),
+        Some(&2)
+    );
 }
 
 #[test]
@@ -253,20 +315,41 @@ fn sendmmsg_delivers_only_allowed_datagrams() {
         .iter()
         .map(|a| w.sandbox.bind_udp(&w.host, addr(a)).expect("udp"))
         .collect();
-    let _dp = w.enforce(vec![rule(&["192.0.2.11/32"], ports(UDP, 53, 53), Verdict::Deny, 7)]);
+    let _dp = w.enforce(vec![rule(
+        &["192.0.2.11/32"],
+        ports(UDP, 53, 53),
+        Verdict::Deny,
+        7,
+    )]);
 
     let attempts = w
         .sandbox
-        .probe(&w.pod, None, &["sendmmsg", "192.0.2.10:53", "192.0.2.11:53", "192.0.2.12:53"])
+        .probe(
+            &w.pod,
+            None,
+            &[
+                "sendmmsg",
+                "192.0.2.10:53",
+                "192.0.2.11:53",
+                "192.0.2.12:53",
+            ],
+        )
         .expect("probe");
     let outcomes: Vec<Outcome> = attempts.iter().map(|a| a.outcome).collect();
     assert_eq!(outcomes, [Outcome::Sent, Outcome::Denied, Outcome::Sent]);
     let mut buf = [0u8; 64];
     let received: Vec<Option<String>> = sockets
         .iter()
-        .map(|s| s.recv_from(&mut buf).ok().map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned()))
+        .map(|s| {
+            s.recv_from(&mut buf)
+                .ok()
+                .map(|(n, _)| String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
         .collect();
-    assert_eq!(received, [Some("egret-0".into()), None, Some("egret-2".into())]);
+    assert_eq!(
+        received,
+        [Some("egret-0".into()), None, Some("egret-2".into())]
+    );
 }
 
 #[test]
@@ -278,7 +361,10 @@ fn process_outside_endpoint_cgroups_is_untouched_and_uncounted() {
     // cgroup the programs are attached to, so the programs do run for it).
     let outsider = w.sandbox.add_unmanaged_cgroup("not-a-pod").expect("cgroup");
 
-    assert_eq!(w.connect(Some(&outsider), "192.0.2.10:80", 2), [Outcome::Connected; 2]);
+    assert_eq!(
+        w.connect(Some(&outsider), "192.0.2.10:80", 2),
+        [Outcome::Connected; 2]
+    );
     assert_eq!(w.connect(None, "192.0.2.10:80", 1), [Outcome::Denied]);
     let counters = dp.counters().expect("counters");
     let total: u64 = counters.samples.iter().map(|s| s.attempts).sum();
@@ -293,13 +379,32 @@ fn container_cgroup_created_after_policy_is_enforced() {
     let dp = w.enforce(vec![rule(&["192.0.2.10/32"], L4::Any, Verdict::Deny, 9)]);
     let endpoints_before = dp.endpoints().expect("endpoints");
     // Created after the rules were written, two levels deep, as runtimes nest containers.
-    let container = w.sandbox.add_container(&w.pod, "ctr-late").expect("container");
-    let nested = w.sandbox.add_cgroup_below(&container, "init").expect("nested");
+    let container = w
+        .sandbox
+        .add_container(&w.pod, "ctr-late")
+        .expect("container");
+    let nested = w
+        .sandbox
+        .add_cgroup_below(&container, "init")
+        .expect("nested");
 
-    assert_eq!(w.connect(Some(&container), "192.0.2.10:80", 1), [Outcome::Denied]);
-    assert_eq!(w.connect(Some(&nested), "192.0.2.10:80", 1), [Outcome::Denied]);
-    assert_eq!(w.connect(Some(&container), "192.0.2.11:80", 1), [Outcome::Connected]);
-    assert_eq!(dp.endpoints().expect("endpoints"), endpoints_before, "no new map entry needed");
+    assert_eq!(
+        w.connect(Some(&container), "192.0.2.10:80", 1),
+        [Outcome::Denied]
+    );
+    assert_eq!(
+        w.connect(Some(&nested), "192.0.2.10:80", 1),
+        [Outcome::Denied]
+    );
+    assert_eq!(
+        w.connect(Some(&container), "192.0.2.11:80", 1),
+        [Outcome::Connected]
+    );
+    assert_eq!(
+        dp.endpoints().expect("endpoints"),
+        endpoints_before,
+        "no new map entry needed"
+    );
 }
 
 #[test]
@@ -307,7 +412,10 @@ fn counters_increase_once_per_attempt_with_verdict_and_destination() {
     let w = World::new(&["192.0.2.10", "192.0.2.11", "2001:db8:2::10"]);
     let _l1 = w.listen("192.0.2.10:80");
     let _l2 = w.listen("192.0.2.11:80");
-    let _u = w.sandbox.bind_udp(&w.host, addr("192.0.2.11:53")).expect("udp");
+    let _u = w
+        .sandbox
+        .bind_udp(&w.host, addr("192.0.2.11:53"))
+        .expect("udp");
     let dp = w.enforce(vec![
         rule(&["192.0.2.10/32"], L4::Any, Verdict::Deny, 11),
         rule(&["2001:db8:2::/64"], L4::Any, Verdict::Deny, 12),
@@ -341,7 +449,12 @@ fn killed_agent_leaves_enforcement_and_restart_adopts_without_gap() {
     let w = World::new(&["192.0.2.10"]);
     let _listener = w.listen("192.0.2.10:80");
     let rules_path = std::env::temp_dir().join(format!("{}-rules.json", w.sandbox.id()));
-    let file = w.rules_file(vec![rule(&["192.0.2.10/32"], ports(TCP, 80, 80), Verdict::Deny, 21)]);
+    let file = w.rules_file(vec![rule(
+        &["192.0.2.10/32"],
+        ports(TCP, 80, 80),
+        Verdict::Deny,
+        21,
+    )]);
     std::fs::write(&rules_path, serde_json::to_string(&file).expect("json")).expect("write rules");
     let log1 = std::env::temp_dir().join(format!("{}-agent1.log", w.sandbox.id()));
     let log2 = std::env::temp_dir().join(format!("{}-agent2.log", w.sandbox.id()));
@@ -366,7 +479,10 @@ fn killed_agent_leaves_enforcement_and_restart_adopts_without_gap() {
             if text.contains(needle) {
                 return text;
             }
-            assert!(Instant::now() < deadline, "agent never logged {needle:?}:\n{text}");
+            assert!(
+                Instant::now() < deadline,
+                "agent never logged {needle:?}:\n{text}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     };
@@ -377,7 +493,17 @@ fn killed_agent_leaves_enforcement_and_restart_adopts_without_gap() {
     let stop = std::env::temp_dir().join(format!("{}-stop", w.sandbox.id()));
     let prober = w
         .sandbox
-        .spawn_probe(&w.pod, &["loop", "192.0.2.10:80", "--until-file", stop.to_str().expect("utf-8"), "--interval-ms", "2"])
+        .spawn_probe(
+            &w.pod,
+            &[
+                "loop",
+                "192.0.2.10:80",
+                "--until-file",
+                stop.to_str().expect("utf-8"),
+                "--interval-ms",
+                "2",
+            ],
+        )
         .expect("prober");
     std::thread::sleep(Duration::from_millis(200));
     first.kill().expect("kill agent");
@@ -392,11 +518,27 @@ fn killed_agent_leaves_enforcement_and_restart_adopts_without_gap() {
     second.kill().expect("kill agent");
     second.wait().expect("reap agent");
 
-    assert!(log.contains("adopted pinned programs and maps"), "restart must adopt, not reload:\n{log}");
-    assert!(!log.contains("attached and pinned programs"), "restart reloaded programs:\n{log}");
-    assert!(attempts.len() > 50, "prober made too few attempts: {}", attempts.len());
-    let not_denied: Vec<_> = attempts.iter().filter(|a| a.outcome != Outcome::Denied).collect();
-    assert!(not_denied.is_empty(), "attempts not denied while the agent was down or restarting: {not_denied:?}");
+    assert!(
+        log.contains("adopted pinned programs and maps"),
+        "restart must adopt, not reload:\n{log}"
+    );
+    assert!(
+        !log.contains("attached and pinned programs"),
+        "restart reloaded programs:\n{log}"
+    );
+    assert!(
+        attempts.len() > 50,
+        "prober made too few attempts: {}",
+        attempts.len()
+    );
+    let not_denied: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.outcome != Outcome::Denied)
+        .collect();
+    assert!(
+        not_denied.is_empty(),
+        "attempts not denied while the agent was down or restarting: {not_denied:?}"
+    );
     // Counters survived too: the kernel counted each of the prober's attempts exactly once.
     let dp = Datapath::open(&DatapathConfig {
         pin_dir: w.sandbox.pin_dir().into(),
@@ -406,7 +548,9 @@ fn killed_agent_leaves_enforcement_and_restart_adopts_without_gap() {
     assert_eq!(dp.mode(), &LoadMode::Adopted);
     let counters = counts(&dp.counters().expect("counters"));
     assert_eq!(
-        counters.get(&(Some(ip("192.0.2.10")), Verdict::Deny, 21)).copied(),
+        counters
+            .get(&(Some(ip("192.0.2.10")), Verdict::Deny, 21))
+            .copied(),
         Some(attempts.len() as u64)
     );
     for path in [rules_path, log1, log2, stop] {
@@ -421,7 +565,12 @@ fn generation_flips_never_expose_a_verdict_neither_policy_gives() {
     // Both policies deny port 85 and allow the rest, through different entries: A with one
     // exact-address rule, B with a CIDR and two ranges. Writing B over A entry by entry would
     // pass through states that allow 85; a generation swap never does.
-    let a = w.rules_file(vec![rule(&["192.0.2.10/32"], ports(TCP, 80, 89), Verdict::Deny, 31)]);
+    let a = w.rules_file(vec![rule(
+        &["192.0.2.10/32"],
+        ports(TCP, 80, 89),
+        Verdict::Deny,
+        31,
+    )]);
     let b = w.rules_file(vec![
         rule(&["192.0.2.0/24"], ports(TCP, 85, 85), Verdict::Deny, 32),
         rule(&["192.0.2.0/28"], ports(TCP, 70, 99), Verdict::Deny, 33),
@@ -434,7 +583,17 @@ fn generation_flips_never_expose_a_verdict_neither_policy_gives() {
     let stop = std::env::temp_dir().join(format!("{}-flip-stop", w.sandbox.id()));
     let prober = w
         .sandbox
-        .spawn_probe(&w.pod, &["loop", "192.0.2.10:85", "--until-file", stop.to_str().expect("utf-8"), "--interval-ms", "0"])
+        .spawn_probe(
+            &w.pod,
+            &[
+                "loop",
+                "192.0.2.10:85",
+                "--until-file",
+                stop.to_str().expect("utf-8"),
+                "--interval-ms",
+                "0",
+            ],
+        )
         .expect("prober");
     let flips = 200;
     for i in 0..flips {
@@ -445,9 +604,21 @@ fn generation_flips_never_expose_a_verdict_neither_policy_gives() {
     let attempts = w.sandbox.wait_probe(prober).expect("prober output");
     let _ = std::fs::remove_file(&stop);
 
-    assert!(attempts.len() > 100, "prober made too few attempts: {}", attempts.len());
-    let wrong: Vec<_> = attempts.iter().filter(|a| a.outcome != Outcome::Denied).collect();
-    assert!(wrong.is_empty(), "{} of {} attempts got a verdict neither policy gives", wrong.len(), attempts.len());
+    assert!(
+        attempts.len() > 100,
+        "prober made too few attempts: {}",
+        attempts.len()
+    );
+    let wrong: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.outcome != Outcome::Denied)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {} attempts got a verdict neither policy gives",
+        wrong.len(),
+        attempts.len()
+    );
 }
 
 #[test]
@@ -455,13 +626,22 @@ fn loaded_object_holds_every_map_and_program() {
     let w = World::new(&["192.0.2.10"]);
     let dp = w.open();
     let maps = std::fs::read_dir(w.sandbox.pin_dir().join("maps")).expect("maps dir");
-    let mut names: Vec<String> = maps.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut names: Vec<String> = maps
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     names.sort();
-    let mut expected: Vec<String> = egret_common::map_names::ALL.iter().map(|s| s.to_string()).collect();
+    let mut expected: Vec<String> = egret_common::map_names::ALL
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     expected.sort();
     assert_eq!(names, expected);
     for program in egret_common::program_names::ALL {
-        assert!(w.sandbox.pin_dir().join("links").join(program).exists(), "{program} not pinned");
+        assert!(
+            w.sandbox.pin_dir().join("links").join(program).exists(),
+            "{program} not pinned"
+        );
     }
     assert!(matches!(dp.mode(), LoadMode::Loaded { attached } if attached.len() == 4));
 }

@@ -114,7 +114,8 @@ where
     }
 
     // Per endpoint, the classes where some rule of it matches.
-    let mut per_endpoint: Vec<BTreeMap<ClassId, Vec<usize>>> = vec![BTreeMap::new(); endpoints.len()];
+    let mut per_endpoint: Vec<BTreeMap<ClassId, Vec<usize>>> =
+        vec![BTreeMap::new(); endpoints.len()];
     for (class, set) in &members {
         for &(e, r) in set {
             per_endpoint[e].entry(*class).or_default().push(r);
@@ -243,7 +244,11 @@ pub fn port_prefixes(first: u16, last: u16) -> Vec<PortPrefix> {
     let (mut lo, hi) = (u32::from(first), u32::from(last));
     while lo <= hi {
         // Largest aligned block starting at `lo` that stays within `hi`.
-        let mut size = if lo == 0 { 1 << 16 } else { 1u32 << lo.trailing_zeros() };
+        let mut size = if lo == 0 {
+            1 << 16
+        } else {
+            1u32 << lo.trailing_zeros()
+        };
         while lo + size - 1 > hi {
             size >>= 1;
         }
@@ -360,7 +365,11 @@ impl Prefix for Ipv6Net {
 pub fn first_match(
     default: impl Fn(EndpointId) -> Decision,
 ) -> impl Fn(EndpointId, &[&Rule<Decision>]) -> Decision {
-    move |endpoint, rules| rules.first().map_or_else(|| default(endpoint), |rule| rule.action)
+    move |endpoint, rules| {
+        rules
+            .first()
+            .map_or_else(|| default(endpoint), |rule| rule.action)
+    }
 }
 
 #[cfg(test)]
@@ -392,14 +401,25 @@ mod tests {
 
     #[test]
     fn port_prefixes_cover_exactly() {
-        for (first, last) in [(0, 65535), (80, 80), (1, 65535), (1000, 2000), (0, 0), (65535, 65535)] {
+        for (first, last) in [
+            (0, 65535),
+            (80, 80),
+            (1, 65535),
+            (1000, 2000),
+            (0, 0),
+            (65535, 65535),
+        ] {
             let prefixes = port_prefixes(first, last);
             let mut covered: Vec<(u16, u16)> = prefixes.iter().map(|p| p.range()).collect();
             covered.sort();
             assert_eq!(covered.first().unwrap().0, first);
             assert_eq!(covered.last().unwrap().1, last);
             for w in covered.windows(2) {
-                assert_eq!(u32::from(w[0].1) + 1, u32::from(w[1].0), "{first}-{last}: gap or overlap");
+                assert_eq!(
+                    u32::from(w[0].1) + 1,
+                    u32::from(w[1].0),
+                    "{first}-{last}: gap or overlap"
+                );
             }
             assert!(prefixes.iter().all(|p| p.bits >= 1));
         }
@@ -431,10 +451,16 @@ mod tests {
     fn arb_net() -> impl Strategy<Value = IpNet> {
         prop_oneof![
             (0u8..4, 24u8..=32).prop_map(|(host, len)| {
-                IpNet::V4(Ipv4Net::new([192, 0, 2, host * 64].into(), len).unwrap().trunc())
+                IpNet::V4(
+                    Ipv4Net::new([192, 0, 2, host * 64].into(), len)
+                        .unwrap()
+                        .trunc(),
+                )
             }),
             (0u8..4, 120u8..=128).prop_map(|(host, len)| {
-                let addr: std::net::Ipv6Addr = format!("2001:db8::{:x}", u16::from(host) * 64).parse().unwrap();
+                let addr: std::net::Ipv6Addr = format!("2001:db8::{:x}", u16::from(host) * 64)
+                    .parse()
+                    .unwrap();
                 IpNet::V6(Ipv6Net::new(addr, len).unwrap().trunc())
             }),
             Just("0.0.0.0/0".parse().unwrap()),
@@ -445,13 +471,15 @@ mod tests {
         prop_oneof![
             Just(L4::Any),
             prop_oneof![Just(6u8), Just(17)].prop_map(L4::Protocol),
-            (prop_oneof![Just(6u8), Just(17)], 0u16..70, 0u16..10).prop_map(|(protocol, first, span)| {
-                L4::Ports {
-                    protocol,
-                    first,
-                    last: first + span,
+            (prop_oneof![Just(6u8), Just(17)], 0u16..70, 0u16..10).prop_map(
+                |(protocol, first, span)| {
+                    L4::Ports {
+                        protocol,
+                        first,
+                        last: first + span,
+                    }
                 }
-            }),
+            ),
         ]
     }
 
@@ -460,7 +488,11 @@ mod tests {
             prop::collection::vec(arb_net(), 1..3),
             prop::collection::vec(arb_net(), 0..2),
             arb_l4(),
-            prop_oneof![Just(Verdict::Allow), Just(Verdict::Deny), Just(Verdict::Audit)],
+            prop_oneof![
+                Just(Verdict::Allow),
+                Just(Verdict::Deny),
+                Just(Verdict::Audit)
+            ],
         )
             .prop_map(move |(to, except, l4, verdict)| Rule {
                 to,

@@ -54,7 +54,9 @@ const FLIP_GRACE: Duration = Duration::from_millis(20);
 pub enum DatapathError {
     #[error(transparent)]
     Sys(#[from] SysError),
-    #[error("egret is not attached at {pin_dir} (no pinned link for {missing:?}); run `egret attach`")]
+    #[error(
+        "egret is not attached at {pin_dir} (no pinned link for {missing:?}); run `egret attach`"
+    )]
     NotAttached {
         pin_dir: PathBuf,
         missing: Vec<&'static str>,
@@ -319,7 +321,11 @@ impl Datapath {
             })?;
         self.generation = next;
         self.last_flip = Some(Instant::now());
-        tracing::debug!(generation = next, changes = changes.len(), "policy generation flipped");
+        tracing::debug!(
+            generation = next,
+            changes = changes.len(),
+            "policy generation flipped"
+        );
         Ok(changes)
     }
 
@@ -342,17 +348,28 @@ impl Datapath {
                 .map_err(|source| write_err(map_names::ADDR6, net, source))?;
         }
         for m in delete_policy {
-            ignore_missing(self.policy.remove(&Key::new(m.prefix_len(), m.to_key(generation))))
-                .map_err(|source| write_err(map_names::POLICY, m, source))?;
+            ignore_missing(
+                self.policy
+                    .remove(&Key::new(m.prefix_len(), m.to_key(generation))),
+            )
+            .map_err(|source| write_err(map_names::POLICY, m, source))?;
         }
         for (net, class) in upsert_addr4 {
             self.addr4
-                .insert(&addr4_key(generation, *net), AddrValue { class_id: *class }, 0)
+                .insert(
+                    &addr4_key(generation, *net),
+                    AddrValue { class_id: *class },
+                    0,
+                )
                 .map_err(|source| write_err(map_names::ADDR4, net, source))?;
         }
         for (net, class) in upsert_addr6 {
             self.addr6
-                .insert(&addr6_key(generation, *net), AddrValue { class_id: *class }, 0)
+                .insert(
+                    &addr6_key(generation, *net),
+                    AddrValue { class_id: *class },
+                    0,
+                )
                 .map_err(|source| write_err(map_names::ADDR6, net, source))?;
         }
         for (m, decision) in upsert_policy {
@@ -482,7 +499,8 @@ impl Datapath {
             (map_names::COUNTERS_OVERFLOW, &self.counters_overflow),
         ] {
             for item in map.iter() {
-                let (key, value) = item.map_err(|source| DatapathError::ReadMap { name, source })?;
+                let (key, value) =
+                    item.map_err(|source| DatapathError::ReadMap { name, source })?;
                 let Some(verdict) = Verdict::from_raw(key.verdict) else {
                     continue;
                 };
@@ -575,7 +593,12 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
 }
 
 /// Loads the object (reusing pinned maps), attaches `programs` to `cgroup` and pins their links.
-fn attach(maps_dir: &Path, links_dir: &Path, cgroup: &Path, programs: &[&'static str]) -> Result<()> {
+fn attach(
+    maps_dir: &Path,
+    links_dir: &Path,
+    cgroup: &Path,
+    programs: &[&'static str],
+) -> Result<()> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(maps_dir)
         .load(EBPF_OBJECT)

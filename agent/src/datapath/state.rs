@@ -343,7 +343,10 @@ mod tests {
                 ("203.0.113.0/24".parse().unwrap(), 2)
             ]
         );
-        assert_eq!(changes.delete_addr4, vec!["198.51.100.0/24".parse().unwrap()]);
+        assert_eq!(
+            changes.delete_addr4,
+            vec!["198.51.100.0/24".parse().unwrap()]
+        );
         assert!(diff(&b, &b).is_empty());
     }
 
@@ -375,9 +378,18 @@ mod tests {
         assert_eq!(s.class_of(v4("192.0.2.1")), 1);
         assert_eq!(s.class_of(v4("::ffff:192.0.2.1")), 1);
         assert_eq!(s.class_of(v4("203.0.113.1")), CLASS_WORLD);
-        assert_eq!(s.lookup(7, v4("192.0.2.1"), 6, 80).entry, Some((port_80, allow(11))));
-        assert_eq!(s.lookup(7, v4("192.0.2.1"), 6, 81).entry, Some((tcp_1_any, allow(10))));
-        assert_eq!(s.lookup(7, v4("192.0.2.1"), 17, 80).entry, Some((base, allow(0))));
+        assert_eq!(
+            s.lookup(7, v4("192.0.2.1"), 6, 80).entry,
+            Some((port_80, allow(11)))
+        );
+        assert_eq!(
+            s.lookup(7, v4("192.0.2.1"), 6, 81).entry,
+            Some((tcp_1_any, allow(10)))
+        );
+        assert_eq!(
+            s.lookup(7, v4("192.0.2.1"), 17, 80).entry,
+            Some((base, allow(0)))
+        );
         assert_eq!(s.lookup(8, v4("192.0.2.1"), 6, 80).entry, None);
     }
 

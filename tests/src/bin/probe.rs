@@ -53,16 +53,24 @@ fn parse(args: &[String]) -> Result<Options, String> {
         match arg.as_str() {
             "--count" => o.count = value()?.parse().map_err(|e| format!("--count: {e}"))?,
             "--interval-ms" => {
-                o.interval = Duration::from_millis(value()?.parse().map_err(|e| format!("--interval-ms: {e}"))?)
+                o.interval = Duration::from_millis(
+                    value()?
+                        .parse()
+                        .map_err(|e| format!("--interval-ms: {e}"))?,
+                )
             }
             "--timeout-ms" => {
-                o.timeout = Duration::from_millis(value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?)
+                o.timeout = Duration::from_millis(
+                    value()?.parse().map_err(|e| format!("--timeout-ms: {e}"))?,
+                )
             }
             "--payload" => o.payload = value()?.clone(),
             "--until-file" => o.until_file = Some(value()?.into()),
-            target => o
-                .targets
-                .push(target.parse().map_err(|e| format!("target {target}: {e}"))?),
+            target => o.targets.push(
+                target
+                    .parse()
+                    .map_err(|e| format!("target {target}: {e}"))?,
+            ),
         }
     }
     if o.targets.is_empty() {
@@ -72,7 +80,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
 }
 
 fn run(args: &[String]) -> Result<(), String> {
-    let (mode, rest) = args.split_first().ok_or("usage: egret-probe connect|udp|sendmmsg|loop TARGET...")?;
+    let (mode, rest) = args
+        .split_first()
+        .ok_or("usage: egret-probe connect|udp|sendmmsg|loop TARGET...")?;
     let o = parse(rest)?;
     match mode.as_str() {
         "connect" => {
@@ -88,7 +98,11 @@ fn run(args: &[String]) -> Result<(), String> {
                 if i > 0 {
                     std::thread::sleep(o.interval);
                 }
-                report("udp", o.targets[0], udp_send(o.targets[0], o.payload.as_bytes()));
+                report(
+                    "udp",
+                    o.targets[0],
+                    udp_send(o.targets[0], o.payload.as_bytes()),
+                );
             }
         }
         "sendmmsg" => {
@@ -166,7 +180,9 @@ fn tcp_connect(target: SocketAddr, timeout: Duration) -> Outcome {
         events: libc::POLLOUT,
         revents: 0,
     };
-    let left = deadline.saturating_duration_since(Instant::now()).as_millis() as i32;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .as_millis() as i32;
     // SAFETY: one valid pollfd.
     let n = unsafe { libc::poll(&mut pfd, 1, left) };
     if n == 0 {
@@ -219,7 +235,8 @@ fn udp_send(target: SocketAddr, payload: &[u8]) -> Outcome {
 /// application would: when a message fails, the rest are retried from the one after it.
 fn send_mmsg(targets: &[SocketAddr], payload: &[u8]) -> Result<Vec<(SocketAddr, Outcome)>, String> {
     let fd = socket(targets[0], libc::SOCK_DGRAM).map_err(|e| format!("socket: {e}"))?;
-    let addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> = targets.iter().map(|t| sockaddr(*t)).collect();
+    let addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+        targets.iter().map(|t| sockaddr(*t)).collect();
     let mut payloads: Vec<Vec<u8>> = targets
         .iter()
         .enumerate()
@@ -233,7 +250,9 @@ fn send_mmsg(targets: &[SocketAddr], payload: &[u8]) -> Result<Vec<(SocketAddr, 
         })
         .collect();
     // SAFETY: mmsghdr is plain data; every pointer set below outlives the syscalls.
-    let mut msgs: Vec<libc::mmsghdr> = (0..targets.len()).map(|_| unsafe { std::mem::zeroed() }).collect();
+    let mut msgs: Vec<libc::mmsghdr> = (0..targets.len())
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
     for (i, msg) in msgs.iter_mut().enumerate() {
         msg.msg_hdr.msg_name = (&raw const addrs[i].0).cast_mut().cast();
         msg.msg_hdr.msg_namelen = addrs[i].1;
@@ -253,7 +272,10 @@ fn send_mmsg(targets: &[SocketAddr], payload: &[u8]) -> Result<Vec<(SocketAddr, 
             )
         };
         if n < 0 {
-            out.push((targets[start], Outcome::from_error(&io::Error::last_os_error())));
+            out.push((
+                targets[start],
+                Outcome::from_error(&io::Error::last_os_error()),
+            ));
             start += 1;
         } else {
             for t in &targets[start..start + n as usize] {

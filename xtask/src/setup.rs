@@ -1,0 +1,144 @@
+//! Installs what building egret needs and the machine lacks, idempotently: the nightly's
+//! `rust-src` (the BPF target builds `core` from source) and bpf-linker 0.13 built against the
+//! nightly's own LLVM. A machine that has both pays a few `--version` calls.
+
+use std::{
+    os::unix::fs::symlink,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+/// The toolchain aya-build compiles the kernel programs with.
+pub const NIGHTLY: &str = "nightly";
+/// bpf-linker releases that work with aya 0.14 and an LLVM 22 nightly.
+const BPF_LINKER_VERSION: &str = "0.13";
+
+pub fn setup() -> anyhow::Result<()> {
+    ensure_nightly()?;
+    ensure_rust_src()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn ensure_nightly() -> anyhow::Result<()> {
+    let out = capture(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !out.lines().any(|l| l.starts_with(NIGHTLY)) {
+        bail!(
+            "the `{NIGHTLY}` toolchain is missing; egret's kernel programs need it \
+             (`rustup toolchain install {NIGHTLY}`)"
+        );
+    }
+    Ok(())
+}
+
+fn ensure_rust_src() -> anyhow::Result<()> {
+    let installed = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    println!("setup: installing rust-src for the {NIGHTLY} toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", NIGHTLY]))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if let Ok(version) = capture(Command::new("bpf-linker").arg("--version"))
+        && version
+            .split_whitespace()
+            .nth(1)
+            .is_some_and(|v| v.starts_with(&format!("{BPF_LINKER_VERSION}.")))
+    {
+        return Ok(());
+    }
+    let (prefix, major) = llvm_prefix()?;
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the {NIGHTLY} toolchain's LLVM {major} \
+         (LLVM_PREFIX={}); this takes a few minutes, once",
+        prefix.display()
+    );
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            &format!("^{BPF_LINKER_VERSION}"),
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix))
+    .context("failed to build bpf-linker")?;
+    Ok(())
+}
+
+/// A directory whose `lib/` holds `libLLVM.so` (and the versioned name bpf-linker links
+/// against) as links to the nightly's own LLVM, which ships no development files. It lives
+/// outside the work tree: the installed bpf-linker finds its LLVM there at run time.
+fn llvm_prefix() -> anyhow::Result<(PathBuf, String)> {
+    let sysroot = capture(
+        Command::new("rustc")
+            .arg(format!("+{NIGHTLY}"))
+            .args(["--print", "sysroot"]),
+    )?;
+    let sysroot_lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&sysroot_lib)
+        .with_context(|| format!("failed to list {}", sysroot_lib.display()))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", sysroot_lib.display()))?;
+    // libLLVM.so.22.1-rust-1.97.0-nightly -> 22
+    let major = llvm
+        .trim_start_matches("libLLVM.so.")
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let home = std::env::var_os("HOME").context("HOME is not set")?;
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map_or_else(|| Path::new(&home).join(".cache"), PathBuf::from);
+    let prefix = cache.join("egret").join(format!("llvm-{major}"));
+    let lib = prefix.join("lib");
+    std::fs::create_dir_all(&lib).with_context(|| format!("failed to create {}", lib.display()))?;
+    for name in ["libLLVM.so", llvm.as_str()] {
+        let link = lib.join(name);
+        let _ = std::fs::remove_file(&link);
+        symlink(sysroot_lib.join(&llvm), &link)
+            .with_context(|| format!("failed to link {}", link.display()))?;
+    }
+    Ok((prefix, major))
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn run(command: &mut Command) -> anyhow::Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("failed to start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout.
+pub fn capture(command: &mut Command) -> anyhow::Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("failed to start {command:?}"))?;
+    if !output.status.success() {
+        bail!(
+            "{command:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
