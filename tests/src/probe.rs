@@ -75,5 +75,10 @@ fn binary(var: &str, name: &str) -> PathBuf {
         .take(2)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| PathBuf::from(name))
+        .unwrap_or_else(|| {
+            panic!(
+                "no `{name}` binary beside {}: build it first (`cargo build --bins`; `cargo xtask test` does) or set {var}",
+                exe.display()
+            )
+        })
 }

@@ -74,6 +74,9 @@ fn test() -> anyhow::Result<()> {
         );
     }
     step("unit and privileged end-to-end tests");
+    // The end-to-end tests run the `egret` and `egret-probe` binaries as a user would; `cargo
+    // test` alone builds only test harnesses for them.
+    run(cargo().args(["build", "--bins"]))?;
     run(cargo().args(["test", "--no-fail-fast"]))?;
     Ok(())
 }
