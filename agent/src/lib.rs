@@ -5,5 +5,6 @@
 //! and [`datapath::Datapath`] writes them and reads the kernel's counters back.
 
 pub mod datapath;
+pub mod policy;
 pub mod rules_file;
 pub mod sys;

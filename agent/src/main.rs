@@ -6,7 +6,13 @@ use std::{io::Write as _, path::PathBuf, process::ExitCode};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use egret::{
-    datapath::{self, Datapath, DatapathConfig, LoadMode},
+    datapath::{self, Datapath, DatapathConfig, LoadMode, Verdict},
+    policy::{
+        cluster::Cluster,
+        compile::{CompileOptions, compile},
+        explain::Probe,
+        model::World,
+    },
     rules_file::RulesFile,
     sys,
 };
@@ -44,6 +50,37 @@ enum Command {
         #[arg(long)]
         hold: bool,
     },
+    /// Answers, offline, what egret decides for a connection: verdict, deciding policy and rule,
+    /// and why. Reads Namespace, Pod, NetworkPolicy and EgressPolicy YAML; answers from the
+    /// compiled datapath entries, as the kernel would.
+    Explain {
+        /// YAML file or directory (multi-document files and `kind: List` work); repeatable.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Source pod, `namespace/name`.
+        #[arg(long, required_unless_present = "probes")]
+        from: Option<String>,
+        /// Destination: an IP address or `namespace/name` of a pod.
+        #[arg(long, required_unless_present = "probes")]
+        to: Option<String>,
+        /// Destination port.
+        #[arg(long, required_unless_present = "probes")]
+        port: Option<u16>,
+        /// TCP, UDP or SCTP.
+        #[arg(long, default_value = "TCP")]
+        protocol: String,
+        /// JSON lines of `{"from","to","port","protocol"}` to answer in order (`-`: stdin);
+        /// answers are JSON lines.
+        #[arg(long, conflicts_with_all = ["from", "to", "port"])]
+        probes: Option<PathBuf>,
+        /// Verdict for pods no NetworkPolicy isolates: `allow`, or `deny` (REGISTRY_ONLY-style).
+        #[arg(long, value_enum, default_value_t = Baseline::Allow)]
+        baseline: Baseline,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Prints the EgressPolicy CustomResourceDefinition (`egret crd | kubectl apply -f -`).
+    Crd,
     /// Prints the kernel's connection counters.
     Counters {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
@@ -53,6 +90,12 @@ enum Command {
     Status,
     /// Detaches the programs and removes every pin. Enforcement stops.
     Detach,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Baseline {
+    Allow,
+    Deny,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -112,6 +155,89 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Explain {
+            files,
+            from,
+            to,
+            port,
+            protocol,
+            probes,
+            baseline,
+            output,
+        } => {
+            let (cluster, errors) = Cluster::load(&files);
+            for err in &errors {
+                tracing::warn!("{err}");
+            }
+            let world = World::new(&cluster);
+            for invalid in &world.invalid {
+                tracing::warn!("rejected: {invalid}");
+            }
+            let options = CompileOptions {
+                baseline: match baseline {
+                    Baseline::Allow => Verdict::Allow,
+                    Baseline::Deny => Verdict::Deny,
+                },
+                node: None,
+            };
+            let compiled = compile(&world, &options);
+            let mut out = std::io::stdout().lock();
+            if let Some(probes) = probes {
+                let text = if probes.as_os_str() == "-" {
+                    std::io::read_to_string(std::io::stdin())?
+                } else {
+                    std::fs::read_to_string(&probes)
+                        .with_context(|| format!("failed to read {}", probes.display()))?
+                };
+                for (i, line) in text
+                    .lines()
+                    .enumerate()
+                    .filter(|(_, l)| !l.trim().is_empty())
+                {
+                    let answer = serde_json::from_str::<Probe>(line)
+                        .map_err(|e| format!("probe line {}: {e}", i + 1))
+                        .and_then(|p| {
+                            p.answer(&world, &compiled)
+                                .map_err(|e| format!("probe line {}: {e}", i + 1))
+                        });
+                    let json = match answer {
+                        Ok(answer) => serde_json::to_value(&answer)?,
+                        Err(error) => {
+                            serde_json::json!({"verdict": null, "policy": null, "rule": null, "reason": error, "error": true})
+                        }
+                    };
+                    writeln!(out, "{json}")?;
+                }
+            } else {
+                let probe = Probe {
+                    from: from.unwrap_or_default(),
+                    to: to.unwrap_or_default(),
+                    port: port.unwrap_or_default(),
+                    protocol,
+                };
+                let answer = probe.answer(&world, &compiled)?;
+                match output {
+                    Output::Json => writeln!(out, "{}", serde_json::to_value(&answer)?)?,
+                    Output::Table => {
+                        let policy = answer
+                            .policy
+                            .as_ref()
+                            .map_or_else(|| "default".to_owned(), ToString::to_string);
+                        writeln!(
+                            out,
+                            "verdict: {}",
+                            serde_json::to_value(answer.verdict)?
+                                .as_str()
+                                .unwrap_or("?")
+                        )?;
+                        writeln!(out, "policy:  {policy}")?;
+                        writeln!(out, "rule:    {}", answer.rule.as_deref().unwrap_or("-"))?;
+                        writeln!(out, "reason:  {}", answer.reason)?;
+                    }
+                }
+            }
+        }
+        Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
             let datapath = open(pin_dir, None)?;
             let counters = datapath.counters()?;

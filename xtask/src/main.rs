@@ -22,6 +22,8 @@ enum Task {
     /// Runs every check: rustfmt, clippy (host and BPF target, warnings denied), unit tests and
     /// the privileged end-to-end tests against the real kernel (needs root).
     Test,
+    /// Regenerates checked-in files derived from code: the EgressPolicy CRD.
+    Codegen,
     /// Runs the demo: a sandbox with a test pod and external hosts, egret enforcing on it, and
     /// a table of recent connections with their verdicts and counters (needs root).
     Run {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
     let result = match task {
         Task::Setup => setup::setup(),
         Task::Test => setup::setup().and_then(|()| test()),
+        Task::Codegen => setup::setup().and_then(|()| codegen()),
         Task::Run { once } => setup::setup().and_then(|()| demo::run(once)),
     };
     match result {
@@ -78,6 +81,15 @@ fn test() -> anyhow::Result<()> {
     // test` alone builds only test harnesses for them.
     run(cargo().args(["build", "--bins"]))?;
     run(cargo().args(["test", "--no-fail-fast"]))?;
+    Ok(())
+}
+
+fn codegen() -> anyhow::Result<()> {
+    let yaml = setup::capture(cargo().args(["run", "--quiet", "-p", "egret", "--", "crd"]))?;
+    let path = std::path::Path::new("manifests/crds/egresspolicy.yaml");
+    std::fs::create_dir_all("manifests/crds")?;
+    std::fs::write(path, yaml)?;
+    println!("wrote {}", path.display());
     Ok(())
 }
 

@@ -1,0 +1,383 @@
+//! The policy compiler: validated cluster state in, the datapath entries for this node's
+//! endpoints out. Pure: no I/O, no clock; the same input gives the same, sorted output.
+//!
+//! Each endpoint (pod) gets an ordered rule list: the rules of the EgressPolicies whose subject
+//! selects it, by priority, then the egress rules of the NetworkPolicies of its namespace. Peers
+//! become address sets (pod IPs, CIDRs with exceptions), named ports become one rule per
+//! destination pod. [`crate::datapath::lower`] finds which rules match each (address, protocol,
+//! port) region, and [`decide`] applies the semantics of `docs/policy.md` to them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use egret_common::RULE_DEFAULT;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use super::{
+    crd::RuleAction,
+    explain::Origin,
+    model::{Peer, PodInfo, PortMatch, PortSpec, World},
+};
+use crate::datapath::{
+    Decision, DesiredState, EndpointId, RuleId, Verdict,
+    lower::{EndpointRules, L4, Rule, lower},
+};
+
+/// How the node treats pods no NetworkPolicy isolates.
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// `Allow` (Kubernetes' default), or `Deny` for a REGISTRY_ONLY-style default deny.
+    pub baseline: Verdict,
+    /// Only pods on this node become endpoints; `None`: every pod (explain).
+    pub node: Option<String>,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        Self {
+            baseline: Verdict::Allow,
+            node: None,
+        }
+    }
+}
+
+/// What a rule in an endpoint's list does once it matches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    Egress {
+        audit: bool,
+        action: RuleAction,
+        id: RuleId,
+    },
+    NetworkPolicy {
+        id: RuleId,
+    },
+}
+
+/// The compiler's output.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub desired: DesiredState,
+    /// (namespace, pod) -> endpoint id.
+    pub endpoints: BTreeMap<(String, String), EndpointId>,
+    /// Rule id -> what it stands for; id 0 is the baseline.
+    pub origins: Vec<Origin>,
+    pub baseline: Verdict,
+}
+
+impl Compiled {
+    /// What rule `id` stands for (the baseline for unknown ids).
+    pub fn origin(&self, id: RuleId) -> &Origin {
+        self.origins.get(id as usize).unwrap_or(&Origin::Baseline)
+    }
+}
+
+/// Interns origins as rule ids, in the order the policies are listed.
+struct Origins {
+    ids: HashMap<Origin, RuleId>,
+    list: Vec<Origin>,
+}
+
+impl Origins {
+    fn new() -> Self {
+        let mut origins = Self {
+            ids: HashMap::new(),
+            list: Vec::new(),
+        };
+        let baseline = origins.id(Origin::Baseline);
+        debug_assert_eq!(baseline, RULE_DEFAULT);
+        origins
+    }
+
+    fn id(&mut self, origin: Origin) -> RuleId {
+        if let Some(id) = self.ids.get(&origin) {
+            return *id;
+        }
+        let id = self.list.len() as RuleId;
+        self.ids.insert(origin.clone(), id);
+        self.list.push(origin);
+        id
+    }
+}
+
+/// Per endpoint: whether it is isolated, and by which NetworkPolicy's rule id.
+struct EndpointContext {
+    isolation: Option<RuleId>,
+}
+
+/// Compiles `world` for the endpoints `options` selects.
+pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
+    let mut origins = Origins::new();
+    // Intern every policy's rules up front, in policy order, so ids do not depend on which
+    // endpoints exist.
+    for ep in &world.egress_policies {
+        for rule in &ep.rules {
+            origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+        }
+    }
+    for np in &world.network_policies {
+        for i in 0..np.rules.len() {
+            origins.id(Origin::NetworkPolicyRule {
+                namespace: np.namespace.clone(),
+                name: np.name.clone(),
+                rule: i,
+            });
+        }
+        origins.id(Origin::Isolation {
+            namespace: np.namespace.clone(),
+            name: np.name.clone(),
+        });
+    }
+
+    let sources: Vec<&PodInfo> = world
+        .pods
+        .iter()
+        .filter(|p| options.node.is_none() || p.node == options.node)
+        .collect();
+    let mut endpoints = BTreeMap::new();
+    let mut lists = Vec::with_capacity(sources.len());
+    let mut contexts = HashMap::new();
+    for (i, pod) in sources.iter().enumerate() {
+        let id = (i + 1) as EndpointId;
+        endpoints.insert((pod.namespace.clone(), pod.name.clone()), id);
+        let mut rules = Vec::new();
+        for ep in world
+            .egress_policies
+            .iter()
+            .filter(|ep| world.subject_selects(ep, pod))
+        {
+            for rule in &ep.rules {
+                let action = Action::Egress {
+                    audit: ep.audit,
+                    action: rule.action,
+                    id: origins.id(egress_origin(&ep.name, &rule.name, rule.action)),
+                };
+                expand(
+                    world,
+                    Some(&rule.to),
+                    rule.ports.as_deref(),
+                    action,
+                    &mut rules,
+                );
+            }
+        }
+        let mut isolation = None;
+        for np in world.isolating(pod) {
+            isolation.get_or_insert_with(|| {
+                origins.id(Origin::Isolation {
+                    namespace: np.namespace.clone(),
+                    name: np.name.clone(),
+                })
+            });
+            for (r, rule) in np.rules.iter().enumerate() {
+                let id = origins.id(Origin::NetworkPolicyRule {
+                    namespace: np.namespace.clone(),
+                    name: np.name.clone(),
+                    rule: r,
+                });
+                expand(
+                    world,
+                    rule.to.as_deref(),
+                    rule.ports.as_deref(),
+                    Action::NetworkPolicy { id },
+                    &mut rules,
+                );
+            }
+        }
+        contexts.insert(id, EndpointContext { isolation });
+        lists.push(EndpointRules {
+            endpoint: id,
+            rules,
+        });
+    }
+
+    let baseline = options.baseline;
+    let desired = lower(&lists, |endpoint, matching| {
+        let isolation = contexts.get(&endpoint).and_then(|c| c.isolation);
+        decide(matching.iter().map(|r| r.action), isolation, baseline)
+    });
+    Compiled {
+        desired,
+        endpoints,
+        origins: origins.list,
+        baseline,
+    }
+}
+
+fn egress_origin(policy: &str, rule: &str, action: RuleAction) -> Origin {
+    Origin::EgressRule {
+        policy: policy.into(),
+        rule: rule.into(),
+        action,
+    }
+}
+
+/// The semantics, over the actions of the rules that match one connection, in list order
+/// (EgressPolicy rules by priority, then NetworkPolicy rules): see `docs/policy.md`.
+pub fn decide(
+    matching: impl Iterator<Item = Action> + Clone,
+    isolation: Option<RuleId>,
+    baseline: Verdict,
+) -> Decision {
+    let real = evaluate(matching.clone(), false, isolation, baseline);
+    let with_audit = evaluate(matching, true, isolation, baseline);
+    if real.verdict == Verdict::Allow && with_audit.verdict == Verdict::Deny {
+        Decision {
+            verdict: Verdict::Audit,
+            rule: with_audit.rule,
+        }
+    } else {
+        real
+    }
+}
+
+fn evaluate(
+    matching: impl Iterator<Item = Action>,
+    include_audit: bool,
+    isolation: Option<RuleId>,
+    baseline: Verdict,
+) -> Decision {
+    let mut network_policy_allow = None;
+    let mut passed = false;
+    for action in matching {
+        match action {
+            Action::Egress { audit, action, id } if !passed && (include_audit || !audit) => {
+                match action {
+                    RuleAction::Allow => {
+                        return Decision {
+                            verdict: Verdict::Allow,
+                            rule: id,
+                        };
+                    }
+                    RuleAction::Deny => {
+                        return Decision {
+                            verdict: Verdict::Deny,
+                            rule: id,
+                        };
+                    }
+                    RuleAction::Pass => passed = true,
+                }
+            }
+            Action::Egress { .. } => {}
+            Action::NetworkPolicy { id } => {
+                network_policy_allow.get_or_insert(id);
+            }
+        }
+    }
+    match (isolation, network_policy_allow) {
+        (Some(_), Some(id)) => Decision {
+            verdict: Verdict::Allow,
+            rule: id,
+        },
+        (Some(id), None) => Decision {
+            verdict: Verdict::Deny,
+            rule: id,
+        },
+        (None, _) => Decision {
+            verdict: baseline,
+            rule: RULE_DEFAULT,
+        },
+    }
+}
+
+/// Appends the lowering rules of one policy rule: one per (peer, port entry), or per
+/// destination pod for a named port. `to: None` means every destination.
+fn expand(
+    world: &World,
+    to: Option<&[Peer]>,
+    ports: Option<&[PortSpec]>,
+    action: Action,
+    out: &mut Vec<Rule<Action>>,
+) {
+    let everywhere = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
+    let port_entries: Vec<Option<&PortSpec>> = match ports {
+        None => vec![None],
+        Some(list) => list.iter().map(Some).collect(),
+    };
+    let peers: Vec<Option<&Peer>> = match to {
+        None => vec![None],
+        Some(list) => list.iter().map(Some).collect(),
+    };
+    for peer in &peers {
+        for spec in &port_entries {
+            if let Some(PortSpec {
+                protocol,
+                port: PortMatch::Named(name),
+            }) = spec
+            {
+                // Resolved on each destination pod; never matches an address that is no pod's.
+                for pod in world.pods.iter().filter(|p| !p.host_network) {
+                    let Some(number) = pod
+                        .ports
+                        .iter()
+                        .find(|np| &np.name == name && np.protocol == *protocol)
+                        .map(|np| np.number)
+                    else {
+                        continue;
+                    };
+                    let ips: Vec<IpNet> = pod
+                        .ips
+                        .iter()
+                        .filter(|ip| match peer {
+                            None => true,
+                            Some(Peer::Block { cidr, except }) => {
+                                cidr.contains(*ip) && !except.iter().any(|x| x.contains(*ip))
+                            }
+                            Some(p @ Peer::Pods { .. }) => world.peer_pods(p).any(|q| q == pod),
+                        })
+                        .map(|ip| IpNet::from(*ip))
+                        .collect();
+                    if !ips.is_empty() {
+                        out.push(Rule {
+                            to: ips,
+                            except: Vec::new(),
+                            l4: L4::Ports {
+                                protocol: protocol.number(),
+                                first: number,
+                                last: number,
+                            },
+                            action,
+                        });
+                    }
+                }
+                continue;
+            }
+            let l4 = match spec {
+                None => L4::Any,
+                Some(PortSpec {
+                    protocol,
+                    port: PortMatch::All,
+                }) => L4::Protocol(protocol.number()),
+                Some(PortSpec {
+                    protocol,
+                    port: PortMatch::Range(first, last),
+                }) => L4::Ports {
+                    protocol: protocol.number(),
+                    first: *first,
+                    last: *last,
+                },
+                Some(PortSpec {
+                    port: PortMatch::Named(_),
+                    ..
+                }) => continue,
+            };
+            let (to, except) = match peer {
+                None => (everywhere.to_vec(), Vec::new()),
+                Some(Peer::Block { cidr, except }) => (vec![*cidr], except.clone()),
+                Some(p @ Peer::Pods { .. }) => (
+                    world
+                        .peer_pods(p)
+                        .flat_map(|pod| pod.ips.iter().map(|ip| IpNet::from(*ip)))
+                        .collect(),
+                    Vec::new(),
+                ),
+            };
+            // A selector that matches no pod gives an empty rule: it matches nothing.
+            out.push(Rule {
+                to,
+                except,
+                l4,
+                action,
+            });
+        }
+    }
+}

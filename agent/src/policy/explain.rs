@@ -1,0 +1,216 @@
+//! What decided a connection, and the answer `egret explain` prints. Answers come from the
+//! compiled datapath entries through the userspace model of the kernel's lookup, so what
+//! explain says is what the kernel does.
+
+use std::net::IpAddr;
+
+use serde::Serialize;
+
+use super::{
+    compile::Compiled,
+    crd::RuleAction,
+    model::{PolicyKind, PolicyRef, Protocol, World},
+};
+use crate::datapath::Verdict;
+
+/// The source of a decision; every datapath rule id stands for one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Origin {
+    /// The pod is not isolated for egress: the node's baseline applies.
+    Baseline,
+    /// An EgressPolicy rule matched.
+    EgressRule {
+        policy: String,
+        rule: String,
+        action: RuleAction,
+    },
+    /// A NetworkPolicy egress rule allowed it.
+    NetworkPolicyRule {
+        namespace: String,
+        name: String,
+        rule: usize,
+    },
+    /// The pod is isolated for egress (by this NetworkPolicy, the first in name order) and no
+    /// rule allowed it.
+    Isolation { namespace: String, name: String },
+}
+
+/// The answer for one connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Answer {
+    pub verdict: Verdict,
+    /// The deciding policy; `None` when the baseline decided.
+    pub policy: Option<PolicyRef>,
+    /// The deciding rule's name (`egress[i]` for NetworkPolicy rules).
+    pub rule: Option<String>,
+    pub reason: String,
+}
+
+impl Answer {
+    /// Describes `verdict` given by `origin` for a connection to `to`.
+    pub fn new(verdict: Verdict, origin: &Origin, baseline: Verdict, to: &str) -> Self {
+        let word = |v: Verdict| match v {
+            Verdict::Allow => "allows",
+            Verdict::Deny => "denies",
+            Verdict::Audit => "would deny (audit)",
+        };
+        match origin {
+            Origin::Baseline => Self {
+                verdict,
+                policy: None,
+                rule: None,
+                reason: format!(
+                    "no policy isolates the pod for egress; the node baseline ({}) {} {to}",
+                    if baseline == Verdict::Deny {
+                        "default deny"
+                    } else {
+                        "allow"
+                    },
+                    word(verdict)
+                ),
+            },
+            Origin::EgressRule { policy, rule, .. } => Self {
+                verdict,
+                policy: Some(PolicyRef {
+                    kind: PolicyKind::EgressPolicy,
+                    namespace: None,
+                    name: policy.clone(),
+                }),
+                rule: Some(rule.clone()),
+                reason: if verdict == Verdict::Audit {
+                    format!(
+                        "Audit EgressPolicy {policy} rule {rule} would deny {to}; allowed and counted as audit"
+                    )
+                } else {
+                    format!("EgressPolicy {policy} rule {rule} {} {to}", word(verdict))
+                },
+            },
+            Origin::NetworkPolicyRule {
+                namespace,
+                name,
+                rule,
+            } => Self {
+                verdict,
+                policy: Some(PolicyRef {
+                    kind: PolicyKind::NetworkPolicy,
+                    namespace: Some(namespace.clone()),
+                    name: name.clone(),
+                }),
+                rule: Some(format!("egress[{rule}]")),
+                reason: format!(
+                    "NetworkPolicy {namespace}/{name} rule egress[{rule}] {} {to}",
+                    word(verdict)
+                ),
+            },
+            Origin::Isolation { namespace, name } => Self {
+                verdict,
+                policy: Some(PolicyRef {
+                    kind: PolicyKind::NetworkPolicy,
+                    namespace: Some(namespace.clone()),
+                    name: name.clone(),
+                }),
+                rule: None,
+                reason: format!(
+                    "NetworkPolicy {namespace}/{name} isolates the pod for egress and no NetworkPolicy rule allows {to}"
+                ),
+            },
+        }
+    }
+}
+
+/// Errors of `explain`; each names the pod or address.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ExplainError {
+    #[error("no pod {0} in the given files")]
+    NoPod(String),
+    #[error("pod {0} has no IP address in status.podIP or status.podIPs")]
+    NoAddress(String),
+    #[error("{0:?} is neither an IP address nor namespace/pod")]
+    BadTarget(String),
+    #[error("protocol {0:?} is not TCP, UDP or SCTP")]
+    BadProtocol(String),
+}
+
+/// Resolves `ns/pod` or an IP address to the destination address.
+pub fn resolve_target(world: &World, to: &str) -> Result<IpAddr, ExplainError> {
+    if let Ok(ip) = to.parse() {
+        return Ok(ip);
+    }
+    let (ns, name) = to
+        .split_once('/')
+        .ok_or_else(|| ExplainError::BadTarget(to.into()))?;
+    let pod = world
+        .pod(ns, name)
+        .ok_or_else(|| ExplainError::NoPod(to.into()))?;
+    pod.ips
+        .first()
+        .copied()
+        .ok_or_else(|| ExplainError::NoAddress(to.into()))
+}
+
+/// Answers for a connection from `from` (`ns/pod`) to `to` (IP or `ns/pod`), through the
+/// compiled entries.
+pub fn explain(
+    world: &World,
+    compiled: &Compiled,
+    from: &str,
+    to: &str,
+    protocol: Protocol,
+    port: u16,
+) -> Result<Answer, ExplainError> {
+    let (ns, name) = from
+        .split_once('/')
+        .ok_or_else(|| ExplainError::NoPod(from.into()))?;
+    let endpoint = compiled
+        .endpoints
+        .get(&(ns.to_owned(), name.to_owned()))
+        .ok_or_else(|| ExplainError::NoPod(from.into()))?;
+    let addr = resolve_target(world, to)?;
+    let lookup = compiled
+        .desired
+        .lookup(*endpoint, addr, protocol.number(), port);
+    let (verdict, origin) = match lookup.entry {
+        Some((_, decision)) => (decision.verdict, compiled.origin(decision.rule)),
+        // Every compiled endpoint has a default entry; this mirrors ON_MISSING_POLICY.
+        None => (Verdict::Allow, &Origin::Baseline),
+    };
+    Ok(Answer::new(
+        verdict,
+        origin,
+        compiled.baseline,
+        &describe(to, addr, protocol, port),
+    ))
+}
+
+/// `10.0.0.1:80/TCP`, or `ns/pod (10.0.0.1):80/TCP`.
+pub fn describe(to: &str, addr: IpAddr, protocol: Protocol, port: u16) -> String {
+    let host = if to.parse::<IpAddr>().is_ok() {
+        addr.to_string()
+    } else {
+        format!("{to} ({addr})")
+    };
+    format!("{host}:{port}/{protocol}")
+}
+
+/// One probe of the batch form: `{"from","to","port","protocol"}` (protocol defaults to TCP).
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "TCP".into()
+}
+
+impl Probe {
+    /// Answers this probe.
+    pub fn answer(&self, world: &World, compiled: &Compiled) -> Result<Answer, ExplainError> {
+        let protocol = Protocol::parse(&self.protocol)
+            .ok_or_else(|| ExplainError::BadProtocol(self.protocol.clone()))?;
+        explain(world, compiled, &self.from, &self.to, protocol, self.port)
+    }
+}

@@ -1,0 +1,756 @@
+//! Validated cluster state: Kubernetes objects checked and normalised (API-server defaulting
+//! applied) into the plain forms the compiler and the reference evaluator both read. An invalid
+//! policy is left out whole, with an error naming the object and the field; everything else
+//! still compiles.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use k8s_openapi::{
+    api::networking::v1::{NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort},
+    apimachinery::pkg::{apis::meta::v1::LabelSelector, util::intstr::IntOrString},
+};
+
+use super::{
+    cluster::Cluster,
+    crd::{EgressPeer, EgressPolicy, EgressPort, PolicyMode, RuleAction},
+};
+
+/// Label set of a pod or namespace.
+pub type Labels = BTreeMap<String, String>;
+
+/// The label the API server puts on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// IP protocols a rule can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+            Self::Sctp => 132,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        [Self::Tcp, Self::Udp, Self::Sctp]
+            .into_iter()
+            .find(|p| p.number() == n)
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        })
+    }
+}
+
+/// Which kind of policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum PolicyKind {
+    NetworkPolicy,
+    EgressPolicy,
+}
+
+/// A policy by kind, namespace (NetworkPolicy only) and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct PolicyRef {
+    pub kind: PolicyKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl fmt::Display for PolicyRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{:?} {ns}/{}", self.kind, self.name),
+            None => write!(f, "{:?} {}", self.kind, self.name),
+        }
+    }
+}
+
+/// An object that was rejected, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{object}: {field}: {message}")]
+pub struct InvalidPolicy {
+    pub object: PolicyRef,
+    /// Path of the offending field, e.g. `spec.egress[0].to[1].ipBlock.cidr`.
+    pub field: String,
+    pub message: String,
+}
+
+/// A validated label selector.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selector {
+    labels: Labels,
+    expressions: Vec<Expression>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Expression {
+    key: String,
+    operator: Operator,
+    values: BTreeSet<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+impl Selector {
+    /// Checks a selector as the API server would (`metav1.LabelSelectorAsSelector`).
+    pub fn parse(selector: &LabelSelector, field: &str) -> Result<Self, (String, String)> {
+        let labels: Labels = selector
+            .match_labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mut expressions = Vec::new();
+        for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
+            let at = format!("{field}.matchExpressions[{i}]");
+            let operator = match req.operator.as_str() {
+                "In" => Operator::In,
+                "NotIn" => Operator::NotIn,
+                "Exists" => Operator::Exists,
+                "DoesNotExist" => Operator::DoesNotExist,
+                other => {
+                    return Err((
+                        format!("{at}.operator"),
+                        format!("unknown operator {other:?}"),
+                    ));
+                }
+            };
+            let values: BTreeSet<String> = req.values.iter().flatten().cloned().collect();
+            match operator {
+                Operator::In | Operator::NotIn if values.is_empty() => {
+                    return Err((
+                        format!("{at}.values"),
+                        format!("{:?} needs at least one value", req.operator),
+                    ));
+                }
+                Operator::Exists | Operator::DoesNotExist if !values.is_empty() => {
+                    return Err((
+                        format!("{at}.values"),
+                        format!("{:?} takes no values", req.operator),
+                    ));
+                }
+                _ => {}
+            }
+            if req.key.is_empty() {
+                return Err((format!("{at}.key"), "empty key".into()));
+            }
+            expressions.push(Expression {
+                key: req.key.clone(),
+                operator,
+                values,
+            });
+        }
+        Ok(Self {
+            labels,
+            expressions,
+        })
+    }
+
+    /// Whether `labels` satisfy every requirement (an empty selector matches everything).
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && self.expressions.iter().all(|e| {
+                let value = labels.get(&e.key);
+                match e.operator {
+                    Operator::In => value.is_some_and(|v| e.values.contains(v)),
+                    Operator::NotIn => value.is_none_or(|v| !e.values.contains(v)),
+                    Operator::Exists => value.is_some(),
+                    Operator::DoesNotExist => value.is_none(),
+                }
+            })
+    }
+}
+
+/// Which namespaces a pod peer looks in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Namespaces {
+    /// Only this one (a NetworkPolicy peer with just a podSelector).
+    Only(String),
+    /// Those whose labels match.
+    Matching(Selector),
+}
+
+/// A destination of a rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// Pods (not hostNetwork ones) selected by namespace and pod labels.
+    Pods {
+        namespaces: Namespaces,
+        pods: Selector,
+    },
+    /// Addresses in `cidr` but in none of `except`.
+    Block { cidr: IpNet, except: Vec<IpNet> },
+}
+
+/// The port part of a port entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PortMatch {
+    /// Every port of the protocol.
+    All,
+    /// `first..=last`.
+    Range(u16, u16),
+    /// A named container port of the destination pod.
+    Named(String),
+}
+
+/// A port entry: protocol and port(s).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    pub port: PortMatch,
+}
+
+/// A NetworkPolicy egress rule. `None` means "all" (an absent or empty list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetPolRule {
+    pub to: Option<Vec<Peer>>,
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+/// A NetworkPolicy that isolates the pods it selects for egress.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetPol {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: Selector,
+    pub rules: Vec<NetPolRule>,
+}
+
+/// An EgressPolicy rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressRuleModel {
+    pub name: String,
+    pub action: RuleAction,
+    pub to: Vec<Peer>,
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+/// A validated EgressPolicy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EgressPol {
+    pub name: String,
+    pub priority: u32,
+    pub audit: bool,
+    pub namespaces: Option<Selector>,
+    pub pods: Option<Selector>,
+    pub rules: Vec<EgressRuleModel>,
+}
+
+/// A named container port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub number: u16,
+}
+
+/// A pod as policy sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<NamedPort>,
+    pub node: Option<String>,
+    /// A hostNetwork pod has the node's address: never a pod peer.
+    pub host_network: bool,
+}
+
+/// The whole validated cluster.
+#[derive(Clone, Debug, Default)]
+pub struct World {
+    pub namespaces: BTreeMap<String, Labels>,
+    /// Sorted by (namespace, name).
+    pub pods: Vec<PodInfo>,
+    /// Sorted by (namespace, name); only those with Egress in their policy types.
+    pub network_policies: Vec<NetPol>,
+    /// Sorted by (priority, name).
+    pub egress_policies: Vec<EgressPol>,
+    /// Objects left out, with the reason.
+    pub invalid: Vec<InvalidPolicy>,
+}
+
+impl World {
+    /// Validates `cluster`.
+    pub fn new(cluster: &Cluster) -> Self {
+        let mut world = Self::default();
+        for (name, ns) in &cluster.namespaces {
+            let mut labels: Labels = ns
+                .metadata
+                .labels
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            labels.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+            world.namespaces.insert(name.clone(), labels);
+        }
+        for ((namespace, name), pod) in &cluster.pods {
+            world
+                .namespaces
+                .entry(namespace.clone())
+                .or_insert_with(|| {
+                    Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), namespace.clone())])
+                });
+            world.pods.push(pod_info(namespace, name, pod));
+        }
+        for ((namespace, name), np) in &cluster.network_policies {
+            let object = PolicyRef {
+                kind: PolicyKind::NetworkPolicy,
+                namespace: Some(namespace.clone()),
+                name: name.clone(),
+            };
+            match netpol(namespace, name, np) {
+                Ok(Some(np)) => world.network_policies.push(np),
+                Ok(None) => {}
+                Err((field, message)) => world.invalid.push(InvalidPolicy {
+                    object,
+                    field,
+                    message,
+                }),
+            }
+        }
+        for (name, ep) in &cluster.egress_policies {
+            let object = PolicyRef {
+                kind: PolicyKind::EgressPolicy,
+                namespace: None,
+                name: name.clone(),
+            };
+            match egress_policy(name, ep) {
+                Ok(ep) => world.egress_policies.push(ep),
+                Err((field, message)) => world.invalid.push(InvalidPolicy {
+                    object,
+                    field,
+                    message,
+                }),
+            }
+        }
+        world
+            .egress_policies
+            .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        world
+    }
+
+    /// Labels of a namespace (just its name label when no Namespace object was given).
+    pub fn namespace_labels(&self, namespace: &str) -> Labels {
+        self.namespaces.get(namespace).cloned().unwrap_or_else(|| {
+            Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())])
+        })
+    }
+
+    /// The pod with `namespace/name`.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<&PodInfo> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
+    /// Pods a peer selects (never hostNetwork ones); empty for address blocks.
+    pub fn peer_pods<'a>(&'a self, peer: &'a Peer) -> impl Iterator<Item = &'a PodInfo> + 'a {
+        self.pods.iter().filter(move |pod| match peer {
+            Peer::Pods { namespaces, pods } => {
+                !pod.host_network
+                    && pods.matches(&pod.labels)
+                    && match namespaces {
+                        Namespaces::Only(ns) => &pod.namespace == ns,
+                        Namespaces::Matching(sel) => {
+                            sel.matches(&self.namespace_labels(&pod.namespace))
+                        }
+                    }
+            }
+            Peer::Block { .. } => false,
+        })
+    }
+
+    /// Whether an EgressPolicy's subject selects `pod`.
+    pub fn subject_selects(&self, ep: &EgressPol, pod: &PodInfo) -> bool {
+        ep.pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
+            && ep
+                .namespaces
+                .as_ref()
+                .is_none_or(|s| s.matches(&self.namespace_labels(&pod.namespace)))
+    }
+
+    /// The NetworkPolicies that isolate `pod` for egress, in (namespace, name) order.
+    pub fn isolating<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = &'a NetPol> + 'a {
+        self.network_policies
+            .iter()
+            .filter(move |np| np.namespace == pod.namespace && np.pod_selector.matches(&pod.labels))
+    }
+}
+
+fn pod_info(namespace: &str, name: &str, pod: &k8s_openapi::api::core::v1::Pod) -> PodInfo {
+    let status = pod.status.as_ref();
+    let mut ips: Vec<IpAddr> = status
+        .and_then(|s| s.pod_ips.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip.ip.parse().ok())
+        .collect();
+    if let Some(ip) = status
+        .and_then(|s| s.pod_ip.as_ref())
+        .and_then(|ip| ip.parse().ok())
+        && !ips.contains(&ip)
+    {
+        ips.insert(0, ip);
+    }
+    let spec = pod.spec.as_ref();
+    let ports = spec
+        .into_iter()
+        .flat_map(|s| &s.containers)
+        .flat_map(|c| c.ports.iter().flatten())
+        .filter_map(|p| {
+            Some(NamedPort {
+                name: p.name.clone()?,
+                protocol: Protocol::parse(p.protocol.as_deref().unwrap_or("TCP"))?,
+                number: u16::try_from(p.container_port).ok()?,
+            })
+        })
+        .collect();
+    PodInfo {
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: pod
+            .metadata
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect(),
+        ips,
+        ports,
+        node: spec.and_then(|s| s.node_name.clone()),
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+    }
+}
+
+type FieldResult<T> = Result<T, (String, String)>;
+
+/// `Ok(None)`: valid, but not an egress policy (policyTypes without Egress).
+fn netpol(namespace: &str, name: &str, np: &NetworkPolicy) -> FieldResult<Option<NetPol>> {
+    let spec = np.spec.clone().unwrap_or_default();
+    let pod_selector = Selector::parse(&spec.pod_selector.unwrap_or_default(), "spec.podSelector")?;
+    let egress = spec.egress.unwrap_or_default();
+    // API-server defaulting: no policyTypes means Ingress, plus Egress when egress rules exist.
+    let types = spec.policy_types.unwrap_or_else(|| {
+        let mut t = vec!["Ingress".to_owned()];
+        if !egress.is_empty() {
+            t.push("Egress".into());
+        }
+        t
+    });
+    for (i, t) in types.iter().enumerate() {
+        if t != "Ingress" && t != "Egress" {
+            return Err((
+                format!("spec.policyTypes[{i}]"),
+                format!("unknown policy type {t:?}"),
+            ));
+        }
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in egress.iter().enumerate() {
+        let at = format!("spec.egress[{i}]");
+        let to = match rule.to.as_deref() {
+            None | Some([]) => None,
+            Some(peers) => Some(
+                peers
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| netpol_peer(namespace, p, &format!("{at}.to[{j}]")))
+                    .collect::<FieldResult<Vec<_>>>()?,
+            ),
+        };
+        let ports = ports(rule.ports.as_deref(), &format!("{at}.ports"))?;
+        rules.push(NetPolRule { to, ports });
+    }
+    if !types.iter().any(|t| t == "Egress") {
+        return Ok(None);
+    }
+    Ok(Some(NetPol {
+        namespace: namespace.into(),
+        name: name.into(),
+        pod_selector,
+        rules,
+    }))
+}
+
+fn netpol_peer(namespace: &str, peer: &NetworkPolicyPeer, at: &str) -> FieldResult<Peer> {
+    let selectors = peer.namespace_selector.is_some() || peer.pod_selector.is_some();
+    match (&peer.ip_block, selectors) {
+        (Some(_), true) => Err((
+            at.into(),
+            "ipBlock cannot be combined with namespaceSelector or podSelector".into(),
+        )),
+        (Some(block), false) => ip_block(
+            &block.cidr,
+            block.except.as_deref().unwrap_or_default(),
+            &format!("{at}.ipBlock"),
+        ),
+        (None, false) => Err((
+            at.into(),
+            "a peer needs ipBlock, namespaceSelector or podSelector".into(),
+        )),
+        (None, true) => {
+            let pods = Selector::parse(
+                &peer.pod_selector.clone().unwrap_or_default(),
+                &format!("{at}.podSelector"),
+            )?;
+            let namespaces = match &peer.namespace_selector {
+                Some(sel) => {
+                    Namespaces::Matching(Selector::parse(sel, &format!("{at}.namespaceSelector"))?)
+                }
+                None => Namespaces::Only(namespace.into()),
+            };
+            Ok(Peer::Pods { namespaces, pods })
+        }
+    }
+}
+
+fn ip_block(cidr: &str, except: &[String], at: &str) -> FieldResult<Peer> {
+    let net: IpNet = cidr
+        .parse()
+        .map_err(|_| (format!("{at}.cidr"), format!("invalid CIDR {cidr:?}")))?;
+    let mut excepts = Vec::new();
+    for (i, e) in except.iter().enumerate() {
+        let field = format!("{at}.except[{i}]");
+        let x: IpNet = e
+            .parse()
+            .map_err(|_| (field.clone(), format!("invalid CIDR {e:?}")))?;
+        if !net.contains(&x) || x.prefix_len() <= net.prefix_len() {
+            return Err((field, format!("{e} is not strictly inside {cidr}")));
+        }
+        excepts.push(x.trunc());
+    }
+    Ok(Peer::Block {
+        cidr: net.trunc(),
+        except: excepts,
+    })
+}
+
+fn ports(ports: Option<&[NetworkPolicyPort]>, at: &str) -> FieldResult<Option<Vec<PortSpec>>> {
+    match ports {
+        None | Some([]) => Ok(None),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                port(
+                    p.protocol.as_deref(),
+                    p.port.as_ref(),
+                    p.end_port,
+                    &format!("{at}[{i}]"),
+                )
+            })
+            .collect::<FieldResult<Vec<_>>>()
+            .map(Some),
+    }
+}
+
+fn port(
+    protocol: Option<&str>,
+    port: Option<&IntOrString>,
+    end_port: Option<i32>,
+    at: &str,
+) -> FieldResult<PortSpec> {
+    let protocol = match protocol {
+        None => Protocol::Tcp,
+        Some(p) => Protocol::parse(p).ok_or_else(|| {
+            (
+                format!("{at}.protocol"),
+                format!("unknown protocol {p:?} (TCP, UDP or SCTP)"),
+            )
+        })?,
+    };
+    let number = |n: i32, field: &str| -> FieldResult<u16> {
+        u16::try_from(n).ok().filter(|n| *n >= 1).ok_or_else(|| {
+            (
+                format!("{at}.{field}"),
+                format!("port {n} is outside 1-65535"),
+            )
+        })
+    };
+    let port = match (port, end_port) {
+        (None, None) => PortMatch::All,
+        (None, Some(_)) => return Err((format!("{at}.endPort"), "endPort needs port".into())),
+        (Some(IntOrString::Int(n)), None) => {
+            let n = number(*n, "port")?;
+            PortMatch::Range(n, n)
+        }
+        (Some(IntOrString::Int(n)), Some(end)) => {
+            let (first, last) = (number(*n, "port")?, number(end, "endPort")?);
+            if last < first {
+                return Err((
+                    format!("{at}.endPort"),
+                    format!("endPort {last} is below port {first}"),
+                ));
+            }
+            PortMatch::Range(first, last)
+        }
+        (Some(IntOrString::String(name)), None) => {
+            if name.is_empty() || name.len() > 15 {
+                return Err((format!("{at}.port"), format!("invalid port name {name:?}")));
+            }
+            PortMatch::Named(name.clone())
+        }
+        (Some(IntOrString::String(_)), Some(_)) => {
+            return Err((
+                format!("{at}.endPort"),
+                "endPort needs a numeric port".into(),
+            ));
+        }
+    };
+    Ok(PortSpec { protocol, port })
+}
+
+fn egress_policy(name: &str, ep: &EgressPolicy) -> FieldResult<EgressPol> {
+    let spec = &ep.spec;
+    if spec.priority > 1000 {
+        return Err((
+            "spec.priority".into(),
+            format!("{} is outside 0-1000", spec.priority),
+        ));
+    }
+    let subject = &spec.subject;
+    if subject.namespace_selector.is_none() && subject.pod_selector.is_none() {
+        return Err((
+            "spec.subject".into(),
+            "needs namespaceSelector and/or podSelector".into(),
+        ));
+    }
+    let namespaces = subject
+        .namespace_selector
+        .as_ref()
+        .map(|s| Selector::parse(s, "spec.subject.namespaceSelector"))
+        .transpose()?;
+    let pods = subject
+        .pod_selector
+        .as_ref()
+        .map(|s| Selector::parse(s, "spec.subject.podSelector"))
+        .transpose()?;
+    let mut names = BTreeSet::new();
+    let mut rules = Vec::new();
+    for (i, rule) in spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{i}]");
+        if rule.name.is_empty() || !names.insert(rule.name.clone()) {
+            return Err((
+                format!("{at}.name"),
+                format!("rule name {:?} is empty or not unique", rule.name),
+            ));
+        }
+        if rule.to.is_empty() {
+            return Err((format!("{at}.to"), "needs at least one peer".into()));
+        }
+        let mut to = Vec::new();
+        for (j, p) in rule.to.iter().enumerate() {
+            to.extend(egress_peer(p, &format!("{at}.to[{j}]"))?);
+        }
+        let ports = egress_ports(&rule.ports, &format!("{at}.ports"))?;
+        rules.push(EgressRuleModel {
+            name: rule.name.clone(),
+            action: rule.action,
+            to,
+            ports,
+        });
+    }
+    Ok(EgressPol {
+        name: name.into(),
+        priority: spec.priority,
+        audit: spec.mode == PolicyMode::Audit,
+        namespaces,
+        pods,
+        rules,
+    })
+}
+
+/// One peer per CIDR of `networks`, or one pod peer.
+fn egress_peer(peer: &EgressPeer, at: &str) -> FieldResult<Vec<Peer>> {
+    let selectors = peer.namespace_selector.is_some() || peer.pod_selector.is_some();
+    match (&peer.networks, selectors) {
+        (Some(_), true) => Err((
+            at.into(),
+            "networks cannot be combined with namespaceSelector or podSelector".into(),
+        )),
+        (None, false) => Err((
+            at.into(),
+            "a peer needs networks, namespaceSelector or podSelector".into(),
+        )),
+        (Some(networks), false) => {
+            if networks.is_empty() {
+                return Err((format!("{at}.networks"), "needs at least one CIDR".into()));
+            }
+            networks
+                .iter()
+                .enumerate()
+                .map(|(k, cidr)| ip_block(cidr, &[], &format!("{at}.networks[{k}]")))
+                .collect()
+        }
+        (None, true) => {
+            let pods = Selector::parse(
+                &peer.pod_selector.clone().unwrap_or_default(),
+                &format!("{at}.podSelector"),
+            )?;
+            let namespaces = Selector::parse(
+                &peer.namespace_selector.clone().unwrap_or_default(),
+                &format!("{at}.namespaceSelector"),
+            )?;
+            Ok(vec![Peer::Pods {
+                namespaces: Namespaces::Matching(namespaces),
+                pods,
+            }])
+        }
+    }
+}
+
+fn egress_ports(list: &[EgressPort], at: &str) -> FieldResult<Option<Vec<PortSpec>>> {
+    if list.is_empty() {
+        return Ok(None);
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, p)| {
+            port(
+                p.protocol.as_deref(),
+                p.port.as_ref(),
+                p.end_port,
+                &format!("{at}[{i}]"),
+            )
+        })
+        .collect::<FieldResult<Vec<_>>>()
+        .map(Some)
+}
