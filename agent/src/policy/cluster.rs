@@ -30,28 +30,28 @@ pub struct Cluster {
 /// A document that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("failed to read {path}")]
+    #[error("failed to read {}", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: document {index} is not valid YAML: {message}")]
+    #[error("{}: document {index} is not valid YAML: {message}", path.display())]
     Yaml {
         path: PathBuf,
         index: usize,
         message: String,
     },
-    #[error("{path}: document {index} ({kind} {name}): field `{field}`: {message}")]
+    #[error("{}: document {index} ({object}): {detail}", path.display())]
     Decode {
         path: PathBuf,
         index: usize,
-        kind: String,
-        name: String,
-        field: String,
-        message: String,
+        /// Kind and name, e.g. `NetworkPolicy allow-dns`.
+        object: String,
+        /// The field serde stopped at and why.
+        detail: String,
     },
-    #[error("{path}: document {index}: unsupported kind `{kind}` (apiVersion `{api_version}`)")]
+    #[error("{}: document {index}: unsupported kind `{kind}` (apiVersion `{api_version}`)", path.display())]
     UnknownKind {
         path: PathBuf,
         index: usize,
@@ -179,13 +179,14 @@ fn decode<T: DeserializeOwned>(
         .and_then(|n| n.as_str())
         .unwrap_or("<unnamed>")
         .to_owned();
-    serde_path_to_error::deserialize(value).map_err(|err| LoadError::Decode {
-        path: path.into(),
-        index,
-        kind: kind.into(),
-        name,
-        field: err.path().to_string(),
-        message: err.into_inner().to_string(),
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let field = err.path().to_string();
+        LoadError::Decode {
+            path: path.into(),
+            index,
+            object: format!("{kind} {name}"),
+            detail: format!("field `{field}`: {}", err.into_inner()),
+        }
     })
 }
 

@@ -12,6 +12,9 @@ pub mod explain;
 pub mod model;
 pub mod reference;
 
+#[cfg(test)]
+mod proptests;
+
 use kube::CustomResourceExt as _;
 
 /// The EgressPolicy CRD as YAML, as `manifests/crds/egresspolicy.yaml` holds it.

@@ -754,3 +754,166 @@ fn egress_ports(list: &[EgressPort], at: &str) -> FieldResult<Option<Vec<PortSpe
         .collect::<FieldResult<Vec<_>>>()
         .map(Some)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn world(yaml: &str) -> World {
+        let mut cluster = Cluster::default();
+        let errors = cluster.add_yaml(Path::new("t.yaml"), yaml);
+        assert!(errors.is_empty(), "{errors:?}");
+        World::new(&cluster)
+    }
+
+    fn netpol_egress(egress: &str) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bad, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n{egress}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: good, namespace: x}}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n"
+        )
+    }
+
+    #[test]
+    fn bad_input_is_rejected_naming_object_and_field_and_the_rest_compiles() {
+        let cases = [
+            (
+                "  - to: [{ipBlock: {cidr: 10.0.0.0/33}}]",
+                "spec.egress[0].to[0].ipBlock.cidr",
+                "invalid CIDR",
+            ),
+            (
+                "  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.0.2.0/24]}}]",
+                "spec.egress[0].to[0].ipBlock.except[0]",
+                "not strictly inside",
+            ),
+            (
+                "  - ports: [{port: 70000}]",
+                "spec.egress[0].ports[0].port",
+                "outside 1-65535",
+            ),
+            (
+                "  - ports: [{port: 0}]",
+                "spec.egress[0].ports[0].port",
+                "outside 1-65535",
+            ),
+            (
+                "  - ports: [{port: 90, endPort: 80}]",
+                "spec.egress[0].ports[0].endPort",
+                "below port",
+            ),
+            (
+                "  - ports: [{protocol: ICMP, port: 1}]",
+                "spec.egress[0].ports[0].protocol",
+                "unknown protocol",
+            ),
+            (
+                "  - to: [{podSelector: {matchExpressions: [{key: a, operator: Foo}]}}]",
+                "spec.egress[0].to[0].podSelector.matchExpressions[0].operator",
+                "unknown operator",
+            ),
+            (
+                "  - to: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]",
+                "spec.egress[0].to[0].podSelector.matchExpressions[0].values",
+                "at least one value",
+            ),
+            (
+                "  - to: [{ipBlock: {cidr: 10.0.0.0/8}, podSelector: {}}]",
+                "spec.egress[0].to[0]",
+                "cannot be combined",
+            ),
+            (
+                "  - ports: [{port: http, endPort: 90}]",
+                "spec.egress[0].ports[0].endPort",
+                "numeric port",
+            ),
+        ];
+        for (egress, field, message) in cases {
+            let w = world(&netpol_egress(egress));
+            assert_eq!(w.invalid.len(), 1, "{egress}");
+            let err = &w.invalid[0];
+            assert_eq!(err.object.name, "bad");
+            assert_eq!(err.field, field, "{egress}");
+            assert!(err.message.contains(message), "{egress}: {}", err.message);
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("NetworkPolicy x/bad: {field}: ")),
+                "{err}"
+            );
+            assert_eq!(
+                w.network_policies.len(),
+                1,
+                "the valid policy still compiles"
+            );
+            assert_eq!(w.network_policies[0].name, "good");
+        }
+    }
+
+    #[test]
+    fn bad_egress_policy_is_rejected_naming_the_field() {
+        let w = world(
+            "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: e}\nspec:\n  priority: 1\n  subject: {podSelector: {}}\n  rules:\n  - {name: r, action: Deny, to: [{networks: [192.0.2.0/24], podSelector: {}}]}\n",
+        );
+        assert_eq!(w.invalid.len(), 1);
+        assert_eq!(
+            w.invalid[0].to_string(),
+            "EgressPolicy e: spec.rules[0].to[0]: networks cannot be combined with namespaceSelector or podSelector"
+        );
+        let w = world(
+            "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: e}\nspec:\n  priority: 1001\n  subject: {podSelector: {}}\n",
+        );
+        assert_eq!(w.invalid[0].field, "spec.priority");
+        let w = world(
+            "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: e}\nspec:\n  priority: 1\n  subject: {}\n",
+        );
+        assert_eq!(w.invalid[0].field, "spec.subject");
+    }
+
+    #[test]
+    fn selectors_follow_kubernetes_semantics() {
+        let labels = Labels::from([("app".to_owned(), "web".to_owned())]);
+        let sel = |yaml: &str| Selector::parse(&serde_yaml::from_str(yaml).unwrap(), "s").unwrap();
+        assert!(sel("{}").matches(&labels));
+        assert!(sel("{matchLabels: {app: web}}").matches(&labels));
+        assert!(!sel("{matchLabels: {app: web, tier: x}}").matches(&labels));
+        assert!(
+            sel("{matchExpressions: [{key: app, operator: In, values: [db, web]}]}")
+                .matches(&labels)
+        );
+        assert!(
+            !sel("{matchExpressions: [{key: app, operator: NotIn, values: [web]}]}")
+                .matches(&labels)
+        );
+        assert!(
+            sel("{matchExpressions: [{key: tier, operator: NotIn, values: [x]}]}").matches(&labels)
+        );
+        assert!(sel("{matchExpressions: [{key: app, operator: Exists}]}").matches(&labels));
+        assert!(!sel("{matchExpressions: [{key: app, operator: DoesNotExist}]}").matches(&labels));
+    }
+
+    proptest! {
+        /// Whatever the text, loading and validating it reports errors and never panics.
+        #[test]
+        fn arbitrary_documents_never_panic(
+            kind in prop::sample::select(&["NetworkPolicy", "EgressPolicy", "Pod", "Namespace"][..]),
+            body in prop::collection::vec(
+                prop_oneof![
+                    Just("spec".to_owned()), Just("egress".to_owned()), Just("to".to_owned()), Just("ports".to_owned()),
+                    Just("ipBlock".to_owned()), Just("cidr".to_owned()), Just("port".to_owned()), Just("endPort".to_owned()),
+                    Just("- ".to_owned()), Just(": ".to_owned()), Just("\n  ".to_owned()), Just("{".to_owned()), Just("}".to_owned()),
+                    "[a-zA-Z0-9./:]{0,8}",
+                ],
+                0..40,
+            ),
+        ) {
+            let api = if kind == "EgressPolicy" { "egret.dev/v1alpha1" } else if kind == "NetworkPolicy" { "networking.k8s.io/v1" } else { "v1" };
+            let text = format!("apiVersion: {api}\nkind: {kind}\nmetadata: {{name: n, namespace: x}}\n{}", body.concat());
+            let mut cluster = Cluster::default();
+            let _ = cluster.add_yaml(Path::new("fuzz.yaml"), &text);
+            let world = World::new(&cluster);
+            let _ = super::super::compile::compile(&world, &Default::default());
+        }
+    }
+}
