@@ -7,7 +7,10 @@
 //! destination pod. [`crate::datapath::lower`] finds which rules match each (address, protocol,
 //! port) region, and [`decide`] applies the semantics of `docs/policy.md` to them.
 
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    rc::Rc,
+};
 
 use egret_common::RULE_DEFAULT;
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -133,6 +136,7 @@ pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
         .iter()
         .filter(|p| options.node.is_none() || p.node == options.node)
         .collect();
+    let mut expander = Expander::new(world);
     let mut endpoints = BTreeMap::new();
     let mut lists = Vec::with_capacity(sources.len());
     let mut contexts = HashMap::new();
@@ -151,13 +155,9 @@ pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
                     action: rule.action,
                     id: origins.id(egress_origin(&ep.name, &rule.name, rule.action)),
                 };
-                expand(
-                    world,
-                    Some(&rule.to),
-                    rule.ports.as_deref(),
-                    action,
-                    &mut rules,
-                );
+                let key = std::ptr::from_ref(rule) as usize;
+                let expansion = expander.expand(key, Some(&rule.to), rule.ports.as_deref());
+                push_rules(&expansion, action, &mut rules);
             }
         }
         let mut isolation = None;
@@ -174,13 +174,9 @@ pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
                     name: np.name.clone(),
                     rule: r,
                 });
-                expand(
-                    world,
-                    rule.to.as_deref(),
-                    rule.ports.as_deref(),
-                    Action::NetworkPolicy { id },
-                    &mut rules,
-                );
+                let key = std::ptr::from_ref(rule) as usize;
+                let expansion = expander.expand(key, rule.to.as_deref(), rule.ports.as_deref());
+                push_rules(&expansion, Action::NetworkPolicy { id }, &mut rules);
             }
         }
         contexts.insert(id, EndpointContext { isolation });
@@ -279,105 +275,146 @@ fn evaluate(
     }
 }
 
-/// Appends the lowering rules of one policy rule: one per (peer, port entry), or per
-/// destination pod for a named port. `to: None` means every destination.
-fn expand(
-    world: &World,
-    to: Option<&[Peer]>,
-    ports: Option<&[PortSpec]>,
-    action: Action,
-    out: &mut Vec<Rule<Action>>,
-) {
-    let everywhere = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
-    let port_entries: Vec<Option<&PortSpec>> = match ports {
-        None => vec![None],
-        Some(list) => list.iter().map(Some).collect(),
-    };
-    let peers: Vec<Option<&Peer>> = match to {
-        None => vec![None],
-        Some(list) => list.iter().map(Some).collect(),
-    };
-    for peer in &peers {
-        for spec in &port_entries {
-            if let Some(PortSpec {
-                protocol,
-                port: PortMatch::Named(name),
-            }) = spec
-            {
-                // Resolved on each destination pod; never matches an address that is no pod's.
-                for pod in world.pods.iter().filter(|p| !p.host_network) {
-                    let Some(number) = pod
-                        .ports
-                        .iter()
-                        .find(|np| &np.name == name && np.protocol == *protocol)
-                        .map(|np| np.number)
-                    else {
-                        continue;
+/// One policy rule as address sets and protocol/ports, before an endpoint's action is attached:
+/// `(to, except, l4)` per lowering rule.
+type Expansion = Vec<(Vec<IpNet>, Vec<IpNet>, L4)>;
+
+/// Expands each policy rule once per compile, however many endpoints it applies to. Keys are
+/// the addresses of the rules inside the `World`, which outlives the compile.
+struct Expander<'w> {
+    world: &'w World,
+    cache: HashMap<usize, Rc<Expansion>>,
+}
+
+impl<'w> Expander<'w> {
+    fn new(world: &'w World) -> Self {
+        Self {
+            world,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The expansion of the rule at `key` with peers `to` (`None`: every destination) and
+    /// `ports`: one entry per (peer, port entry), or per destination pod for a named port.
+    fn expand(
+        &mut self,
+        key: usize,
+        to: Option<&[Peer]>,
+        ports: Option<&[PortSpec]>,
+    ) -> Rc<Expansion> {
+        if let Some(hit) = self.cache.get(&key) {
+            return Rc::clone(hit);
+        }
+        let world = self.world;
+        let everywhere = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
+        let port_entries: Vec<Option<&PortSpec>> = match ports {
+            None => vec![None],
+            Some(list) => list.iter().map(Some).collect(),
+        };
+        let peers: Vec<Option<&Peer>> = match to {
+            None => vec![None],
+            Some(list) => list.iter().map(Some).collect(),
+        };
+        let mut out = Vec::new();
+        for peer in &peers {
+            // Indices of the destination pods this peer can name; `None`: any pod.
+            let selected: Option<Vec<usize>> = match peer {
+                Some(p @ Peer::Pods { .. }) => Some(world.peer_pod_indices(p)),
+                _ => None,
+            };
+            for spec in &port_entries {
+                if let Some(PortSpec {
+                    protocol,
+                    port: PortMatch::Named(name),
+                }) = spec
+                {
+                    // Resolved on each destination pod; never matches an address that is no
+                    // pod's.
+                    let candidates: Box<dyn Iterator<Item = usize>> = match &selected {
+                        Some(indices) => Box::new(indices.iter().copied()),
+                        None => {
+                            Box::new((0..world.pods.len()).filter(|&i| !world.pods[i].host_network))
+                        }
                     };
-                    let ips: Vec<IpNet> = pod
-                        .ips
-                        .iter()
-                        .filter(|ip| match peer {
-                            None => true,
-                            Some(Peer::Block { cidr, except }) => {
-                                cidr.contains(*ip) && !except.iter().any(|x| x.contains(*ip))
-                            }
-                            Some(p @ Peer::Pods { .. }) => world.peer_pods(p).any(|q| q == pod),
-                        })
-                        .map(|ip| IpNet::from(*ip))
-                        .collect();
-                    if !ips.is_empty() {
-                        out.push(Rule {
-                            to: ips,
-                            except: Vec::new(),
-                            l4: L4::Ports {
+                    for i in candidates {
+                        let pod = &world.pods[i];
+                        let Some(number) = pod
+                            .ports
+                            .iter()
+                            .find(|np| &np.name == name && np.protocol == *protocol)
+                            .map(|np| np.number)
+                        else {
+                            continue;
+                        };
+                        let ips: Vec<IpNet> = pod
+                            .ips
+                            .iter()
+                            .filter(|ip| match peer {
+                                Some(Peer::Block { cidr, except }) => {
+                                    cidr.contains(*ip) && !except.iter().any(|x| x.contains(*ip))
+                                }
+                                _ => true,
+                            })
+                            .map(|ip| IpNet::from(*ip))
+                            .collect();
+                        if !ips.is_empty() {
+                            let l4 = L4::Ports {
                                 protocol: protocol.number(),
                                 first: number,
                                 last: number,
-                            },
-                            action,
-                        });
+                            };
+                            out.push((ips, Vec::new(), l4));
+                        }
                     }
+                    continue;
                 }
-                continue;
+                let l4 = match spec {
+                    None => L4::Any,
+                    Some(PortSpec {
+                        protocol,
+                        port: PortMatch::All,
+                    }) => L4::Protocol(protocol.number()),
+                    Some(PortSpec {
+                        protocol,
+                        port: PortMatch::Range(first, last),
+                    }) => L4::Ports {
+                        protocol: protocol.number(),
+                        first: *first,
+                        last: *last,
+                    },
+                    Some(PortSpec {
+                        port: PortMatch::Named(_),
+                        ..
+                    }) => continue,
+                };
+                let (to, except) = match peer {
+                    None => (everywhere.to_vec(), Vec::new()),
+                    Some(Peer::Block { cidr, except }) => (vec![*cidr], except.clone()),
+                    Some(Peer::Pods { .. }) => (
+                        selected
+                            .iter()
+                            .flatten()
+                            .flat_map(|&i| world.pods[i].ips.iter().map(|ip| IpNet::from(*ip)))
+                            .collect(),
+                        Vec::new(),
+                    ),
+                };
+                // A selector that matches no pod gives an empty rule: it matches nothing.
+                out.push((to, except, l4));
             }
-            let l4 = match spec {
-                None => L4::Any,
-                Some(PortSpec {
-                    protocol,
-                    port: PortMatch::All,
-                }) => L4::Protocol(protocol.number()),
-                Some(PortSpec {
-                    protocol,
-                    port: PortMatch::Range(first, last),
-                }) => L4::Ports {
-                    protocol: protocol.number(),
-                    first: *first,
-                    last: *last,
-                },
-                Some(PortSpec {
-                    port: PortMatch::Named(_),
-                    ..
-                }) => continue,
-            };
-            let (to, except) = match peer {
-                None => (everywhere.to_vec(), Vec::new()),
-                Some(Peer::Block { cidr, except }) => (vec![*cidr], except.clone()),
-                Some(p @ Peer::Pods { .. }) => (
-                    world
-                        .peer_pods(p)
-                        .flat_map(|pod| pod.ips.iter().map(|ip| IpNet::from(*ip)))
-                        .collect(),
-                    Vec::new(),
-                ),
-            };
-            // A selector that matches no pod gives an empty rule: it matches nothing.
-            out.push(Rule {
-                to,
-                except,
-                l4,
-                action,
-            });
         }
+        let out = Rc::new(out);
+        self.cache.insert(key, Rc::clone(&out));
+        out
     }
+}
+
+/// Appends an expansion's rules with `action` to an endpoint's list.
+fn push_rules(expansion: &Expansion, action: Action, out: &mut Vec<Rule<Action>>) {
+    out.extend(expansion.iter().map(|(to, except, l4)| Rule {
+        to: to.clone(),
+        except: except.clone(),
+        l4: *l4,
+        action,
+    }));
 }

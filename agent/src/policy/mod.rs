@@ -11,6 +11,7 @@ pub mod crd;
 pub mod explain;
 pub mod model;
 pub mod reference;
+pub mod synthetic;
 
 #[cfg(test)]
 mod proptests;

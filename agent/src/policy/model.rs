@@ -304,6 +304,8 @@ pub struct World {
     pub egress_policies: Vec<EgressPol>,
     /// Objects left out, with the reason.
     pub invalid: Vec<InvalidPolicy>,
+    /// Indices into `pods`, per namespace.
+    pods_by_namespace: BTreeMap<String, Vec<usize>>,
 }
 
 impl World {
@@ -364,14 +366,20 @@ impl World {
         world
             .egress_policies
             .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        for (i, pod) in world.pods.iter().enumerate() {
+            world
+                .pods_by_namespace
+                .entry(pod.namespace.clone())
+                .or_default()
+                .push(i);
+        }
         world
     }
 
-    /// Labels of a namespace (just its name label when no Namespace object was given).
-    pub fn namespace_labels(&self, namespace: &str) -> Labels {
-        self.namespaces.get(namespace).cloned().unwrap_or_else(|| {
-            Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())])
-        })
+    /// Labels of a namespace. Every namespace a pod lives in has an entry (at least its name
+    /// label), so only namespaces without pods can be missing, and those select no pod.
+    pub fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
+        self.namespaces.get(namespace)
     }
 
     /// The pod with `namespace/name`.
@@ -381,30 +389,40 @@ impl World {
             .find(|p| p.namespace == namespace && p.name == name)
     }
 
-    /// Pods a peer selects (never hostNetwork ones); empty for address blocks.
-    pub fn peer_pods<'a>(&'a self, peer: &'a Peer) -> impl Iterator<Item = &'a PodInfo> + 'a {
-        self.pods.iter().filter(move |pod| match peer {
-            Peer::Pods { namespaces, pods } => {
-                !pod.host_network
-                    && pods.matches(&pod.labels)
-                    && match namespaces {
-                        Namespaces::Only(ns) => &pod.namespace == ns,
-                        Namespaces::Matching(sel) => {
-                            sel.matches(&self.namespace_labels(&pod.namespace))
-                        }
-                    }
-            }
-            Peer::Block { .. } => false,
-        })
+    /// Indices into `pods` of the pods a peer selects (never hostNetwork ones), in pod order;
+    /// empty for address blocks. Looks only in the namespaces the peer can select.
+    pub fn peer_pod_indices(&self, peer: &Peer) -> Vec<usize> {
+        let Peer::Pods { namespaces, pods } = peer else {
+            return Vec::new();
+        };
+        let in_namespace = |ns: &str| {
+            self.pods_by_namespace
+                .get(ns)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&i| !self.pods[i].host_network && pods.matches(&self.pods[i].labels))
+        };
+        let mut out: Vec<usize> = match namespaces {
+            Namespaces::Only(ns) => in_namespace(ns).collect(),
+            Namespaces::Matching(sel) => self
+                .namespaces
+                .iter()
+                .filter(|(_, labels)| sel.matches(labels))
+                .flat_map(|(ns, _)| in_namespace(ns))
+                .collect(),
+        };
+        out.sort_unstable();
+        out
     }
 
     /// Whether an EgressPolicy's subject selects `pod`.
     pub fn subject_selects(&self, ep: &EgressPol, pod: &PodInfo) -> bool {
         ep.pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
-            && ep
-                .namespaces
-                .as_ref()
-                .is_none_or(|s| s.matches(&self.namespace_labels(&pod.namespace)))
+            && ep.namespaces.as_ref().is_none_or(|s| {
+                self.namespace_labels(&pod.namespace)
+                    .is_some_and(|labels| s.matches(labels))
+            })
     }
 
     /// The NetworkPolicies that isolate `pod` for egress, in (namespace, name) order.

@@ -38,9 +38,9 @@ pub fn evaluate(
             pods.matches(&dp.labels)
                 && match namespaces {
                     Namespaces::Only(ns) => ns == &dp.namespace,
-                    Namespaces::Matching(sel) => {
-                        sel.matches(&world.namespace_labels(&dp.namespace))
-                    }
+                    Namespaces::Matching(sel) => world
+                        .namespace_labels(&dp.namespace)
+                        .is_some_and(|labels| sel.matches(labels)),
                 }
         }),
     };
