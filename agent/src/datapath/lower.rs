@@ -81,27 +81,83 @@ impl L4 {
     }
 }
 
-/// Lowers `endpoints` to datapath entries. `evaluate` gets an endpoint and the rules that match
-/// one (destination, protocol, port), in the endpoint's order, and returns the decision; with no
-/// rule it must return the endpoint's default.
+/// Destinations that rules share: addresses in `to` and in none of `except`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AddrSet {
+    pub to: Vec<IpNet>,
+    pub except: Vec<IpNet>,
+}
+
+/// A rule whose destinations are one of the [`AddrSet`]s given to [`lower_sets`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SetRule<A> {
+    /// Index into the sets.
+    pub set: usize,
+    pub l4: L4,
+    pub action: A,
+}
+
+/// An endpoint's rules over shared address sets, in evaluation order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SetEndpoint<A> {
+    pub endpoint: EndpointId,
+    pub rules: Vec<SetRule<A>>,
+}
+
+/// Lowers `endpoints` to datapath entries. `evaluate` gets an endpoint and the actions of the
+/// rules that match one (destination, protocol, port), in the endpoint's order, and returns the
+/// decision; with no rule it must return the endpoint's default.
 pub fn lower<A, F>(endpoints: &[EndpointRules<A>], evaluate: F) -> DesiredState
 where
-    F: Fn(EndpointId, &[&Rule<A>]) -> Decision,
+    A: Copy,
+    F: Fn(EndpointId, &[&A]) -> Decision,
+{
+    let mut sets = Vec::new();
+    let shared: Vec<SetEndpoint<A>> = endpoints
+        .iter()
+        .map(|e| SetEndpoint {
+            endpoint: e.endpoint,
+            rules: e
+                .rules
+                .iter()
+                .map(|r| {
+                    sets.push(AddrSet {
+                        to: r.to.clone(),
+                        except: r.except.clone(),
+                    });
+                    SetRule {
+                        set: sets.len() - 1,
+                        l4: r.l4,
+                        action: r.action,
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    lower_sets(&sets, &shared, evaluate)
+}
+
+/// [`lower`] for rules whose destinations are shared: each set is classified once, however
+/// many endpoints' rules use it.
+pub fn lower_sets<A, F>(sets: &[AddrSet], endpoints: &[SetEndpoint<A>], evaluate: F) -> DesiredState
+where
+    A: Copy,
+    F: Fn(EndpointId, &[&A]) -> Decision,
 {
     let mut state = DesiredState::default();
-    // (endpoint index, rule index) sets, per class.
-    let mut members: BTreeMap<ClassId, Vec<(usize, usize)>> = BTreeMap::new();
+    // Set ids, per class.
+    let mut members: BTreeMap<ClassId, Vec<usize>> = BTreeMap::new();
     let mut next_class = CLASS_WORLD + 1;
 
-    let v4 = classify(endpoints, |net| match net {
+    let v4 = classify(sets, |net| match net {
         IpNet::V4(n) => Some(n.trunc()),
         IpNet::V6(_) => None,
     });
-    let v6 = classify(endpoints, |net| match net {
+    let v6 = classify(sets, |net| match net {
         IpNet::V6(n) => Some(n.trunc()),
         IpNet::V4(_) => None,
     });
-    let mut ids: HashMap<Vec<(usize, usize)>, ClassId> = HashMap::new();
+    let mut ids: HashMap<Vec<usize>, ClassId> = HashMap::new();
     for (net, set) in v4 {
         let class = class_id(&mut ids, &mut members, &mut next_class, set);
         state.addr4.insert(net, class);
@@ -113,12 +169,21 @@ where
         state.addr6.insert(net, class);
     }
 
-    // Per endpoint, the classes where some rule of it matches.
+    // Who uses each set: (endpoint index, rule index).
+    let mut users: Vec<Vec<(usize, usize)>> = vec![Vec::new(); sets.len()];
+    for (e, endpoint) in endpoints.iter().enumerate() {
+        for (r, rule) in endpoint.rules.iter().enumerate() {
+            users[rule.set].push((e, r));
+        }
+    }
+    // Per endpoint, the classes where some rule of it matches, with those rules.
     let mut per_endpoint: Vec<BTreeMap<ClassId, Vec<usize>>> =
         vec![BTreeMap::new(); endpoints.len()];
-    for (class, set) in &members {
-        for &(e, r) in set {
-            per_endpoint[e].entry(*class).or_default().push(r);
+    for (class, set_ids) in &members {
+        for &set in set_ids {
+            for &(e, r) in &users[set] {
+                per_endpoint[e].entry(*class).or_default().push(r);
+            }
         }
     }
 
@@ -134,8 +199,12 @@ where
             },
             default,
         );
-        for (class, rule_indices) in &per_endpoint[e] {
-            let rules: Vec<&Rule<A>> = rule_indices.iter().map(|&r| &endpoint.rules[r]).collect();
+        for (class, rule_indices) in &mut per_endpoint[e] {
+            // The evaluator needs the endpoint's order.
+            rule_indices.sort_unstable();
+            rule_indices.dedup();
+            let rules: Vec<&SetRule<A>> =
+                rule_indices.iter().map(|&r| &endpoint.rules[r]).collect();
             lower_class(&mut state, id, *class, &rules, default, &evaluate);
         }
     }
@@ -147,14 +216,18 @@ fn lower_class<A, F>(
     state: &mut DesiredState,
     endpoint: EndpointId,
     class: ClassId,
-    rules: &[&Rule<A>],
+    rules: &[&SetRule<A>],
     fallback: Decision,
     evaluate: &F,
 ) where
-    F: Fn(EndpointId, &[&Rule<A>]) -> Decision,
+    F: Fn(EndpointId, &[&A]) -> Decision,
 {
-    let select = |pred: &dyn Fn(L4) -> bool| -> Vec<&Rule<A>> {
-        rules.iter().copied().filter(|r| pred(r.l4)).collect()
+    let select = |pred: &dyn Fn(L4) -> bool| -> Vec<&A> {
+        rules
+            .iter()
+            .filter(|r| pred(r.l4))
+            .map(|r| &r.action)
+            .collect()
     };
     let class_match = PolicyMatch {
         endpoint,
@@ -271,53 +344,52 @@ pub fn port_prefixes(first: u16, last: u16) -> Vec<PortPrefix> {
     out
 }
 
-/// Assigns the rules' prefixes of one family their rule sets: for each prefix named anywhere,
-/// the (endpoint, rule) pairs whose address set contains the whole prefix.
-fn classify<A, N, F>(endpoints: &[EndpointRules<A>], family: F) -> BTreeMap<N, Vec<(usize, usize)>>
+/// Gives every prefix of one family named by any set (in `to` or `except`) the ids of the sets
+/// that contain the whole prefix, in increasing order.
+fn classify<N, F>(sets: &[AddrSet], family: F) -> BTreeMap<N, Vec<usize>>
 where
     N: Prefix,
     F: Fn(&IpNet) -> Option<N>,
 {
-    let mut sets: BTreeMap<N, Vec<(usize, usize)>> = BTreeMap::new();
-    for endpoint in endpoints {
-        for rule in &endpoint.rules {
-            for net in rule.to.iter().chain(&rule.except).filter_map(&family) {
-                sets.entry(net).or_default();
-            }
+    let mut signatures: BTreeMap<N, Vec<usize>> = BTreeMap::new();
+    for set in sets {
+        for net in set.to.iter().chain(&set.except).filter_map(&family) {
+            signatures.entry(net).or_default();
         }
     }
     // Named prefixes sorted by (first address, length): those inside `net` form one run.
-    let named: Vec<N> = sets.keys().copied().collect();
-    for (e, endpoint) in endpoints.iter().enumerate() {
-        for (r, rule) in endpoint.rules.iter().enumerate() {
-            let excepts: Vec<N> = rule.except.iter().filter_map(&family).collect();
-            let mut inside: BTreeSet<N> = BTreeSet::new();
-            for net in rule.to.iter().filter_map(&family) {
-                let start = named.partition_point(|n| n.first() < net.first());
-                inside.extend(
-                    named[start..]
-                        .iter()
-                        .take_while(|n| n.first() <= net.last())
-                        .filter(|n| net.holds(**n)),
-                );
-            }
-            for n in inside {
-                if !excepts.iter().any(|x| x.holds(n))
-                    && let Some(set) = sets.get_mut(&n)
-                {
-                    set.push((e, r));
-                }
+    let named: Vec<N> = signatures.keys().copied().collect();
+    let mut inside: Vec<N> = Vec::new();
+    for (s, set) in sets.iter().enumerate() {
+        let excepts: Vec<N> = set.except.iter().filter_map(&family).collect();
+        inside.clear();
+        for net in set.to.iter().filter_map(&family) {
+            let start = named.partition_point(|n| n.first() < net.first());
+            inside.extend(
+                named[start..]
+                    .iter()
+                    .take_while(|n| n.first() <= net.last())
+                    .filter(|n| net.holds(**n)),
+            );
+        }
+        inside.sort_unstable();
+        inside.dedup();
+        for n in &inside {
+            if !excepts.iter().any(|x| x.holds(*n))
+                && let Some(signature) = signatures.get_mut(n)
+            {
+                signature.push(s);
             }
         }
     }
-    sets
+    signatures
 }
 
 fn class_id(
-    ids: &mut HashMap<Vec<(usize, usize)>, ClassId>,
-    members: &mut BTreeMap<ClassId, Vec<(usize, usize)>>,
+    ids: &mut HashMap<Vec<usize>, ClassId>,
+    members: &mut BTreeMap<ClassId, Vec<usize>>,
     next: &mut ClassId,
-    set: Vec<(usize, usize)>,
+    set: Vec<usize>,
 ) -> ClassId {
     if set.is_empty() {
         // Named only as an exception (or by a rule of nobody): matches no rule, like the world.
@@ -364,12 +436,8 @@ impl Prefix for Ipv6Net {
 /// The simplest evaluator: the first matching rule's decision, else the endpoint's default.
 pub fn first_match(
     default: impl Fn(EndpointId) -> Decision,
-) -> impl Fn(EndpointId, &[&Rule<Decision>]) -> Decision {
-    move |endpoint, rules| {
-        rules
-            .first()
-            .map_or_else(|| default(endpoint), |rule| rule.action)
-    }
+) -> impl Fn(EndpointId, &[&Decision]) -> Decision {
+    move |endpoint, actions| actions.first().map_or_else(|| default(endpoint), |a| **a)
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::datapath::{
     Decision, DesiredState, EndpointId, RuleId, Verdict,
-    lower::{EndpointRules, L4, Rule, lower},
+    lower::{AddrSet, L4, SetEndpoint, SetRule, lower_sets},
 };
 
 /// How the node treats pods no NetworkPolicy isolates.
@@ -180,16 +180,16 @@ pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
             }
         }
         contexts.insert(id, EndpointContext { isolation });
-        lists.push(EndpointRules {
+        lists.push(SetEndpoint {
             endpoint: id,
             rules,
         });
     }
 
     let baseline = options.baseline;
-    let desired = lower(&lists, |endpoint, matching| {
+    let desired = lower_sets(&expander.sets, &lists, |endpoint, matching| {
         let isolation = contexts.get(&endpoint).and_then(|c| c.isolation);
-        decide(matching.iter().map(|r| r.action), isolation, baseline)
+        decide(matching.iter().map(|a| **a), isolation, baseline)
     });
     Compiled {
         desired,
@@ -275,15 +275,18 @@ fn evaluate(
     }
 }
 
-/// One policy rule as address sets and protocol/ports, before an endpoint's action is attached:
-/// `(to, except, l4)` per lowering rule.
-type Expansion = Vec<(Vec<IpNet>, Vec<IpNet>, L4)>;
+/// One policy rule as (address set id, protocol/ports) pairs, before an endpoint's action is
+/// attached.
+type Expansion = Vec<(usize, L4)>;
 
 /// Expands each policy rule once per compile, however many endpoints it applies to. Keys are
 /// the addresses of the rules inside the `World`, which outlives the compile.
 struct Expander<'w> {
     world: &'w World,
     cache: HashMap<usize, Rc<Expansion>>,
+    /// Address sets, interned by value: many policies name the same destinations.
+    sets: Vec<AddrSet>,
+    set_ids: HashMap<AddrSet, usize>,
 }
 
 impl<'w> Expander<'w> {
@@ -291,7 +294,19 @@ impl<'w> Expander<'w> {
         Self {
             world,
             cache: HashMap::new(),
+            sets: Vec::new(),
+            set_ids: HashMap::new(),
         }
+    }
+
+    fn set(&mut self, to: Vec<IpNet>, except: Vec<IpNet>) -> usize {
+        let set = AddrSet { to, except };
+        if let Some(id) = self.set_ids.get(&set) {
+            return *id;
+        }
+        self.sets.push(set.clone());
+        self.set_ids.insert(set, self.sets.len() - 1);
+        self.sets.len() - 1
     }
 
     /// The expansion of the rule at `key` with peers `to` (`None`: every destination) and
@@ -363,7 +378,8 @@ impl<'w> Expander<'w> {
                                 first: number,
                                 last: number,
                             };
-                            out.push((ips, Vec::new(), l4));
+                            let set = self.set(ips, Vec::new());
+                            out.push((set, l4));
                         }
                     }
                     continue;
@@ -399,8 +415,9 @@ impl<'w> Expander<'w> {
                         Vec::new(),
                     ),
                 };
-                // A selector that matches no pod gives an empty rule: it matches nothing.
-                out.push((to, except, l4));
+                // A selector that matches no pod gives an empty set: it matches nothing.
+                let set = self.set(to, except);
+                out.push((set, l4));
             }
         }
         let out = Rc::new(out);
@@ -410,11 +427,10 @@ impl<'w> Expander<'w> {
 }
 
 /// Appends an expansion's rules with `action` to an endpoint's list.
-fn push_rules(expansion: &Expansion, action: Action, out: &mut Vec<Rule<Action>>) {
-    out.extend(expansion.iter().map(|(to, except, l4)| Rule {
-        to: to.clone(),
-        except: except.clone(),
-        l4: *l4,
-        action,
-    }));
+fn push_rules(expansion: &Expansion, action: Action, out: &mut Vec<SetRule<Action>>) {
+    out.extend(
+        expansion
+            .iter()
+            .map(|&(set, l4)| SetRule { set, l4, action }),
+    );
 }
