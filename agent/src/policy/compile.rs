@@ -353,14 +353,19 @@ impl<'w> Expander<'w> {
                     };
                     for i in candidates {
                         let pod = &world.pods[i];
-                        let Some(number) = pod
+                        // Port names are unique per container, not per pod: a name may stand
+                        // for several numbers, and matches each.
+                        let mut numbers: Vec<u16> = pod
                             .ports
                             .iter()
-                            .find(|np| &np.name == name && np.protocol == *protocol)
+                            .filter(|np| &np.name == name && np.protocol == *protocol)
                             .map(|np| np.number)
-                        else {
+                            .collect();
+                        if numbers.is_empty() {
                             continue;
-                        };
+                        }
+                        numbers.sort_unstable();
+                        numbers.dedup();
                         let ips: Vec<IpNet> = pod
                             .ips
                             .iter()
@@ -373,13 +378,15 @@ impl<'w> Expander<'w> {
                             .map(|ip| IpNet::from(*ip))
                             .collect();
                         if !ips.is_empty() {
-                            let l4 = L4::Ports {
-                                protocol: protocol.number(),
-                                first: number,
-                                last: number,
-                            };
                             let set = self.set(ips, Vec::new());
-                            out.push((set, l4));
+                            for number in numbers {
+                                let l4 = L4::Ports {
+                                    protocol: protocol.number(),
+                                    first: number,
+                                    last: number,
+                                };
+                                out.push((set, l4));
+                            }
                         }
                     }
                     continue;
