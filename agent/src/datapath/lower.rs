@@ -109,7 +109,7 @@ pub struct SetEndpoint<A> {
 /// decision; with no rule it must return the endpoint's default.
 pub fn lower<A, F>(endpoints: &[EndpointRules<A>], evaluate: F) -> DesiredState
 where
-    A: Copy,
+    A: Copy + PartialEq,
     F: Fn(EndpointId, &[&A]) -> Decision,
 {
     let mut sets = Vec::new();
@@ -137,38 +137,57 @@ where
     lower_sets(&sets, &shared, evaluate)
 }
 
+/// What [`lower_sets_with`] keeps between calls, so that a small change costs little: the same
+/// set signature keeps its class id, and an endpoint whose rules, default and classes did not
+/// change gets its entries back without evaluating anything.
+pub struct LowerMemo<A> {
+    /// (IPv6?, sorted set ids) -> class id.
+    class_ids: HashMap<(bool, Vec<usize>), ClassId>,
+    next_class: ClassId,
+    endpoints: HashMap<EndpointId, (EndpointKey<A>, Vec<(PolicyMatch, Decision)>)>,
+}
+
+impl<A> Default for LowerMemo<A> {
+    fn default() -> Self {
+        Self {
+            class_ids: HashMap::new(),
+            next_class: CLASS_WORLD + 1,
+            endpoints: HashMap::new(),
+        }
+    }
+}
+
+/// Everything an endpoint's entries depend on.
+#[derive(Clone, PartialEq)]
+struct EndpointKey<A> {
+    default: Decision,
+    rules: Vec<SetRule<A>>,
+    /// (class, indices of the endpoint's rules that match it), sorted.
+    classes: Vec<(ClassId, Vec<usize>)>,
+}
+
 /// [`lower`] for rules whose destinations are shared: each set is classified once, however
 /// many endpoints' rules use it.
 pub fn lower_sets<A, F>(sets: &[AddrSet], endpoints: &[SetEndpoint<A>], evaluate: F) -> DesiredState
 where
-    A: Copy,
+    A: Copy + PartialEq,
+    F: Fn(EndpointId, &[&A]) -> Decision,
+{
+    lower_sets_with(&mut LowerMemo::default(), sets, endpoints, evaluate)
+}
+
+/// [`lower_sets`], reusing and updating `memo`. Sets no endpoint uses are ignored.
+pub fn lower_sets_with<A, F>(
+    memo: &mut LowerMemo<A>,
+    sets: &[AddrSet],
+    endpoints: &[SetEndpoint<A>],
+    evaluate: F,
+) -> DesiredState
+where
+    A: Copy + PartialEq,
     F: Fn(EndpointId, &[&A]) -> Decision,
 {
     let mut state = DesiredState::default();
-    // Set ids, per class.
-    let mut members: BTreeMap<ClassId, Vec<usize>> = BTreeMap::new();
-    let mut next_class = CLASS_WORLD + 1;
-
-    let v4 = classify(sets, |net| match net {
-        IpNet::V4(n) => Some(n.trunc()),
-        IpNet::V6(_) => None,
-    });
-    let v6 = classify(sets, |net| match net {
-        IpNet::V6(n) => Some(n.trunc()),
-        IpNet::V4(_) => None,
-    });
-    let mut ids: HashMap<Vec<usize>, ClassId> = HashMap::new();
-    for (net, set) in v4 {
-        let class = class_id(&mut ids, &mut members, &mut next_class, set);
-        state.addr4.insert(net, class);
-    }
-    // IPv4 and IPv6 never share a class: a rule set is keyed with its family.
-    ids.clear();
-    for (net, set) in v6 {
-        let class = class_id(&mut ids, &mut members, &mut next_class, set);
-        state.addr6.insert(net, class);
-    }
-
     // Who uses each set: (endpoint index, rule index).
     let mut users: Vec<Vec<(usize, usize)>> = vec![Vec::new(); sets.len()];
     for (e, endpoint) in endpoints.iter().enumerate() {
@@ -176,6 +195,30 @@ where
             users[rule.set].push((e, r));
         }
     }
+    let used: Vec<bool> = users.iter().map(|u| !u.is_empty()).collect();
+
+    // Set ids, per class.
+    let mut members: BTreeMap<ClassId, Vec<usize>> = BTreeMap::new();
+    let v4 = classify(sets, &used, |net| match net {
+        IpNet::V4(n) => Some(n.trunc()),
+        IpNet::V6(_) => None,
+    });
+    let v6 = classify(sets, &used, |net| match net {
+        IpNet::V6(n) => Some(n.trunc()),
+        IpNet::V4(_) => None,
+    });
+    for (net, set) in v4 {
+        state
+            .addr4
+            .insert(net, class_id(memo, &mut members, false, set));
+    }
+    // IPv4 and IPv6 never share a class: a signature is keyed with its family.
+    for (net, set) in v6 {
+        state
+            .addr6
+            .insert(net, class_id(memo, &mut members, true, set));
+    }
+
     // Per endpoint, the classes where some rule of it matches, with those rules.
     let mut per_endpoint: Vec<BTreeMap<ClassId, Vec<usize>>> =
         vec![BTreeMap::new(); endpoints.len()];
@@ -187,33 +230,58 @@ where
         }
     }
 
-    for (e, endpoint) in endpoints.iter().enumerate() {
+    let mut seen = std::collections::HashSet::with_capacity(endpoints.len());
+    for (endpoint, classes) in endpoints.iter().zip(per_endpoint) {
         let id = endpoint.endpoint;
-        let default = evaluate(id, &[]);
-        state.policy.insert(
+        seen.insert(id);
+        let key = EndpointKey {
+            default: evaluate(id, &[]),
+            rules: endpoint.rules.clone(),
+            classes: classes
+                .into_iter()
+                .map(|(class, mut rules)| {
+                    // The evaluator needs the endpoint's order.
+                    rules.sort_unstable();
+                    rules.dedup();
+                    (class, rules)
+                })
+                .collect(),
+        };
+        if let Some((cached, entries)) = memo.endpoints.get(&id)
+            && *cached == key
+        {
+            state.policy.extend(entries.iter().copied());
+            continue;
+        }
+        let mut entries = vec![(
             PolicyMatch {
                 endpoint: id,
                 class: None,
                 protocol: None,
                 port: None,
             },
-            default,
-        );
-        for (class, rule_indices) in &mut per_endpoint[e] {
-            // The evaluator needs the endpoint's order.
-            rule_indices.sort_unstable();
-            rule_indices.dedup();
+            key.default,
+        )];
+        for (class, rule_indices) in &key.classes {
             let rules: Vec<&SetRule<A>> =
                 rule_indices.iter().map(|&r| &endpoint.rules[r]).collect();
-            lower_class(&mut state, id, *class, &rules, default, &evaluate);
+            lower_class(&mut entries, id, *class, &rules, key.default, &evaluate);
         }
+        state.policy.extend(entries.iter().copied());
+        memo.endpoints.insert(id, (key, entries));
+    }
+    memo.endpoints.retain(|id, _| seen.contains(id));
+    // Signatures that are gone keep their ids until there are many; then start afresh (the
+    // next compile renumbers every class, which costs one full rewrite of a generation).
+    if memo.class_ids.len() > 2 * members.len() + 4096 {
+        *memo = LowerMemo::default();
     }
     state
 }
 
 /// Writes the policy entries of one (endpoint, class) whose matching rules are `rules`.
 fn lower_class<A, F>(
-    state: &mut DesiredState,
+    out: &mut Vec<(PolicyMatch, Decision)>,
     endpoint: EndpointId,
     class: ClassId,
     rules: &[&SetRule<A>],
@@ -237,7 +305,7 @@ fn lower_class<A, F>(
     };
     let class_decision = evaluate(endpoint, &select(&|l4| l4 == L4::Any));
     if class_decision != fallback {
-        state.policy.insert(class_match, class_decision);
+        out.push((class_match, class_decision));
     }
     let protocols: BTreeSet<u8> = rules.iter().filter_map(|r| r.l4.protocol()).collect();
     for protocol in protocols {
@@ -250,7 +318,7 @@ fn lower_class<A, F>(
             &select(&|l4| l4 == L4::Any || l4 == L4::Protocol(protocol)),
         );
         if rest != class_decision {
-            state.policy.insert(protocol_match, rest);
+            out.push((protocol_match, rest));
         }
         // Segment boundaries: each range's first port, and the port after its last.
         let mut cuts = BTreeSet::from([0u32]);
@@ -276,20 +344,20 @@ fn lower_class<A, F>(
             run = match run {
                 Some((f, _, d)) if d == decision => Some((f, last, d)),
                 Some((f, l, d)) => {
-                    emit_ports(state, protocol_match, f, l, d, rest);
+                    emit_ports(out, protocol_match, f, l, d, rest);
                     Some((first, last, decision))
                 }
                 None => Some((first, last, decision)),
             };
         }
         if let Some((f, l, d)) = run {
-            emit_ports(state, protocol_match, f, l, d, rest);
+            emit_ports(out, protocol_match, f, l, d, rest);
         }
     }
 }
 
 fn emit_ports(
-    state: &mut DesiredState,
+    out: &mut Vec<(PolicyMatch, Decision)>,
     protocol_match: PolicyMatch,
     first: u16,
     last: u16,
@@ -300,13 +368,13 @@ fn emit_ports(
         return;
     }
     for prefix in port_prefixes(first, last) {
-        state.policy.insert(
+        out.push((
             PolicyMatch {
                 port: Some(prefix),
                 ..protocol_match
             },
             decision,
-        );
+        ));
     }
 }
 
@@ -346,13 +414,13 @@ pub fn port_prefixes(first: u16, last: u16) -> Vec<PortPrefix> {
 
 /// Gives every prefix of one family named by any set (in `to` or `except`) the ids of the sets
 /// that contain the whole prefix, in increasing order.
-fn classify<N, F>(sets: &[AddrSet], family: F) -> BTreeMap<N, Vec<usize>>
+fn classify<N, F>(sets: &[AddrSet], used: &[bool], family: F) -> BTreeMap<N, Vec<usize>>
 where
     N: Prefix,
     F: Fn(&IpNet) -> Option<N>,
 {
     let mut signatures: BTreeMap<N, Vec<usize>> = BTreeMap::new();
-    for set in sets {
+    for set in sets.iter().zip(used).filter(|(_, u)| **u).map(|(s, _)| s) {
         for net in set.to.iter().chain(&set.except).filter_map(&family) {
             signatures.entry(net).or_default();
         }
@@ -360,7 +428,7 @@ where
     // Named prefixes sorted by (first address, length): those inside `net` form one run.
     let named: Vec<N> = signatures.keys().copied().collect();
     let mut inside: Vec<N> = Vec::new();
-    for (s, set) in sets.iter().enumerate() {
+    for (s, set) in sets.iter().enumerate().filter(|(s, _)| used[*s]) {
         let excepts: Vec<N> = set.except.iter().filter_map(&family).collect();
         inside.clear();
         for net in set.to.iter().filter_map(&family) {
@@ -385,23 +453,27 @@ where
     signatures
 }
 
-fn class_id(
-    ids: &mut HashMap<Vec<usize>, ClassId>,
+fn class_id<A>(
+    memo: &mut LowerMemo<A>,
     members: &mut BTreeMap<ClassId, Vec<usize>>,
-    next: &mut ClassId,
+    v6: bool,
     set: Vec<usize>,
 ) -> ClassId {
     if set.is_empty() {
         // Named only as an exception (or by a rule of nobody): matches no rule, like the world.
         return CLASS_WORLD;
     }
-    if let Some(id) = ids.get(&set) {
-        return *id;
-    }
-    let id = *next;
-    *next += 1;
-    ids.insert(set.clone(), id);
-    members.insert(id, set);
+    let key = (v6, set);
+    let id = match memo.class_ids.get(&key) {
+        Some(id) => *id,
+        None => {
+            let id = memo.next_class;
+            memo.next_class += 1;
+            memo.class_ids.insert(key.clone(), id);
+            id
+        }
+    };
+    members.entry(id).or_insert(key.1);
     id
 }
 
