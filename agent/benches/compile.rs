@@ -4,7 +4,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use egret::policy::{
-    compile::{CompileOptions, compile},
+    compile::{CompileOptions, Compiler, compile},
     model::World,
     synthetic::{NODE, Shape, cluster},
 };
@@ -42,6 +42,38 @@ fn bench(c: &mut Criterion) {
     group.bench_function("full (validate + compile)", |b| {
         b.iter(|| compile(&World::new(&cluster), &options));
     });
+    // One pod on the node and one elsewhere change their app label, alternately, as a
+    // relabelling would; each iteration is that update plus a compile.
+    let mut compiler = Compiler::new(world.clone(), options.clone());
+    let _ = compiler.compile();
+    let local = world
+        .pods
+        .iter()
+        .find(|p| p.node.as_deref() == Some(NODE))
+        .cloned();
+    let remote = world
+        .pods
+        .iter()
+        .find(|p| p.node.as_deref() != Some(NODE))
+        .cloned();
+    let mut flip = 0usize;
+    for (name, pod) in [
+        ("incremental (label change, pod on this node)", local),
+        ("incremental (label change, pod elsewhere)", remote),
+    ] {
+        let Some(pod) = pod else { continue };
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                flip += 1;
+                let mut changed = pod.clone();
+                changed
+                    .labels
+                    .insert("app".into(), format!("app-{}", flip % 10));
+                compiler.update_pod(changed);
+                compiler.compile()
+            });
+        });
+    }
     group.finish();
 }
 

@@ -137,14 +137,17 @@ where
     lower_sets(&sets, &shared, evaluate)
 }
 
-/// What [`lower_sets_with`] keeps between calls, so that a small change costs little: the same
-/// set signature keeps its class id, and an endpoint whose rules, default and classes did not
-/// change gets its entries back without evaluating anything.
+/// What [`lower_sets_with`] keeps between calls, so that a small change costs little. A
+/// signature keeps its class id, so a class id always stands for the same sets; an endpoint
+/// whose rules and default did not change therefore keeps the entries of every class that still
+/// exists, and only classes that appeared since are evaluated for it.
 pub struct LowerMemo<A> {
     /// (IPv6?, sorted set ids) -> class id.
     class_ids: HashMap<(bool, Vec<usize>), ClassId>,
     next_class: ClassId,
-    endpoints: HashMap<EndpointId, (EndpointKey<A>, Vec<(PolicyMatch, Decision)>)>,
+    /// Classes of the previous call.
+    classes: std::collections::HashSet<ClassId>,
+    endpoints: HashMap<EndpointId, EndpointMemo<A>>,
 }
 
 impl<A> Default for LowerMemo<A> {
@@ -152,18 +155,17 @@ impl<A> Default for LowerMemo<A> {
         Self {
             class_ids: HashMap::new(),
             next_class: CLASS_WORLD + 1,
+            classes: std::collections::HashSet::new(),
             endpoints: HashMap::new(),
         }
     }
 }
 
-/// Everything an endpoint's entries depend on.
-#[derive(Clone, PartialEq)]
-struct EndpointKey<A> {
+/// An endpoint's inputs and, per class where some rule of it matches, its entries.
+struct EndpointMemo<A> {
     default: Decision,
     rules: Vec<SetRule<A>>,
-    /// (class, indices of the endpoint's rules that match it), sorted.
-    classes: Vec<(ClassId, Vec<usize>)>,
+    classes: BTreeMap<ClassId, Vec<(PolicyMatch, Decision)>>,
 }
 
 /// [`lower`] for rules whose destinations are shared: each set is classified once, however
@@ -219,58 +221,94 @@ where
             .insert(net, class_id(memo, &mut members, true, set));
     }
 
-    // Per endpoint, the classes where some rule of it matches, with those rules.
-    let mut per_endpoint: Vec<BTreeMap<ClassId, Vec<usize>>> =
-        vec![BTreeMap::new(); endpoints.len()];
+    // The classes that contain each set.
+    let mut set_classes: Vec<Vec<ClassId>> = vec![Vec::new(); sets.len()];
     for (class, set_ids) in &members {
         for &set in set_ids {
-            for &(e, r) in &users[set] {
-                per_endpoint[e].entry(*class).or_default().push(r);
-            }
+            set_classes[set].push(*class);
         }
     }
+    let added: Vec<ClassId> = members
+        .keys()
+        .copied()
+        .filter(|c| !memo.classes.contains(c))
+        .collect();
 
-    let mut seen = std::collections::HashSet::with_capacity(endpoints.len());
-    for (endpoint, classes) in endpoints.iter().zip(per_endpoint) {
+    let mut entries = Vec::new();
+    let mut kept = HashMap::with_capacity(endpoints.len());
+    for endpoint in endpoints {
         let id = endpoint.endpoint;
-        seen.insert(id);
-        let key = EndpointKey {
-            default: evaluate(id, &[]),
-            rules: endpoint.rules.clone(),
-            classes: classes
-                .into_iter()
-                .map(|(class, mut rules)| {
-                    // The evaluator needs the endpoint's order.
-                    rules.sort_unstable();
-                    rules.dedup();
-                    (class, rules)
-                })
-                .collect(),
+        let default = evaluate(id, &[]);
+        // Rules of this endpoint matching `class`, in the endpoint's order.
+        let matching = |class: ClassId| -> Vec<&SetRule<A>> {
+            let signature = members.get(&class).map_or(&[][..], Vec::as_slice);
+            endpoint
+                .rules
+                .iter()
+                .filter(|r| signature.binary_search(&r.set).is_ok())
+                .collect()
         };
-        if let Some((cached, entries)) = memo.endpoints.get(&id)
-            && *cached == key
-        {
-            state.policy.extend(entries.iter().copied());
-            continue;
-        }
-        let mut entries = vec![(
+        let evaluate_class = |class: ClassId, rules: &[&SetRule<A>]| {
+            let mut out = Vec::new();
+            lower_class(&mut out, id, class, rules, default, &evaluate);
+            out
+        };
+        let reusable = memo
+            .endpoints
+            .remove(&id)
+            .filter(|m| m.default == default && m.rules == endpoint.rules);
+        let classes = match reusable {
+            Some(mut m) => {
+                m.classes.retain(|class, _| members.contains_key(class));
+                for &class in &added {
+                    let rules = matching(class);
+                    if !rules.is_empty() {
+                        m.classes.insert(class, evaluate_class(class, &rules));
+                    }
+                }
+                m.classes
+            }
+            None => {
+                let mut relevant: BTreeMap<ClassId, Vec<&SetRule<A>>> = BTreeMap::new();
+                for rule in &endpoint.rules {
+                    for &class in &set_classes[rule.set] {
+                        relevant.entry(class).or_default().push(rule);
+                    }
+                }
+                // Pushed in rule order, so each class's rules are in the endpoint's order.
+                relevant
+                    .into_iter()
+                    .map(|(class, rules)| (class, evaluate_class(class, &rules)))
+                    .collect()
+            }
+        };
+        entries.push((
             PolicyMatch {
                 endpoint: id,
                 class: None,
                 protocol: None,
                 port: None,
             },
-            key.default,
-        )];
-        for (class, rule_indices) in &key.classes {
-            let rules: Vec<&SetRule<A>> =
-                rule_indices.iter().map(|&r| &endpoint.rules[r]).collect();
-            lower_class(&mut entries, id, *class, &rules, key.default, &evaluate);
+            default,
+        ));
+        for class_entries in classes.values() {
+            entries.extend_from_slice(class_entries);
         }
-        state.policy.extend(entries.iter().copied());
-        memo.endpoints.insert(id, (key, entries));
+        kept.insert(
+            id,
+            EndpointMemo {
+                default,
+                rules: endpoint.rules.clone(),
+                classes,
+            },
+        );
     }
-    memo.endpoints.retain(|id, _| seen.contains(id));
+    memo.endpoints = kept;
+    memo.classes = members.keys().copied().collect();
+    // Endpoints come in id order and each one's entries in key order, so this is already
+    // sorted and the map is bulk-built; the sort only guards that assumption.
+    entries.sort_by_key(|(key, _)| *key);
+    state.policy = entries.into_iter().collect();
     // Signatures that are gone keep their ids until there are many; then start afresh (the
     // next compile renumbers every class, which costs one full rewrite of a generation).
     if memo.class_ids.len() > 2 * members.len() + 4096 {

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::datapath::{
     Decision, DesiredState, EndpointId, RuleId, Verdict,
-    lower::{AddrSet, L4, SetEndpoint, SetRule, lower_sets},
+    lower::{AddrSet, L4, LowerMemo, SetEndpoint, SetRule, lower_sets_with},
 };
 
 /// How the node treats pods no NetworkPolicy isolates.
@@ -44,7 +44,7 @@ impl Default for CompileOptions {
 }
 
 /// What a rule in an endpoint's list does once it matches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
     Egress {
         audit: bool,
@@ -107,95 +107,206 @@ struct EndpointContext {
     isolation: Option<RuleId>,
 }
 
-/// Compiles `world` for the endpoints `options` selects.
+/// Compiles `world` for the endpoints `options` selects, from scratch.
 pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
-    let mut origins = Origins::new();
-    // Intern every policy's rules up front, in policy order, so ids do not depend on which
-    // endpoints exist.
-    for ep in &world.egress_policies {
-        for rule in &ep.rules {
-            origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+    Compiler::new(world.clone(), options.clone()).compile()
+}
+
+/// A compiler that keeps what it worked out between compiles: rule ids, each rule's expansion
+/// into address sets (until a change could alter it), class ids, and each endpoint's lowered
+/// entries (reused while its inputs are the same). After a small change, such as one pod's
+/// labels, a compile redoes only what that change touches.
+pub struct Compiler {
+    world: World,
+    options: CompileOptions,
+    origins: Origins,
+    expander: Expander,
+    memo: LowerMemo<Action>,
+}
+
+impl Compiler {
+    pub fn new(world: World, options: CompileOptions) -> Self {
+        Self {
+            world,
+            options,
+            origins: Origins::new(),
+            expander: Expander::default(),
+            memo: LowerMemo::default(),
         }
     }
-    for np in &world.network_policies {
-        for i in 0..np.rules.len() {
-            origins.id(Origin::NetworkPolicyRule {
+
+    /// The validated cluster the compiler works on.
+    pub fn world(&self) -> &World {
+        &self.world
+    }
+
+    /// Replaces the whole cluster state: everything but rule, set and class ids is redone.
+    pub fn set_world(&mut self, world: World) {
+        self.world = world;
+        self.expander = Expander::default();
+    }
+
+    /// Adds or replaces one pod. A change of labels only invalidates the expansions of rules
+    /// whose peers could select the pod before or after; any other change (addresses, ports,
+    /// node) invalidates every expansion.
+    pub fn update_pod(&mut self, pod: PodInfo) {
+        let Some(i) = self
+            .world
+            .pods
+            .iter()
+            .position(|p| p.namespace == pod.namespace && p.name == pod.name)
+        else {
+            let mut world = std::mem::take(&mut self.world);
+            world.insert_pod(pod);
+            self.set_world(world);
+            return;
+        };
+        let old = std::mem::replace(&mut self.world.pods[i], pod);
+        let new = &self.world.pods[i];
+        if old.ips != new.ips
+            || old.ports != new.ports
+            || old.host_network != new.host_network
+            || old.node != new.node
+        {
+            self.expander = Expander::default();
+            return;
+        }
+        let world = &self.world;
+        let touches = |peers: Option<&[Peer]>| {
+            peers.is_none_or(|peers| {
+                peers
+                    .iter()
+                    .any(|p| world.could_select(p, &old) || world.could_select(p, new))
+            })
+        };
+        let mut stale = Vec::new();
+        for ep in &world.egress_policies {
+            for rule in &ep.rules {
+                if touches(Some(&rule.to)) {
+                    stale.push(egress_origin(&ep.name, &rule.name, rule.action));
+                }
+            }
+        }
+        for np in &world.network_policies {
+            for (r, rule) in np.rules.iter().enumerate() {
+                // A rule without peers names every pod only through named ports, and those
+                // resolve on addresses and ports, which did not change.
+                if rule.to.is_some() && touches(rule.to.as_deref()) {
+                    stale.push(Origin::NetworkPolicyRule {
+                        namespace: np.namespace.clone(),
+                        name: np.name.clone(),
+                        rule: r,
+                    });
+                }
+            }
+        }
+        for origin in stale {
+            let id = self.origins.id(origin);
+            self.expander.cache.remove(&id);
+        }
+    }
+
+    /// Compiles the current state.
+    pub fn compile(&mut self) -> Compiled {
+        let Self {
+            world,
+            options,
+            origins,
+            expander,
+            memo,
+        } = self;
+        // Intern every policy's rules up front, in policy order, so that ids do not depend on
+        // which endpoints exist.
+        for ep in &world.egress_policies {
+            for rule in &ep.rules {
+                origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+            }
+        }
+        for np in &world.network_policies {
+            for i in 0..np.rules.len() {
+                origins.id(Origin::NetworkPolicyRule {
+                    namespace: np.namespace.clone(),
+                    name: np.name.clone(),
+                    rule: i,
+                });
+            }
+            origins.id(Origin::Isolation {
                 namespace: np.namespace.clone(),
                 name: np.name.clone(),
-                rule: i,
             });
         }
-        origins.id(Origin::Isolation {
-            namespace: np.namespace.clone(),
-            name: np.name.clone(),
-        });
-    }
+        expander.collect_garbage();
 
-    let sources: Vec<&PodInfo> = world
-        .pods
-        .iter()
-        .filter(|p| options.node.is_none() || p.node == options.node)
-        .collect();
-    let mut expander = Expander::new(world);
-    let mut endpoints = BTreeMap::new();
-    let mut lists = Vec::with_capacity(sources.len());
-    let mut contexts = HashMap::new();
-    for (i, pod) in sources.iter().enumerate() {
-        let id = (i + 1) as EndpointId;
-        endpoints.insert((pod.namespace.clone(), pod.name.clone()), id);
-        let mut rules = Vec::new();
-        for ep in world
-            .egress_policies
+        let sources: Vec<&PodInfo> = world
+            .pods
             .iter()
-            .filter(|ep| world.subject_selects(ep, pod))
-        {
-            for rule in &ep.rules {
-                let action = Action::Egress {
-                    audit: ep.audit,
-                    action: rule.action,
-                    id: origins.id(egress_origin(&ep.name, &rule.name, rule.action)),
-                };
-                let key = std::ptr::from_ref(rule) as usize;
-                let expansion = expander.expand(key, Some(&rule.to), rule.ports.as_deref());
-                push_rules(&expansion, action, &mut rules);
+            .filter(|p| options.node.is_none() || p.node == options.node)
+            .collect();
+        let mut endpoints = BTreeMap::new();
+        let mut lists = Vec::with_capacity(sources.len());
+        let mut contexts = HashMap::new();
+        for (i, pod) in sources.iter().enumerate() {
+            let id = (i + 1) as EndpointId;
+            endpoints.insert((pod.namespace.clone(), pod.name.clone()), id);
+            let mut rules = Vec::new();
+            for ep in world
+                .egress_policies
+                .iter()
+                .filter(|ep| world.subject_selects(ep, pod))
+            {
+                for rule in &ep.rules {
+                    let rule_id = origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+                    let action = Action::Egress {
+                        audit: ep.audit,
+                        action: rule.action,
+                        id: rule_id,
+                    };
+                    let expansion =
+                        expander.expand(world, rule_id, Some(&rule.to), rule.ports.as_deref());
+                    push_rules(&expansion, action, &mut rules);
+                }
             }
-        }
-        let mut isolation = None;
-        for np in world.isolating(pod) {
-            isolation.get_or_insert_with(|| {
-                origins.id(Origin::Isolation {
-                    namespace: np.namespace.clone(),
-                    name: np.name.clone(),
-                })
-            });
-            for (r, rule) in np.rules.iter().enumerate() {
-                let id = origins.id(Origin::NetworkPolicyRule {
-                    namespace: np.namespace.clone(),
-                    name: np.name.clone(),
-                    rule: r,
+            let mut isolation = None;
+            for np in world.isolating(pod) {
+                isolation.get_or_insert_with(|| {
+                    origins.id(Origin::Isolation {
+                        namespace: np.namespace.clone(),
+                        name: np.name.clone(),
+                    })
                 });
-                let key = std::ptr::from_ref(rule) as usize;
-                let expansion = expander.expand(key, rule.to.as_deref(), rule.ports.as_deref());
-                push_rules(&expansion, Action::NetworkPolicy { id }, &mut rules);
+                for (r, rule) in np.rules.iter().enumerate() {
+                    let rule_id = origins.id(Origin::NetworkPolicyRule {
+                        namespace: np.namespace.clone(),
+                        name: np.name.clone(),
+                        rule: r,
+                    });
+                    let expansion =
+                        expander.expand(world, rule_id, rule.to.as_deref(), rule.ports.as_deref());
+                    push_rules(
+                        &expansion,
+                        Action::NetworkPolicy { id: rule_id },
+                        &mut rules,
+                    );
+                }
             }
+            contexts.insert(id, EndpointContext { isolation });
+            lists.push(SetEndpoint {
+                endpoint: id,
+                rules,
+            });
         }
-        contexts.insert(id, EndpointContext { isolation });
-        lists.push(SetEndpoint {
-            endpoint: id,
-            rules,
-        });
-    }
 
-    let baseline = options.baseline;
-    let desired = lower_sets(&expander.sets, &lists, |endpoint, matching| {
-        let isolation = contexts.get(&endpoint).and_then(|c| c.isolation);
-        decide(matching.iter().map(|a| **a), isolation, baseline)
-    });
-    Compiled {
-        desired,
-        endpoints,
-        origins: origins.list,
-        baseline,
+        let baseline = options.baseline;
+        let desired = lower_sets_with(memo, &expander.sets, &lists, |endpoint, matching| {
+            let isolation = contexts.get(&endpoint).and_then(|c| c.isolation);
+            decide(matching.iter().map(|a| **a), isolation, baseline)
+        });
+        Compiled {
+            desired,
+            endpoints,
+            origins: origins.list.clone(),
+            baseline,
+        }
     }
 }
 
@@ -279,23 +390,27 @@ fn evaluate(
 /// attached.
 type Expansion = Vec<(usize, L4)>;
 
-/// Expands each policy rule once per compile, however many endpoints it applies to. Keys are
-/// the addresses of the rules inside the `World`, which outlives the compile.
-struct Expander<'w> {
-    world: &'w World,
-    cache: HashMap<usize, Rc<Expansion>>,
+/// Expands each policy rule once, however many endpoints it applies to, and keeps it until
+/// [`Compiler::update_pod`] finds it may have changed. Keyed by rule id.
+#[derive(Default)]
+struct Expander {
+    cache: HashMap<RuleId, Rc<Expansion>>,
     /// Address sets, interned by value: many policies name the same destinations.
     sets: Vec<AddrSet>,
     set_ids: HashMap<AddrSet, usize>,
 }
 
-impl<'w> Expander<'w> {
-    fn new(world: &'w World) -> Self {
-        Self {
-            world,
-            cache: HashMap::new(),
-            sets: Vec::new(),
-            set_ids: HashMap::new(),
+impl Expander {
+    /// Sets no cached expansion refers to any more pile up as rules change; when they
+    /// outnumber the live ones, start afresh (set ids, and so classes, are then renumbered).
+    fn collect_garbage(&mut self) {
+        let live: std::collections::HashSet<usize> = self
+            .cache
+            .values()
+            .flat_map(|e| e.iter().map(|(s, _)| *s))
+            .collect();
+        if self.sets.len() > 2 * live.len() + 4096 {
+            *self = Self::default();
         }
     }
 
@@ -313,14 +428,14 @@ impl<'w> Expander<'w> {
     /// `ports`: one entry per (peer, port entry), or per destination pod for a named port.
     fn expand(
         &mut self,
-        key: usize,
+        world: &World,
+        key: RuleId,
         to: Option<&[Peer]>,
         ports: Option<&[PortSpec]>,
     ) -> Rc<Expansion> {
         if let Some(hit) = self.cache.get(&key) {
             return Rc::clone(hit);
         }
-        let world = self.world;
         let everywhere = [IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())];
         let port_entries: Vec<Option<&PortSpec>> = match ports {
             None => vec![None],

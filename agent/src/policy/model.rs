@@ -416,6 +416,41 @@ impl World {
         out
     }
 
+    /// Whether a pod peer selects `pod` (for address blocks: false; they do not look at pods).
+    pub fn could_select(&self, peer: &Peer, pod: &PodInfo) -> bool {
+        let Peer::Pods { namespaces, pods } = peer else {
+            return false;
+        };
+        !pod.host_network
+            && pods.matches(&pod.labels)
+            && match namespaces {
+                Namespaces::Only(ns) => ns == &pod.namespace,
+                Namespaces::Matching(sel) => self
+                    .namespace_labels(&pod.namespace)
+                    .is_some_and(|labels| sel.matches(labels)),
+            }
+    }
+
+    /// Adds a pod, keeping the (namespace, name) order and the indices.
+    pub fn insert_pod(&mut self, pod: PodInfo) {
+        self.namespaces
+            .entry(pod.namespace.clone())
+            .or_insert_with(|| {
+                Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())])
+            });
+        let at = self
+            .pods
+            .partition_point(|p| (&p.namespace, &p.name) < (&pod.namespace, &pod.name));
+        self.pods.insert(at, pod);
+        self.pods_by_namespace.clear();
+        for (i, pod) in self.pods.iter().enumerate() {
+            self.pods_by_namespace
+                .entry(pod.namespace.clone())
+                .or_default()
+                .push(i);
+        }
+    }
+
     /// Whether an EgressPolicy's subject selects `pod`.
     pub fn subject_selects(&self, ep: &EgressPol, pod: &PodInfo) -> bool {
         ep.pods.as_ref().is_none_or(|s| s.matches(&pod.labels))
@@ -427,9 +462,14 @@ impl World {
 
     /// The NetworkPolicies that isolate `pod` for egress, in (namespace, name) order.
     pub fn isolating<'a>(&'a self, pod: &'a PodInfo) -> impl Iterator<Item = &'a NetPol> + 'a {
-        self.network_policies
+        // Sorted by (namespace, name): the pod's namespace is one run.
+        let start = self
+            .network_policies
+            .partition_point(|np| np.namespace < pod.namespace);
+        self.network_policies[start..]
             .iter()
-            .filter(move |np| np.namespace == pod.namespace && np.pod_selector.matches(&pod.labels))
+            .take_while(move |np| np.namespace == pod.namespace)
+            .filter(move |np| np.pod_selector.matches(&pod.labels))
     }
 }
 

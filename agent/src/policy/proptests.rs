@@ -304,3 +304,52 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// After a pod's labels change, the incremental compile decides every probe exactly as a
+    /// compile from scratch of the changed cluster.
+    #[test]
+    fn incremental_compile_after_label_change_equals_fresh_compile(
+        cluster in cluster(),
+        which in any::<prop::sample::Index>(),
+        app in prop::sample::select(&APPS[..]),
+        tier in any::<bool>(),
+        probes in prop::collection::vec(
+            (any::<prop::sample::Index>(), any::<prop::sample::Index>(),
+             prop::sample::select(&[6u8, 17][..]), prop::sample::select(&[53u16, 80, 81, 8080][..])),
+            30,
+        ),
+    ) {
+        let world = World::new(&cluster);
+        let options = CompileOptions::default();
+        let mut compiler = super::compile::Compiler::new(world.clone(), options.clone());
+        let _ = compiler.compile();
+        let mut pod = which.get(&world.pods).clone();
+        pod.labels.insert("app".into(), app.into());
+        if tier {
+            pod.labels.insert("tier".into(), "1".into());
+        } else {
+            pod.labels.remove("tier");
+        }
+        compiler.update_pod(pod.clone());
+        let incremental = compiler.compile();
+        let mut changed = world.clone();
+        let i = changed.pods.iter().position(|p| p.namespace == pod.namespace && p.name == pod.name).unwrap();
+        changed.pods[i] = pod;
+        let fresh = compile(&changed, &options);
+        let addresses: Vec<IpAddr> = changed.pods.iter().flat_map(|p| p.ips.iter().copied())
+            .chain(OUTSIDE.iter().map(|a| a.parse().unwrap())).collect();
+        for (from, to, protocol, port) in probes {
+            let pod = from.get(&changed.pods);
+            let key = (pod.namespace.clone(), pod.name.clone());
+            let dest = *to.get(&addresses);
+            let decide = |c: &super::compile::Compiled| {
+                let (_, d) = c.desired.lookup(c.endpoints[&key], dest, protocol, port).entry.unwrap();
+                (d.verdict, c.origin(d.rule).clone())
+            };
+            prop_assert_eq!(decide(&incremental), decide(&fresh), "{:?} -> {} {}/{}", key, dest, protocol, port);
+        }
+    }
+}

@@ -78,7 +78,7 @@ fn egress_policy(i: usize) -> Value {
         json!({"priority": 0, "subject": {"podSelector": {}}, "rules": [
             {"name": "metadata", "action": "Deny", "to": [{"networks": ["169.254.169.254/32"]}], "ports": [{"port": 80}]}]})
     } else {
-        json!({"priority": i % 1000, "mode": if i % 7 == 0 { "Audit" } else { "Enforce" },
+        json!({"priority": i % 1000, "mode": if i.is_multiple_of(7) { "Audit" } else { "Enforce" },
             "subject": {"namespaceSelector": {"matchLabels": {"team": team}}, "podSelector": {"matchLabels": {"tier": format!("{}", i % 3)}}},
             "rules": [
                 {"name": "monitoring", "action": "Allow", "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ns-001"}},
