@@ -140,10 +140,12 @@ impl Compiler {
         &self.world
     }
 
-    /// Replaces the whole cluster state: everything but rule, set and class ids is redone.
+    /// Replaces the whole cluster state (a policy was added, changed or removed). Every rule is
+    /// expanded again, but address sets keep their ids when their content is the same, so
+    /// classes keep theirs and the lowering reuses what did not change.
     pub fn set_world(&mut self, world: World) {
         self.world = world;
-        self.expander = Expander::default();
+        self.expander.cache.clear();
     }
 
     /// Adds or replaces one pod. A change of labels only invalidates the expansions of rules
@@ -168,7 +170,7 @@ impl Compiler {
             || old.host_network != new.host_network
             || old.node != new.node
         {
-            self.expander = Expander::default();
+            self.expander.cache.clear();
             return;
         }
         let world = &self.world;

@@ -353,3 +353,41 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(150))]
+
+    /// Whatever the change between two cluster states, a compiler that compiled the first and
+    /// is then given the second decides like a compile from scratch of the second: nothing
+    /// memoised leaks from one state into the other.
+    #[test]
+    fn recompile_after_any_change_equals_fresh_compile(
+        before in cluster(),
+        after in cluster(),
+        probes in prop::collection::vec(
+            (any::<prop::sample::Index>(), any::<prop::sample::Index>(),
+             prop::sample::select(&[6u8, 17, 132][..]), prop::sample::select(&[53u16, 80, 81, 8080, 9000][..])),
+            30,
+        ),
+    ) {
+        let options = CompileOptions::default();
+        let mut compiler = super::compile::Compiler::new(World::new(&before), options.clone());
+        let _ = compiler.compile();
+        let world = World::new(&after);
+        compiler.set_world(world.clone());
+        let recompiled = compiler.compile();
+        let fresh = compile(&world, &options);
+        let addresses: Vec<IpAddr> = world.pods.iter().flat_map(|p| p.ips.iter().copied())
+            .chain(OUTSIDE.iter().map(|a| a.parse().unwrap())).collect();
+        for (from, to, protocol, port) in probes {
+            let pod = from.get(&world.pods);
+            let key = (pod.namespace.clone(), pod.name.clone());
+            let dest = *to.get(&addresses);
+            let decide = |c: &super::compile::Compiled| {
+                let (_, d) = c.desired.lookup(c.endpoints[&key], dest, protocol, port).entry.unwrap();
+                (d.verdict, c.origin(d.rule).clone())
+            };
+            prop_assert_eq!(decide(&recompiled), decide(&fresh), "{:?} -> {} {}/{}", key, dest, protocol, port);
+        }
+    }
+}
