@@ -5,6 +5,8 @@
 //! and [`datapath::Datapath`] writes them and reads the kernel's counters back.
 
 pub mod datapath;
+pub mod local;
+pub mod pipeline;
 pub mod policy;
 pub mod rules_file;
 pub mod sys;

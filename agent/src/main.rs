@@ -79,6 +79,21 @@ enum Command {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Local mode: enforces the YAML policies of a config on local cgroups, follows edits of the
+    /// config and policy files (a broken edit is reported and changes nothing) and cgroups that
+    /// appear later, and prints the connections counted since the last report.
+    Run {
+        /// The config (workloads with their cgroups, policy files, baseline).
+        #[arg(long)]
+        config: PathBuf,
+        /// cgroup v2 directory the programs attach to when not attached yet; defaults to the
+        /// cgroup2 root. Relative workload cgroups are resolved against the cgroup2 root.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// Seconds between reports of recent connections; 0 turns them off.
+        #[arg(long, default_value_t = 2.0)]
+        report_interval: f64,
+    },
     /// Prints the EgressPolicy CustomResourceDefinition (`egret crd | kubectl apply -f -`).
     Crd,
     /// Prints the kernel's connection counters.
@@ -236,6 +251,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
             }
+        }
+        Command::Run {
+            config,
+            cgroup,
+            report_interval,
+        } => {
+            let source = egret::local::LocalSource::new(config);
+            let datapath = open(pin_dir, Some(cgroup))?;
+            report_mode(&datapath);
+            let options = egret::local::RunOptions {
+                report_every: (report_interval > 0.0)
+                    .then(|| std::time::Duration::from_secs_f64(report_interval)),
+                poll_every: std::time::Duration::from_millis(200),
+            };
+            egret::local::run(&source, datapath, &sys::cgroup2_mount()?, &options)?;
         }
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {

@@ -16,7 +16,10 @@ use k8s_openapi::api::{
 };
 use serde::de::DeserializeOwned;
 
-use super::crd::EgressPolicy;
+use super::{
+    crd::EgressPolicy,
+    model::{PolicyKind, PolicyRef},
+};
 
 /// The objects a compile starts from, keyed by (namespace, name) or name.
 #[derive(Clone, Debug, Default)]
@@ -25,6 +28,8 @@ pub struct Cluster {
     pub pods: BTreeMap<(String, String), Pod>,
     pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
     pub egress_policies: BTreeMap<String, EgressPolicy>,
+    /// The file each policy came from, to name it in errors.
+    pub sources: BTreeMap<PolicyRef, PathBuf>,
 }
 
 /// A document that could not be loaded.
@@ -77,6 +82,20 @@ impl Cluster {
             }
         }
         (cluster, errors)
+    }
+
+    /// The file `policy` was read from.
+    pub fn source_of(&self, policy: &PolicyRef) -> Option<&PathBuf> {
+        self.sources.get(policy)
+    }
+
+    /// The files [`Self::load`] reads for `paths`, in order.
+    pub fn files(paths: &[PathBuf]) -> Vec<PathBuf> {
+        let (mut files, mut errors) = (Vec::new(), Vec::new());
+        for path in paths {
+            collect_files(path, &mut files, &mut errors);
+        }
+        files
     }
 
     /// Adds the documents of one YAML text; `path` only names them in errors.
@@ -139,7 +158,16 @@ impl Cluster {
             }
             ("NetworkPolicy", "networking.k8s.io/v1") => {
                 let np: NetworkPolicy = decode(path, index, &kind, value)?;
-                self.network_policies.insert(key(&np.metadata), np);
+                let (namespace, name) = key(&np.metadata);
+                self.sources.insert(
+                    PolicyRef {
+                        kind: PolicyKind::NetworkPolicy,
+                        namespace: Some(namespace.clone()),
+                        name: name.clone(),
+                    },
+                    path.into(),
+                );
+                self.network_policies.insert((namespace, name), np);
             }
             ("EgressPolicy", "egret.dev/v1alpha1") => {
                 let ep: EgressPolicy = decode(path, index, &kind, value)?;

@@ -135,6 +135,11 @@ impl Compiler {
         }
     }
 
+    /// The options it compiles with.
+    pub fn options(&self) -> &CompileOptions {
+        &self.options
+    }
+
     /// The validated cluster the compiler works on.
     pub fn world(&self) -> &World {
         &self.world

@@ -1,0 +1,395 @@
+//! Local mode: the same YAML policies, enforced on local cgroups instead of Kubernetes pods.
+//! The config names the workloads (namespace, labels and the cgroup they live in) and the
+//! policy files; [`LocalSource::load`] turns them into the same `World` the Kubernetes source
+//! gives, so compile, datapath and telemetry are shared.
+//!
+//! ```yaml
+//! baseline: allow            # or deny (REGISTRY_ONLY-style)
+//! policies: [policies/]      # files or directories, relative to this file
+//! workloads:
+//! - name: web
+//!   namespace: shop
+//!   labels: {app: web}
+//!   cgroup: system.slice/web.service   # relative to the cgroup2 mount, or absolute; globs work
+//!   ips: [192.0.2.20]                  # optional: where others reach it (for pod selectors)
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    hash::{Hash as _, Hasher as _},
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{
+    datapath::{EndpointId, Verdict},
+    policy::{
+        cluster::{Cluster, LoadError},
+        model::World,
+    },
+    sys,
+};
+
+/// Errors of local mode; each names the file, and the object and field where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error("failed to read config {}", path.display())]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {}: {message}", path.display())]
+    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{}: {invalid}", path.as_deref().map_or_else(|| "<unknown file>".to_owned(), |p| p.display().to_string()))]
+    Invalid {
+        path: Option<PathBuf>,
+        invalid: crate::policy::model::InvalidPolicy,
+    },
+}
+
+/// The config file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Verdict for workloads no NetworkPolicy isolates.
+    #[serde(default = "allow")]
+    pub baseline: Verdict,
+    /// Policy files or directories (Namespace, NetworkPolicy, EgressPolicy YAML).
+    #[serde(default)]
+    pub policies: Vec<PathBuf>,
+    pub workloads: Vec<Workload>,
+}
+
+fn allow() -> Verdict {
+    Verdict::Allow
+}
+
+/// A local workload: what policies see as a pod.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    pub name: String,
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// cgroup v2 directory (or glob), absolute or relative to the cgroup2 mount.
+    pub cgroup: String,
+    /// Addresses the workload is reached at, for pod-selector peers.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+/// Everything one load produced.
+pub struct Loaded {
+    pub config: Config,
+    pub world: World,
+    /// Fingerprint of every file read, to notice edits.
+    pub fingerprint: u64,
+}
+
+/// Reads the config and its policy files.
+pub struct LocalSource {
+    config_path: PathBuf,
+}
+
+impl LocalSource {
+    pub fn new(config_path: PathBuf) -> Self {
+        Self { config_path }
+    }
+
+    /// Loads everything. `Err` holds every problem found; a caller that enforces already keeps
+    /// what it enforces.
+    pub fn load(&self) -> Result<Loaded, Vec<LocalError>> {
+        let path = &self.config_path;
+        let text = std::fs::read_to_string(path).map_err(|source| {
+            vec![LocalError::ReadConfig {
+                path: path.clone(),
+                source,
+            }]
+        })?;
+        let config: Config = serde_yaml::from_str(&text).map_err(|e| {
+            vec![LocalError::Config {
+                path: path.clone(),
+                message: e.to_string(),
+            }]
+        })?;
+        // Taken before reading the policies: an edit during the load changes the fingerprint
+        // the next poll sees, so it is not missed.
+        let fingerprint = self.fingerprint(&config);
+        let base = path.parent().unwrap_or(Path::new("."));
+        let policy_paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
+        let (mut cluster, errors) = Cluster::load(&policy_paths);
+        let mut problems: Vec<LocalError> = errors.into_iter().map(LocalError::from).collect();
+        for w in &config.workloads {
+            let pod = json!({
+                "metadata": {"name": w.name, "namespace": w.namespace, "labels": w.labels},
+                "status": {"podIPs": w.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()}
+            });
+            match serde_json::from_value(pod) {
+                Ok(pod) => {
+                    cluster
+                        .pods
+                        .insert((w.namespace.clone(), w.name.clone()), pod);
+                }
+                Err(e) => problems.push(LocalError::Config {
+                    path: path.clone(),
+                    message: format!("workload {}/{}: {e}", w.namespace, w.name),
+                }),
+            }
+        }
+        let world = World::new(&cluster);
+        problems.extend(world.invalid.iter().map(|invalid| LocalError::Invalid {
+            path: cluster.source_of(&invalid.object).cloned(),
+            invalid: invalid.clone(),
+        }));
+        if problems.is_empty() {
+            Ok(Loaded {
+                config,
+                world,
+                fingerprint,
+            })
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Fingerprint of the config and policy files as they are now (cheap enough to poll).
+    pub fn fingerprint(&self, config: &Config) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        if let Ok(text) = std::fs::read_to_string(&self.config_path) {
+            text.hash(&mut hasher);
+        }
+        let base = self.config_path.parent().unwrap_or(Path::new("."));
+        let paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
+        for file in Cluster::files(&paths) {
+            if let Ok(content) = std::fs::read(&file) {
+                file.hash(&mut hasher);
+                content.hash(&mut hasher);
+            }
+        }
+        hasher.finish()
+    }
+}
+
+/// The cgroups of each workload as they exist now: cgroup id -> endpoint id. A workload whose
+/// cgroup does not exist (yet) has none; a glob may give several.
+pub fn resolve_cgroups(
+    config: &Config,
+    endpoints: &BTreeMap<(String, String), EndpointId>,
+    cgroup_root: &Path,
+) -> BTreeMap<u64, EndpointId> {
+    let mut out = BTreeMap::new();
+    for w in &config.workloads {
+        let Some(endpoint) = endpoints.get(&(w.namespace.clone(), w.name.clone())) else {
+            continue;
+        };
+        let pattern = if Path::new(&w.cgroup).is_absolute() {
+            PathBuf::from(&w.cgroup)
+        } else {
+            cgroup_root.join(&w.cgroup)
+        };
+        let Ok(matches) = glob::glob(&pattern.to_string_lossy()) else {
+            tracing::warn!(workload = %w.name, cgroup = %w.cgroup, "invalid cgroup glob");
+            continue;
+        };
+        for dir in matches.flatten() {
+            match sys::cgroup_id(&dir) {
+                Ok(id) => {
+                    out.insert(id, *endpoint);
+                }
+                Err(err) => tracing::warn!(workload = %w.name, cgroup = %dir.display(), "{err}"),
+            }
+        }
+    }
+    out
+}
+
+/// Options of `egret run` beside the config.
+pub struct RunOptions {
+    /// How often to print the connections counted since the last report; `None`: never.
+    pub report_every: Option<std::time::Duration>,
+    /// How often to look for edited files and new cgroups.
+    pub poll_every: std::time::Duration,
+}
+
+/// Runs local mode until the process is stopped: enforces the config, then follows edits of the
+/// config and policy files and the appearance of workload cgroups. A change that does not load
+/// is reported and leaves the enforced policy as it was.
+pub fn run(
+    source: &LocalSource,
+    datapath: crate::datapath::Datapath,
+    cgroup_root: &Path,
+    options: &RunOptions,
+) -> anyhow::Result<()> {
+    use std::time::Instant;
+
+    let loaded = source.load().map_err(|problems| {
+        for p in &problems {
+            tracing::error!("{p}");
+        }
+        anyhow::anyhow!(
+            "{} problem(s) in the config or policies; nothing changed",
+            problems.len()
+        )
+    })?;
+    let compile_options = |config: &Config| crate::policy::compile::CompileOptions {
+        baseline: config.baseline,
+        node: None,
+    };
+    let mut config = loaded.config;
+    let mut fingerprint = loaded.fingerprint;
+    let mut pipeline =
+        crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config));
+    let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
+    let changes = pipeline.enforce(cgroups)?;
+    tracing::info!(
+        workloads = config.workloads.len(),
+        cgroups = pipeline.cgroups().len(),
+        entries = pipeline.compiled().desired.len(),
+        changes = changes.len(),
+        "policy enforced"
+    );
+    let mut report = Report::new(pipeline.datapath());
+    let mut last_report = Instant::now();
+    loop {
+        std::thread::sleep(options.poll_every);
+        let mut dirty = false;
+        let now = source.fingerprint(&config);
+        if now != fingerprint {
+            fingerprint = now;
+            match source.load() {
+                Ok(loaded) => {
+                    config = loaded.config;
+                    fingerprint = loaded.fingerprint;
+                    pipeline.set_world_with(loaded.world, compile_options(&config));
+                    dirty = true;
+                    tracing::info!("reloaded config and policies");
+                }
+                Err(problems) => {
+                    for p in &problems {
+                        tracing::error!("{p}");
+                    }
+                    tracing::error!(
+                        problems = problems.len(),
+                        "reload rejected; the policy enforced before stays enforced"
+                    );
+                }
+            }
+        }
+        let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
+        if dirty || &cgroups != pipeline.cgroups() {
+            match pipeline.enforce(cgroups) {
+                Ok(changes) => tracing::info!(
+                    cgroups = pipeline.cgroups().len(),
+                    entries = pipeline.compiled().desired.len(),
+                    changes = changes.len(),
+                    "policy enforced"
+                ),
+                Err(err) => tracing::error!(
+                    "failed to enforce: {err:#}; the previous policy stays enforced"
+                ),
+            }
+        }
+        if let Some(every) = options.report_every
+            && last_report.elapsed() >= every
+        {
+            last_report = Instant::now();
+            report.print(&pipeline);
+        }
+    }
+}
+
+/// Prints what was counted since the last report: one line per workload, destination,
+/// protocol, verdict and deciding policy.
+struct Report {
+    last: BTreeMap<(EndpointId, u32, Option<IpAddr>, u8, Verdict), u64>,
+}
+
+impl Report {
+    fn new(datapath: &crate::datapath::Datapath) -> Self {
+        let mut report = Self {
+            last: BTreeMap::new(),
+        };
+        // Counts from before this process (pinned across restarts) are not "recent".
+        report.deltas(datapath);
+        report
+    }
+
+    fn deltas(
+        &mut self,
+        datapath: &crate::datapath::Datapath,
+    ) -> Vec<(EndpointId, u32, Option<IpAddr>, u8, Verdict, u64)> {
+        let Ok(counters) = datapath.counters() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for s in counters.samples {
+            let key = (s.endpoint, s.rule, s.destination, s.protocol, s.verdict);
+            let before = self.last.insert(key, s.attempts).unwrap_or(0);
+            if s.attempts > before {
+                out.push((
+                    s.endpoint,
+                    s.rule,
+                    s.destination,
+                    s.protocol,
+                    s.verdict,
+                    s.attempts - before,
+                ));
+            }
+        }
+        out
+    }
+
+    fn print(&mut self, pipeline: &crate::pipeline::Pipeline) {
+        let deltas = self.deltas(pipeline.datapath());
+        if deltas.is_empty() {
+            return;
+        }
+        let compiled = pipeline.compiled();
+        let workloads: BTreeMap<EndpointId, String> = compiled
+            .endpoints
+            .iter()
+            .map(|((ns, name), id)| (*id, format!("{ns}/{name}")))
+            .collect();
+        println!(
+            "{:<20} {:<28} {:<5} {:<12} {:>8}  POLICY",
+            "WORKLOAD", "DESTINATION", "PROTO", "VERDICT", "ATTEMPTS"
+        );
+        for (endpoint, rule, destination, protocol, verdict, n) in deltas {
+            let answer = crate::policy::explain::Answer::new(
+                verdict,
+                compiled.origin(rule),
+                compiled.baseline,
+                "",
+            );
+            let policy = match (&answer.policy, &answer.rule) {
+                (Some(p), Some(r)) => format!("{p} rule {r}"),
+                (Some(p), None) => format!("{p} (isolation)"),
+                (None, _) => "default".into(),
+            };
+            let protocol = crate::policy::model::Protocol::from_number(protocol)
+                .map_or_else(|| protocol.to_string(), |p| p.to_string());
+            println!(
+                "{:<20} {:<28} {:<5} {:<12} {:>8}  {policy}",
+                workloads.get(&endpoint).map_or("?", String::as_str),
+                destination.map_or_else(|| "other".to_owned(), |d| d.to_string()),
+                protocol,
+                verdict.counter_label(),
+                n,
+            );
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+    }
+}

@@ -1,0 +1,271 @@
+//! End-to-end test of local mode: `egret run` enforcing YAML policies on sandbox cgroups, with
+//! hot reload. Needs root, like every test here.
+#![expect(
+    clippy::expect_used,
+    reason = "a test fails by panicking with what it expected"
+)]
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use egret::datapath::{Datapath, DatapathConfig, Verdict};
+use egret_tests::{
+    probe::{Outcome, egret_binary},
+    sandbox::{Pod, Sandbox},
+};
+
+const NETPOL_443: &str = "\
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: restrict, namespace: shop}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 192.0.2.0/24}}]
+    ports: [{port: 443}]
+";
+
+const METADATA: &str = "\
+apiVersion: egret.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: metadata}
+spec:
+  priority: 0
+  subject: {podSelector: {}}
+  rules:
+  - {name: imds, action: Deny, to: [{networks: [192.0.2.254/32]}]}
+";
+
+struct Agent {
+    child: Child,
+    stderr: PathBuf,
+    stdout: PathBuf,
+}
+
+impl Agent {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` `count` times.
+    fn wait_log(&self, needle: &str, count: usize, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "egret run never logged {needle:?} x{count}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn connect(sandbox: &Sandbox, pod: &Pod, cgroup: Option<&Path>, target: &str) -> Outcome {
+    sandbox
+        .probe(pod, cgroup, &["connect", target, "--timeout-ms", "500"])
+        .expect("probe")
+        .first()
+        .map(|a| a.outcome)
+        .expect("one attempt")
+}
+
+/// Probes until `target` gives `want`; returns how long it took, failing after `within`.
+fn until(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    cgroup: Option<&Path>,
+    target: &str,
+    want: Outcome,
+    within: Duration,
+    attempts: &mut u64,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = connect(sandbox, pod, cgroup, target);
+        *attempts += 1;
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{target} still {got:?} after {:?}, wanted {want:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn egret_run_enforces_reloads_rejects_broken_files_and_keeps_counters() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("web").expect("pod");
+    let addrs: Vec<IpAddr> = ["192.0.2.10", "192.0.2.254"]
+        .iter()
+        .map(|a| a.parse().expect("ip"))
+        .collect();
+    let host = sandbox.add_host("ext", &addrs).expect("host");
+    let _listeners: Vec<_> = ["192.0.2.10:443", "192.0.2.10:80", "192.0.2.254:443"]
+        .iter()
+        .map(|a| {
+            sandbox
+                .listen_tcp(&host, a.parse().expect("addr"))
+                .expect("listen")
+        })
+        .collect();
+
+    let dir = std::env::temp_dir().join(format!("{}-local", sandbox.id()));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("dirs");
+    std::fs::write(policies.join("netpol.yaml"), NETPOL_443).expect("write");
+    std::fs::write(policies.join("metadata.yaml"), METADATA).expect("write");
+    let late_cgroup = sandbox.cgroup().join("late");
+    let config = format!(
+        "baseline: allow\npolicies: [policies]\nworkloads:\n\
+         - {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n\
+         - {{name: late, namespace: shop, labels: {{app: late}}, cgroup: {}}}\n",
+        pod.cgroup.display(),
+        late_cgroup.display()
+    );
+    std::fs::write(dir.join("egret.yaml"), config).expect("write config");
+
+    let agent = Agent {
+        stderr: dir.join("stderr.log"),
+        stdout: dir.join("stdout.log"),
+        child: Command::new(egret_binary())
+            .arg("--pin-dir")
+            .arg(sandbox.pin_dir())
+            .args(["run", "--report-interval", "0.3", "--cgroup"])
+            .arg(sandbox.cgroup())
+            .arg("--config")
+            .arg(dir.join("egret.yaml"))
+            .stdout(std::fs::File::create(dir.join("stdout.log")).expect("log"))
+            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("log"))
+            .spawn()
+            .expect("spawn egret run"),
+    };
+    agent.wait_log("policy enforced", 1, Duration::from_secs(20));
+    let mut to_10 = 0u64;
+
+    // Enforcement per the policies: NetworkPolicy allows 443 only; the EgressPolicy denies the
+    // metadata-style address even on 443, which the NetworkPolicy allows.
+    assert_eq!(
+        connect(&sandbox, &pod, None, "192.0.2.10:443"),
+        Outcome::Connected
+    );
+    assert_eq!(
+        connect(&sandbox, &pod, None, "192.0.2.10:80"),
+        Outcome::Denied
+    );
+    to_10 += 2;
+    assert_eq!(
+        connect(&sandbox, &pod, None, "192.0.2.254:443"),
+        Outcome::Denied
+    );
+
+    // An edit takes effect within a second.
+    std::fs::write(
+        policies.join("netpol.yaml"),
+        NETPOL_443.replace("ports: [{port: 443}]", "ports: [{port: 443}, {port: 80}]"),
+    )
+    .expect("edit");
+    let took = until(
+        &sandbox,
+        &pod,
+        None,
+        "192.0.2.10:80",
+        Outcome::Connected,
+        Duration::from_secs(1),
+        &mut to_10,
+    );
+    eprintln!("edit took effect after {took:?}");
+
+    // A broken file is reported with file, object and field; the previous policy stays.
+    std::fs::write(
+        policies.join("zz-broken.yaml"),
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: broken, namespace: shop}\n\
+         spec:\n  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 192.0.2.0/33}}]\n",
+    )
+    .expect("write broken");
+    let log = agent.wait_log("reload rejected", 1, Duration::from_secs(1));
+    assert!(
+        log.contains("zz-broken.yaml: NetworkPolicy shop/broken: spec.egress[0].to[0].ipBlock.cidr: invalid CIDR"),
+        "{log}"
+    );
+    assert_eq!(
+        connect(&sandbox, &pod, None, "192.0.2.10:80"),
+        Outcome::Connected,
+        "previous policy still enforced"
+    );
+    assert_eq!(
+        connect(&sandbox, &pod, None, "192.0.2.10:443"),
+        Outcome::Connected
+    );
+    to_10 += 2;
+    assert_eq!(
+        connect(&sandbox, &pod, None, "192.0.2.254:443"),
+        Outcome::Denied
+    );
+    std::fs::remove_file(policies.join("zz-broken.yaml")).expect("remove broken");
+
+    // A workload whose cgroup appears after the start is picked up.
+    sandbox.add_unmanaged_cgroup("late").expect("late cgroup");
+    until(
+        &sandbox,
+        &pod,
+        Some(&late_cgroup),
+        "192.0.2.254:443",
+        Outcome::Denied,
+        Duration::from_secs(1),
+        &mut 0,
+    );
+
+    // Counters continued across the reloads: every attempt to 192.0.2.10 is counted once.
+    let dp = Datapath::open(&DatapathConfig {
+        pin_dir: sandbox.pin_dir().into(),
+        cgroup: None,
+    })
+    .expect("adopt");
+    let ten: IpAddr = "192.0.2.10".parse().expect("ip");
+    let counters = dp.counters().expect("counters");
+    let counted: u64 = counters
+        .samples
+        .iter()
+        .filter(|s| s.destination == Some(ten))
+        .map(|s| s.attempts)
+        .sum();
+    assert_eq!(counted, to_10, "{counters:?}");
+    let blocked: u64 = counters
+        .samples
+        .iter()
+        .filter(|s| s.destination == Some(ten) && s.verdict == Verdict::Deny)
+        .map(|s| s.attempts)
+        .sum();
+    assert!(blocked >= 1);
+
+    // The report names workload, destination, verdict and deciding policy.
+    std::thread::sleep(Duration::from_millis(700));
+    let report = std::fs::read_to_string(&agent.stdout).unwrap_or_default();
+    let line = report
+        .lines()
+        .find(|l| l.contains("shop/web") && l.contains("192.0.2.254") && l.contains("blocked"))
+        .unwrap_or_else(|| panic!("no report line for the blocked metadata address:\n{report}"));
+    assert!(line.contains("EgressPolicy metadata rule imds"), "{line}");
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
