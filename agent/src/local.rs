@@ -393,3 +393,71 @@ impl Report {
         let _ = std::io::stdout().flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::compile::{CompileOptions, compile};
+
+    #[test]
+    fn example_config_loads_and_means_what_it_says() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/local/egret.yaml");
+        let loaded = LocalSource::new(path).load().unwrap_or_else(|problems| {
+            panic!(
+                "{}",
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            )
+        });
+        assert_eq!(loaded.config.workloads.len(), 3);
+        let compiled = compile(&loaded.world, &CompileOptions::default());
+        let decide = |from: (&str, &str), to: &str, port: u16| {
+            let endpoint = compiled.endpoints[&(from.0.to_owned(), from.1.to_owned())];
+            let (_, d) = compiled
+                .desired
+                .lookup(endpoint, to.parse().unwrap(), 6, port)
+                .entry
+                .unwrap();
+            let answer = crate::policy::explain::Answer::new(
+                d.verdict,
+                compiled.origin(d.rule),
+                compiled.baseline,
+                to,
+            );
+            (d.verdict, answer.policy.map(|p| p.to_string()))
+        };
+        let some = |s: &str| Some(s.to_owned());
+        assert_eq!(
+            decide(("shop", "web"), "192.0.2.10", 443),
+            (Verdict::Allow, some("NetworkPolicy shop/allow-payments"))
+        );
+        assert_eq!(
+            decide(("shop", "web"), "203.0.113.10", 443).0,
+            Verdict::Deny
+        );
+        assert_eq!(
+            decide(("shop", "api"), "192.0.2.10", 443),
+            (Verdict::Deny, some("NetworkPolicy shop/default-deny"))
+        );
+        assert_eq!(
+            decide(("batch", "worker"), "192.0.2.10", 443),
+            (Verdict::Allow, some("EgressPolicy allow-internal"))
+        );
+        assert_eq!(
+            decide(("batch", "worker"), "192.0.2.254", 80),
+            (Verdict::Deny, some("EgressPolicy block-metadata"))
+        );
+        assert_eq!(
+            decide(("shop", "web"), "192.0.2.254", 443),
+            (Verdict::Deny, some("EgressPolicy block-metadata"))
+        );
+        assert_eq!(
+            decide(("batch", "worker"), "203.0.113.10", 443),
+            (Verdict::Audit, some("EgressPolicy audit-internet"))
+        );
+    }
+}

@@ -1,18 +1,24 @@
-//! The demo behind `cargo xtask run`: a sandbox with one test pod and two simulated external
-//! hosts, `egret apply` enforcing a rules file on it through the real CLI, a prober making
-//! allowed and denied connections, and a table of the outcomes beside the kernel's counters.
+//! The demo behind `cargo xtask run`: a sandbox "cluster" (pods `shop/web`, `shop/api` and
+//! `batch/worker`, and external hosts on TEST-NET addresses), `egret run` enforcing the example
+//! policies of `manifests/examples/local/` on it, and traffic each round. egret prints the
+//! connections it counted with their verdict and deciding policy.
 
 use std::{
+    io::{BufRead as _, BufReader},
     net::IpAddr,
-    process::Command,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use egret_tests::{
-    probe::{Attempt, egret_binary},
-    sandbox::Sandbox,
+    probe::egret_binary,
+    sandbox::{Pod, Sandbox},
 };
 
 use crate::{cargo, setup::run as run_command};
@@ -23,21 +29,49 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
-/// The destinations the prober tries each round, and what egret should say to each.
-const PROBES: [(&str, &str, &str); 4] = [
+/// Each round: (pod, destination, what egret should say and why).
+const TRAFFIC: [(&str, &str, &str); 7] = [
     (
-        "tcp",
+        "web",
         "192.0.2.10:443",
-        "allowed: the one external host and port the rules allow",
+        "passthrough: shop/allow-payments lets web reach the payments API",
     ),
-    ("tcp", "192.0.2.10:80", "blocked: same host, other port"),
+    ("web", "203.0.113.10:443", "blocked: shop is default-deny"),
     (
-        "tcp",
-        "203.0.113.10:443",
-        "blocked: unknown destination (default deny)",
+        "api",
+        "192.0.2.10:443",
+        "blocked: only web may reach payments",
     ),
-    ("udp", "192.0.2.53:53", "allowed: DNS"),
+    (
+        "worker",
+        "192.0.2.10:443",
+        "passthrough: allow-internal (priority 100)",
+    ),
+    (
+        "worker",
+        "192.0.2.254:80",
+        "blocked: block-metadata (priority 0) beats allow-internal",
+    ),
+    (
+        "web",
+        "192.0.2.254:443",
+        "blocked: block-metadata, for every workload",
+    ),
+    (
+        "worker",
+        "203.0.113.10:443",
+        "audit: audit-internet would deny it; allowed and counted",
+    ),
 ];
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 pub fn run(once: bool) -> anyhow::Result<()> {
     run_command(cargo().args([
@@ -49,67 +83,144 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         "egret-tests",
         "--bins",
     ]))?;
+    let examples = Path::new("manifests/examples/local")
+        .canonicalize()
+        .context("run `cargo xtask run` from the repository root")?;
     // The sandbox finds egret-probe and egret beside this binary, in cargo's target directory.
     let mut sandbox = Sandbox::new().context("failed to create the demo sandbox")?;
-    let pod = sandbox.add_pod("web")?;
-    let hosts: Vec<IpAddr> = ["192.0.2.10", "192.0.2.53", "203.0.113.10"]
+    let pods = [
+        sandbox.add_pod("web")?,
+        sandbox.add_pod("api")?,
+        sandbox.add_pod("worker")?,
+    ];
+    let hosts: Vec<IpAddr> = ["192.0.2.10", "192.0.2.254", "203.0.113.10"]
         .iter()
         .filter_map(|a| a.parse().ok())
         .collect();
     let host = sandbox.add_host("internet", &hosts)?;
-    let _https = sandbox.listen_tcp(&host, "192.0.2.10:443".parse()?)?;
-    let _http = sandbox.listen_tcp(&host, "192.0.2.10:80".parse()?)?;
-    let _other = sandbox.listen_tcp(&host, "203.0.113.10:443".parse()?)?;
-    let _dns = sandbox.bind_udp(&host, "192.0.2.53:53".parse()?)?;
+    let _listeners = [
+        "192.0.2.10:443",
+        "192.0.2.254:80",
+        "192.0.2.254:443",
+        "203.0.113.10:443",
+    ]
+    .iter()
+    .map(|a| {
+        sandbox
+            .listen_tcp(&host, a.parse()?)
+            .map_err(anyhow::Error::from)
+    })
+    .collect::<anyhow::Result<Vec<_>>>()?;
 
-    let rules = serde_json::json!({"endpoints": [{
-    "cgroup": pod.cgroup, "id": 1, "default": "deny",
-    "rules": [
-        {"to": ["192.0.2.10/32"], "l4": {"ports": {"protocol": 6, "first": 443, "last": 443}},
-         "action": {"verdict": "allow", "rule": 1}},
-        {"to": ["192.0.2.53/32"], "l4": {"ports": {"protocol": 17, "first": 53, "last": 53}},
-         "action": {"verdict": "allow", "rule": 2}}
-    ]}]});
-    let rules_path = std::env::temp_dir().join(format!("{}-rules.json", sandbox.id()));
-    std::fs::write(&rules_path, serde_json::to_string_pretty(&rules)?)?;
-    let egret = |args: &[&str]| -> Command {
-        let mut command = Command::new(egret_binary());
-        command.arg("--pin-dir").arg(sandbox.pin_dir()).args(args);
-        command
+    let dir = std::env::temp_dir().join(format!("{}-demo", sandbox.id()));
+    std::fs::create_dir_all(&dir)?;
+    let workload = |pod: &Pod, namespace: &str| {
+        format!(
+            "- {{name: {}, namespace: {namespace}, labels: {{app: {}}}, cgroup: {}, ips: [{}]}}\n",
+            pod.name,
+            pod.name,
+            pod.cgroup.display(),
+            pod.ipv4
+        )
     };
-    run_command(
-        egret(&["apply", "--cgroup"])
-            .arg(sandbox.cgroup())
-            .arg("--rules")
-            .arg(&rules_path),
-    )?;
+    let config = format!(
+        "# Written by `cargo xtask run`: the example policies, on the sandbox's cgroups.\n\
+         baseline: allow\npolicies: [{}]\nworkloads:\n{}{}{}",
+        examples.join("policies").display(),
+        workload(&pods[0], "shop"),
+        workload(&pods[1], "shop"),
+        workload(&pods[2], "batch"),
+    );
+    let config_path = dir.join("egret.yaml");
+    std::fs::write(&config_path, config)?;
+    let log_path = dir.join("egret.log");
+
+    let mut child = Command::new(egret_binary())
+        .arg("--pin-dir")
+        .arg(sandbox.pin_dir())
+        .args([
+            "run",
+            "--report-interval",
+            if once { "0.3" } else { "2" },
+            "--cgroup",
+        ])
+        .arg(sandbox.cgroup())
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()
+        .context("failed to start egret run")?;
+    let stdout = child.stdout.take().context("egret stdout")?;
+    let agent = Agent(child);
+    // egret's reports go to our stdout as they come; `--once` waits for the first one.
+    let reported = Arc::new(Mutex::new(Vec::<String>::new()));
+    let sink = Arc::clone(&reported);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("{line}");
+            sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("policy enforced")
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "egret run did not start:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     println!(
-        "\negret demo: pod `web` ({}) in cgroup {}",
-        pod.ipv4,
-        pod.cgroup.display()
+        "\negret demo: `egret run --config {}`",
+        config_path.display()
     );
     println!(
-        "rules ({}): default deny; allow 192.0.2.10:443/tcp and 192.0.2.53:53/udp\n",
-        rules_path.display()
+        "policies: {} (see the comments in each file)",
+        examples.join("policies").display()
     );
+    println!(
+        "egret's log: {}; metrics are not served yet (the telemetry issue adds them)\n",
+        log_path.display()
+    );
+    println!("traffic each round:");
+    for (pod, target, why) in TRAFFIC {
+        println!("  {pod:<7} -> {target:<18} {why}");
+    }
+    println!();
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
     loop {
-        print_round(&sandbox, &pod)?;
-        let counters = egret(&["counters"]).output().context("egret counters")?;
-        println!(
-            "kernel counters (egret counters --pin-dir {}):",
-            sandbox.pin_dir().display()
-        );
-        print!("{}", String::from_utf8_lossy(&counters.stdout));
-        if once || STOP.load(Ordering::SeqCst) {
+        for (name, target, _) in TRAFFIC {
+            let pod = pods.iter().find(|p| p.name == name).context("demo pod")?;
+            sandbox.probe(pod, None, &["connect", target, "--timeout-ms", "500"])?;
+        }
+        if once {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !reported
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|l| l.contains("audit"))
+            {
+                if Instant::now() > deadline {
+                    bail!(
+                        "egret reported no connections; its log is {}",
+                        log_path.display()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
             break;
         }
-        println!("\n(next round in 3 s; Ctrl-C removes the sandbox and exits)\n");
         for _ in 0..30 {
             std::thread::sleep(Duration::from_millis(100));
             if STOP.load(Ordering::SeqCst) {
@@ -120,26 +231,8 @@ pub fn run(once: bool) -> anyhow::Result<()> {
             break;
         }
     }
-    let _ = std::fs::remove_file(&rules_path);
-    println!("removing the sandbox");
-    Ok(())
-}
-
-fn print_round(sandbox: &Sandbox, pod: &egret_tests::sandbox::Pod) -> anyhow::Result<()> {
-    println!("{:<6} {:<20} {:<10} WHY", "PROTO", "DESTINATION", "OUTCOME");
-    for (protocol, target, why) in PROBES {
-        let mode = if protocol == "tcp" { "connect" } else { "udp" };
-        let attempts: Vec<Attempt> =
-            sandbox.probe(pod, None, &[mode, target, "--timeout-ms", "500"])?;
-        for attempt in attempts {
-            let outcome = serde_json::to_value(attempt.outcome)?;
-            println!(
-                "{:<6} {:<20} {:<10} {why}",
-                protocol,
-                target,
-                outcome.as_str().unwrap_or("?")
-            );
-        }
-    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\nremoving the sandbox");
     Ok(())
 }

@@ -81,6 +81,8 @@ fn test() -> anyhow::Result<()> {
     // test` alone builds only test harnesses for them.
     run(cargo().args(["build", "--bins"]))?;
     run(cargo().args(["test", "--no-fail-fast"]))?;
+    step("the demo, one round (`cargo xtask run --once`)");
+    demo::run(true)?;
     Ok(())
 }
 
