@@ -80,10 +80,54 @@ fn test() -> anyhow::Result<()> {
     // The end-to-end tests run the `egret` and `egret-probe` binaries as a user would; `cargo
     // test` alone builds only test harnesses for them.
     run(cargo().args(["build", "--bins"]))?;
-    run(cargo().args(["test", "--no-fail-fast"]))?;
+    let (passed, failed) = cargo_test()?;
     step("the demo, one round (`cargo xtask run --once`)");
     demo::run(true)?;
+    // One closing line for the whole run: cargo's own last lines are per test binary.
+    println!("\n{passed} passed, {failed} failed");
+    if failed > 0 {
+        anyhow::bail!("{failed} test(s) failed");
+    }
     Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and adds up its `test result:` lines.
+fn cargo_test() -> anyhow::Result<(u64, u64)> {
+    use std::io::BufRead as _;
+    let mut child = cargo()
+        .args(["test", "--no-fail-fast"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("cargo test stdout"))?;
+    let (mut passed, mut failed) = (0, 0);
+    for line in std::io::BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 12 passed; 0 failed; 0 ignored; ..."
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        anyhow::bail!("cargo test failed: {status}");
+    }
+    Ok((passed, failed))
 }
 
 fn codegen() -> anyhow::Result<()> {
