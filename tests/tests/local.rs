@@ -18,28 +18,18 @@ use egret_tests::{
     sandbox::{Pod, Sandbox},
 };
 
-const NETPOL_443: &str = "\
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: restrict, namespace: shop}
-spec:
-  podSelector: {}
-  policyTypes: [Egress]
-  egress:
-  - to: [{ipBlock: {cidr: 192.0.2.0/24}}]
-    ports: [{port: 443}]
-";
-
-const METADATA: &str = "\
-apiVersion: egret.dev/v1alpha1
-kind: EgressPolicy
-metadata: {name: metadata}
-spec:
-  priority: 0
-  subject: {podSelector: {}}
-  rules:
-  - {name: imds, action: Deny, to: [{networks: [192.0.2.254/32]}]}
-";
+/// The example policies the README walks through, copied so the test can edit them.
+fn copy_example_policies(to: &Path) {
+    let examples =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/local/policies");
+    std::fs::create_dir_all(to).expect("policies dir");
+    for entry in std::fs::read_dir(&examples)
+        .expect("example policies")
+        .flatten()
+    {
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy policy");
+    }
+}
 
 struct Agent {
     child: Child,
@@ -112,34 +102,41 @@ fn until(
 }
 
 #[test]
-fn egret_run_enforces_reloads_rejects_broken_files_and_keeps_counters() {
+fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_counters() {
     let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
-    let pod = sandbox.add_pod("web").expect("pod");
-    let addrs: Vec<IpAddr> = ["192.0.2.10", "192.0.2.254"]
+    let web = sandbox.add_pod("web").expect("pod");
+    let worker = sandbox.add_pod("worker").expect("pod");
+    let addrs: Vec<IpAddr> = ["192.0.2.10", "192.0.2.254", "203.0.113.10"]
         .iter()
         .map(|a| a.parse().expect("ip"))
         .collect();
     let host = sandbox.add_host("ext", &addrs).expect("host");
-    let _listeners: Vec<_> = ["192.0.2.10:443", "192.0.2.10:80", "192.0.2.254:443"]
-        .iter()
-        .map(|a| {
-            sandbox
-                .listen_tcp(&host, a.parse().expect("addr"))
-                .expect("listen")
-        })
-        .collect();
+    let _listeners: Vec<_> = [
+        "192.0.2.10:443",
+        "192.0.2.10:80",
+        "192.0.2.254:80",
+        "192.0.2.254:443",
+        "203.0.113.10:443",
+    ]
+    .iter()
+    .map(|a| {
+        sandbox
+            .listen_tcp(&host, a.parse().expect("addr"))
+            .expect("listen")
+    })
+    .collect();
 
     let dir = std::env::temp_dir().join(format!("{}-local", sandbox.id()));
     let policies = dir.join("policies");
-    std::fs::create_dir_all(&policies).expect("dirs");
-    std::fs::write(policies.join("netpol.yaml"), NETPOL_443).expect("write");
-    std::fs::write(policies.join("metadata.yaml"), METADATA).expect("write");
+    copy_example_policies(&policies);
     let late_cgroup = sandbox.cgroup().join("late");
     let config = format!(
         "baseline: allow\npolicies: [policies]\nworkloads:\n\
          - {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n\
+         - {{name: worker, namespace: batch, labels: {{app: worker}}, cgroup: {}}}\n\
          - {{name: late, namespace: shop, labels: {{app: late}}, cgroup: {}}}\n",
-        pod.cgroup.display(),
+        web.cgroup.display(),
+        worker.cgroup.display(),
         late_cgroup.display()
     );
     std::fs::write(dir.join("egret.yaml"), config).expect("write config");
@@ -162,31 +159,60 @@ fn egret_run_enforces_reloads_rejects_broken_files_and_keeps_counters() {
     agent.wait_log("policy enforced", 1, Duration::from_secs(20));
     let mut to_10 = 0u64;
 
-    // Enforcement per the policies: NetworkPolicy allows 443 only; the EgressPolicy denies the
-    // metadata-style address even on 443, which the NetworkPolicy allows.
+    // Enforcement per the example policies.
     assert_eq!(
-        connect(&sandbox, &pod, None, "192.0.2.10:443"),
-        Outcome::Connected
+        connect(&sandbox, &web, None, "192.0.2.10:443"),
+        Outcome::Connected,
+        "shop/allow-payments"
     );
     assert_eq!(
-        connect(&sandbox, &pod, None, "192.0.2.10:80"),
-        Outcome::Denied
+        connect(&sandbox, &web, None, "192.0.2.10:80"),
+        Outcome::Denied,
+        "shop is default-deny"
     );
     to_10 += 2;
     assert_eq!(
-        connect(&sandbox, &pod, None, "192.0.2.254:443"),
-        Outcome::Denied
+        connect(&sandbox, &web, None, "203.0.113.10:443"),
+        Outcome::Denied,
+        "shop is default-deny"
+    );
+    assert_eq!(
+        connect(&sandbox, &web, None, "192.0.2.254:443"),
+        Outcome::Denied,
+        "block-metadata"
+    );
+    assert_eq!(
+        connect(&sandbox, &worker, None, "192.0.2.10:80"),
+        Outcome::Connected,
+        "allow-internal"
+    );
+    to_10 += 1;
+    assert_eq!(
+        connect(&sandbox, &worker, None, "192.0.2.254:80"),
+        Outcome::Denied,
+        "block-metadata (priority 0) over allow-internal (priority 100)"
+    );
+    assert_eq!(
+        connect(&sandbox, &worker, None, "203.0.113.10:443"),
+        Outcome::Connected,
+        "audit only"
     );
 
     // An edit takes effect within a second.
+    let file = policies.join("shop-default-deny.yaml");
+    let text = std::fs::read_to_string(&file).expect("read");
+    assert!(text.contains("ports: [{protocol: TCP, port: 443}]"));
     std::fs::write(
-        policies.join("netpol.yaml"),
-        NETPOL_443.replace("ports: [{port: 443}]", "ports: [{port: 443}, {port: 80}]"),
+        &file,
+        text.replace(
+            "ports: [{protocol: TCP, port: 443}]",
+            "ports: [{protocol: TCP, port: 443}, {protocol: TCP, port: 80}]",
+        ),
     )
     .expect("edit");
     let took = until(
         &sandbox,
-        &pod,
+        &web,
         None,
         "192.0.2.10:80",
         Outcome::Connected,
@@ -208,28 +234,28 @@ fn egret_run_enforces_reloads_rejects_broken_files_and_keeps_counters() {
         "{log}"
     );
     assert_eq!(
-        connect(&sandbox, &pod, None, "192.0.2.10:80"),
+        connect(&sandbox, &web, None, "192.0.2.10:80"),
         Outcome::Connected,
         "previous policy still enforced"
     );
     assert_eq!(
-        connect(&sandbox, &pod, None, "192.0.2.10:443"),
+        connect(&sandbox, &web, None, "192.0.2.10:443"),
         Outcome::Connected
     );
     to_10 += 2;
     assert_eq!(
-        connect(&sandbox, &pod, None, "192.0.2.254:443"),
+        connect(&sandbox, &web, None, "192.0.2.254:443"),
         Outcome::Denied
     );
     std::fs::remove_file(policies.join("zz-broken.yaml")).expect("remove broken");
 
-    // A workload whose cgroup appears after the start is picked up.
+    // A workload whose cgroup appears after the start is picked up (shop is default-deny).
     sandbox.add_unmanaged_cgroup("late").expect("late cgroup");
     until(
         &sandbox,
-        &pod,
+        &web,
         Some(&late_cgroup),
-        "192.0.2.254:443",
+        "203.0.113.10:443",
         Outcome::Denied,
         Duration::from_secs(1),
         &mut 0,
@@ -261,11 +287,38 @@ fn egret_run_enforces_reloads_rejects_broken_files_and_keeps_counters() {
     // The report names workload, destination, verdict and deciding policy.
     std::thread::sleep(Duration::from_millis(700));
     let report = std::fs::read_to_string(&agent.stdout).unwrap_or_default();
-    let line = report
-        .lines()
-        .find(|l| l.contains("shop/web") && l.contains("192.0.2.254") && l.contains("blocked"))
-        .unwrap_or_else(|| panic!("no report line for the blocked metadata address:\n{report}"));
-    assert!(line.contains("EgressPolicy metadata rule imds"), "{line}");
+    let has = |workload: &str, dest: &str, verdict: &str, policy: &str| {
+        report.lines().any(|l| {
+            l.contains(workload) && l.contains(dest) && l.contains(verdict) && l.contains(policy)
+        })
+    };
+    assert!(
+        has(
+            "shop/web",
+            "192.0.2.254",
+            "blocked",
+            "EgressPolicy block-metadata rule metadata"
+        ),
+        "{report}"
+    );
+    assert!(
+        has(
+            "batch/worker",
+            "203.0.113.10",
+            "audit",
+            "EgressPolicy audit-internet rule public-internet"
+        ),
+        "{report}"
+    );
+    assert!(
+        has(
+            "shop/web",
+            "192.0.2.10",
+            "passthrough",
+            "NetworkPolicy shop/allow-payments rule egress[0]"
+        ),
+        "{report}"
+    );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
