@@ -532,38 +532,31 @@ impl Datapath {
     /// Entries and capacity of each map, for fill ratios.
     pub fn usage(&self) -> Vec<MapUsage> {
         use egret_common::capacity;
-        vec![
-            MapUsage {
-                name: map_names::ENDPOINTS,
-                entries: self.endpoints.keys().count() as u32,
-                capacity: capacity::ENDPOINTS,
-            },
-            MapUsage {
-                name: map_names::ADDR4,
-                entries: self.addr4.keys().count() as u32,
-                capacity: capacity::ADDR4,
-            },
-            MapUsage {
-                name: map_names::ADDR6,
-                entries: self.addr6.keys().count() as u32,
-                capacity: capacity::ADDR6,
-            },
-            MapUsage {
-                name: map_names::POLICY,
-                entries: self.policy.keys().count() as u32,
-                capacity: capacity::POLICY,
-            },
-            MapUsage {
-                name: map_names::COUNTERS,
-                entries: self.counters.keys().count() as u32,
-                capacity: capacity::COUNTERS,
-            },
-            MapUsage {
-                name: map_names::COUNTERS_OVERFLOW,
-                entries: self.counters_overflow.keys().count() as u32,
-                capacity: capacity::COUNTERS_OVERFLOW,
-            },
+        // Each map's own key type: count through each, then label alike.
+        let entries = [
+            self.endpoints.keys().count(),
+            self.addr4.keys().count(),
+            self.addr6.keys().count(),
+            self.policy.keys().count(),
+            self.counters.keys().count(),
+            self.counters_overflow.keys().count(),
+        ];
+        [
+            (map_names::ENDPOINTS, capacity::ENDPOINTS),
+            (map_names::ADDR4, capacity::ADDR4),
+            (map_names::ADDR6, capacity::ADDR6),
+            (map_names::POLICY, capacity::POLICY),
+            (map_names::COUNTERS, capacity::COUNTERS),
+            (map_names::COUNTERS_OVERFLOW, capacity::COUNTERS_OVERFLOW),
         ]
+        .into_iter()
+        .zip(entries)
+        .map(|((name, capacity), entries)| MapUsage {
+            name,
+            entries: entries as u32,
+            capacity,
+        })
+        .collect()
     }
 }
 

@@ -622,22 +622,26 @@ fn ip_block(cidr: &str, except: &[String], at: &str) -> FieldResult<Peer> {
 }
 
 fn ports(ports: Option<&[NetworkPolicyPort]>, at: &str) -> FieldResult<Option<Vec<PortSpec>>> {
-    match ports {
-        None | Some([]) => Ok(None),
-        Some(list) => list
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                port(
-                    p.protocol.as_deref(),
-                    p.port.as_ref(),
-                    p.end_port,
-                    &format!("{at}[{i}]"),
-                )
-            })
-            .collect::<FieldResult<Vec<_>>>()
-            .map(Some),
+    let entries = ports.unwrap_or_default().iter();
+    port_list(
+        entries.map(|p| (p.protocol.as_deref(), p.port.as_ref(), p.end_port)),
+        at,
+    )
+}
+
+/// Port entries of either kind of policy; none means every port.
+fn port_list<'a>(
+    entries: impl ExactSizeIterator<Item = (Option<&'a str>, Option<&'a IntOrString>, Option<i32>)>,
+    at: &str,
+) -> FieldResult<Option<Vec<PortSpec>>> {
+    if entries.len() == 0 {
+        return Ok(None);
     }
+    entries
+        .enumerate()
+        .map(|(i, (protocol, number, end))| port(protocol, number, end, &format!("{at}[{i}]")))
+        .collect::<FieldResult<Vec<_>>>()
+        .map(Some)
 }
 
 fn port(
@@ -796,21 +800,11 @@ fn egress_peer(peer: &EgressPeer, at: &str) -> FieldResult<Vec<Peer>> {
 }
 
 fn egress_ports(list: &[EgressPort], at: &str) -> FieldResult<Option<Vec<PortSpec>>> {
-    if list.is_empty() {
-        return Ok(None);
-    }
-    list.iter()
-        .enumerate()
-        .map(|(i, p)| {
-            port(
-                p.protocol.as_deref(),
-                p.port.as_ref(),
-                p.end_port,
-                &format!("{at}[{i}]"),
-            )
-        })
-        .collect::<FieldResult<Vec<_>>>()
-        .map(Some)
+    port_list(
+        list.iter()
+            .map(|p| (p.protocol.as_deref(), p.port.as_ref(), p.end_port)),
+        at,
+    )
 }
 
 #[cfg(test)]
