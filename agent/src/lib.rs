@@ -10,3 +10,4 @@ pub mod pipeline;
 pub mod policy;
 pub mod rules_file;
 pub mod sys;
+pub mod telemetry;

@@ -64,6 +64,24 @@ pub struct Config {
     #[serde(default)]
     pub policies: Vec<PathBuf>,
     pub workloads: Vec<Workload>,
+    /// Where to serve Prometheus metrics; none: not served.
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// The `metrics` section.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct MetricsConfig {
+    /// Address of `/metrics`, `/healthz` and `/readyz` (port 0: any free port, logged).
+    pub address: std::net::SocketAddr,
+    /// Destination IPs with their own series; the rest count under `destination_ip="other"`.
+    #[serde(default = "default_budget")]
+    pub max_destination_series: usize,
+}
+
+fn default_budget() -> usize {
+    1000
 }
 
 fn allow() -> Verdict {
@@ -249,10 +267,32 @@ pub fn run(
     };
     let mut config = loaded.config;
     let mut fingerprint = loaded.fingerprint;
+    // Metrics are served from the start (`/readyz` says when policy is written); the address is
+    // read once, at start.
+    let metrics = match &config.metrics {
+        Some(m) => {
+            let shared = std::sync::Arc::new(crate::telemetry::server::Shared {
+                telemetry: std::sync::Mutex::new(crate::telemetry::Telemetry::new(
+                    m.max_destination_series,
+                )?),
+                ready: std::sync::atomic::AtomicBool::new(false),
+            });
+            let addr = crate::telemetry::server::serve(m.address, std::sync::Arc::clone(&shared))?;
+            tracing::info!(address = %addr, "serving metrics on /metrics, /healthz, /readyz");
+            Some(shared)
+        }
+        None => None,
+    };
     let mut pipeline =
         crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config));
     let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
     let changes = pipeline.enforce(cgroups)?;
+    if let Some(shared) = &metrics {
+        record_sync(shared, &pipeline, true);
+        shared
+            .ready
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
     tracing::info!(
         workloads = config.workloads.len(),
         cgroups = pipeline.cgroups().len(),
@@ -274,11 +314,34 @@ pub fn run(
                     fingerprint = loaded.fingerprint;
                     pipeline.set_world_with(loaded.world, compile_options(&config));
                     dirty = true;
+                    if let Some(shared) = &metrics {
+                        shared
+                            .telemetry
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .rejected(&BTreeMap::new());
+                    }
                     tracing::info!("reloaded config and policies");
                 }
                 Err(problems) => {
                     for p in &problems {
                         tracing::error!("{p}");
+                    }
+                    if let Some(shared) = &metrics {
+                        let mut by_reason = BTreeMap::new();
+                        for p in &problems {
+                            let reason = if matches!(p, LocalError::Invalid { .. }) {
+                                "invalid"
+                            } else {
+                                "unreadable"
+                            };
+                            *by_reason.entry(reason).or_insert(0) += 1;
+                        }
+                        shared
+                            .telemetry
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .rejected(&by_reason);
                     }
                     tracing::error!(
                         problems = problems.len(),
@@ -289,7 +352,11 @@ pub fn run(
         }
         let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
         if dirty || &cgroups != pipeline.cgroups() {
-            match pipeline.enforce(cgroups) {
+            let result = pipeline.enforce(cgroups);
+            if let Some(shared) = &metrics {
+                record_sync(shared, &pipeline, result.is_ok());
+            }
+            match result {
                 Ok(changes) => tracing::info!(
                     cgroups = pipeline.cgroups().len(),
                     entries = pipeline.compiled().desired.len(),
@@ -301,6 +368,9 @@ pub fn run(
                 ),
             }
         }
+        if let Some(shared) = &metrics {
+            drain(shared, &pipeline);
+        }
         if let Some(every) = options.report_every
             && last_report.elapsed() >= every
         {
@@ -308,6 +378,61 @@ pub fn run(
             report.print(&pipeline);
         }
     }
+}
+
+/// Records a policy write in the health metrics.
+fn record_sync(
+    shared: &crate::telemetry::server::Shared,
+    pipeline: &crate::pipeline::Pipeline,
+    ok: bool,
+) {
+    let telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
+    if ok {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        telemetry.synced(i64::try_from(now).unwrap_or(i64::MAX));
+    } else {
+        telemetry.sync_failed();
+    }
+    telemetry.usage(&pipeline.datapath().usage());
+    let links =
+        std::fs::read_dir(pipeline.datapath().pin_dir().join("links")).map_or(0, |d| d.count());
+    telemetry.attached(links);
+}
+
+/// Moves what the kernel counted since the last drain into the metrics.
+fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::Pipeline) {
+    let counters = match pipeline.datapath().counters() {
+        Ok(counters) => counters,
+        Err(err) => {
+            tracing::warn!("failed to read counters: {err}");
+            return;
+        }
+    };
+    let compiled = pipeline.compiled();
+    let sources: BTreeMap<EndpointId, crate::telemetry::Source> = compiled
+        .endpoints
+        .iter()
+        .map(|((namespace, workload), id)| {
+            (
+                *id,
+                crate::telemetry::Source {
+                    namespace: namespace.clone(),
+                    workload: workload.clone(),
+                },
+            )
+        })
+        .collect();
+    shared
+        .telemetry
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .drain(
+            &counters,
+            |endpoint| sources.get(&endpoint).cloned(),
+            |rule| compiled.origin(rule).policy_label(),
+        );
 }
 
 /// Prints what was counted since the last report: one line per workload, destination,

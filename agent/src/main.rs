@@ -122,6 +122,8 @@ enum Output {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colours only for a terminal; log files and CI get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EGRET_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

@@ -134,7 +134,8 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
         "baseline: allow\npolicies: [policies]\nworkloads:\n\
          - {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n\
          - {{name: worker, namespace: batch, labels: {{app: worker}}, cgroup: {}}}\n\
-         - {{name: late, namespace: shop, labels: {{app: late}}, cgroup: {}}}\n",
+         - {{name: late, namespace: shop, labels: {{app: late}}, cgroup: {}}}\n\
+         metrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n",
         web.cgroup.display(),
         worker.cgroup.display(),
         late_cgroup.display()
@@ -319,6 +320,59 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
         ),
         "{report}"
     );
+
+    // The same counts as Prometheus metrics, labelled by workload and deciding policy.
+    let log = agent.log();
+    let address = log
+        .lines()
+        .find(|l| l.contains("serving metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
+        .to_owned();
+    assert!(http_get(&address, "/readyz").starts_with("HTTP/1.1 200"));
+    let metrics = http_get(&address, "/metrics");
+    let series = |needles: &[&str]| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("egret_egress_connections_total{")
+                    && needles.iter().all(|n| l.contains(n))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(
+        series(&["destination_ip=\"192.0.2.10\""]),
+        to_10,
+        "{metrics}"
+    );
+    assert_eq!(
+        series(&[
+            "verdict=\"audit\"",
+            "destination_ip=\"203.0.113.10\"",
+            "source_namespace=\"batch\"",
+            "source_workload=\"worker\"",
+            "policy=\"EgressPolicy audit-internet\"",
+            "protocol=\"TCP\"",
+        ]),
+        1,
+        "{metrics}"
+    );
+    assert!(metrics.contains("egret_programs_attached 4"), "{metrics}");
+    assert!(
+        metrics.contains("egret_policies_rejected{reason=\"invalid\"} 0"),
+        "{metrics}"
+    );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn http_get(address: &str, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: egret\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
 }

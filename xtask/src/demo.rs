@@ -125,7 +125,7 @@ pub fn run(once: bool) -> anyhow::Result<()> {
     };
     let config = format!(
         "# Written by `cargo xtask run`: the example policies, on the sandbox's cgroups.\n\
-         baseline: allow\npolicies: [{}]\nworkloads:\n{}{}{}",
+         baseline: allow\npolicies: [{}]\nmetrics: {{address: 127.0.0.1:0}}\nworkloads:\n{}{}{}",
         examples.join("policies").display(),
         workload(&pods[0], "shop"),
         workload(&pods[1], "shop"),
@@ -184,10 +184,14 @@ pub fn run(once: bool) -> anyhow::Result<()> {
         "policies: {} (see the comments in each file)",
         examples.join("policies").display()
     );
-    println!(
-        "egret's log: {}; metrics are not served yet (the telemetry issue adds them)\n",
-        log_path.display()
-    );
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let metrics = log
+        .lines()
+        .find(|l| l.contains("serving metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .unwrap_or("?");
+    println!("egret's log: {}", log_path.display());
+    println!("metrics: http://{metrics}/metrics (also /healthz, /readyz)\n");
     println!("traffic each round:");
     for (pod, target, why) in TRAFFIC {
         println!("  {pod:<7} -> {target:<18} {why}");

@@ -35,6 +35,23 @@ pub enum Origin {
     Isolation { namespace: String, name: String },
 }
 
+impl Origin {
+    /// The `policy` label of metrics and logs: `EgressPolicy name`, `NetworkPolicy ns/name`,
+    /// or `default` for the baseline.
+    pub fn policy_label(&self) -> String {
+        match self {
+            Self::Baseline => "default".into(),
+            Self::EgressRule { policy, .. } => format!("EgressPolicy {policy}"),
+            Self::NetworkPolicyRule {
+                namespace, name, ..
+            }
+            | Self::Isolation { namespace, name } => {
+                format!("NetworkPolicy {namespace}/{name}")
+            }
+        }
+    }
+}
+
 /// The answer for one connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Answer {

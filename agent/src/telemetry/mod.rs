@@ -1,0 +1,342 @@
+//! Telemetry: the kernel's per-destination counters as Prometheus metrics, with a cardinality
+//! budget, plus the agent's health, served on `/metrics` beside `/healthz` and `/readyz`.
+//! `docs/metrics.md` lists every metric and label.
+
+pub mod server;
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
+};
+
+use prometheus::{
+    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::datapath::{Counters, EndpointId, MapUsage, RuleId, Verdict};
+
+/// Label value of destinations past the series budget, and of attempts the kernel counted
+/// without their destination.
+pub const OTHER: &str = "other";
+
+/// Who made a connection and what decided it, for labels.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub namespace: String,
+    pub workload: String,
+}
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("failed to register metric {name}")]
+    Register {
+        name: &'static str,
+        #[source]
+        source: prometheus::Error,
+    },
+}
+
+/// The metrics and what the last drain saw.
+pub struct Telemetry {
+    registry: Registry,
+    connections: IntCounterVec,
+    overflow: IntCounter,
+    lost: IntCounterVec,
+    sync_errors: IntCounter,
+    rejected: IntGaugeVec,
+    map_entries: IntGaugeVec,
+    map_capacity: IntGaugeVec,
+    last_sync: IntGauge,
+    programs_attached: IntGauge,
+    /// At most this many destination IPs get their own series.
+    budget: usize,
+    destinations: HashSet<IpAddr>,
+    /// Kernel counter values at the last drain, by (endpoint, rule, destination, protocol,
+    /// verdict); kernel counters only grow, so the difference is what is new.
+    seen: HashMap<(EndpointId, RuleId, Option<IpAddr>, u8, Verdict), u64>,
+    seen_lost: [u64; 3],
+}
+
+impl Telemetry {
+    /// Metrics with a budget of `max_destination_series` destination IPs.
+    pub fn new(max_destination_series: usize) -> Result<Self, TelemetryError> {
+        let registry = Registry::new();
+        let register = |name: &'static str, c: Box<dyn prometheus::core::Collector>| {
+            registry
+                .register(c)
+                .map_err(|source| TelemetryError::Register { name, source })
+        };
+        let counter_vec = |name: &'static str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)
+                .map_err(|source| TelemetryError::Register { name, source })?;
+            register(name, Box::new(c.clone()))?;
+            Ok::<_, TelemetryError>(c)
+        };
+        let gauge_vec = |name: &'static str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels)
+                .map_err(|source| TelemetryError::Register { name, source })?;
+            register(name, Box::new(g.clone()))?;
+            Ok::<_, TelemetryError>(g)
+        };
+        let counter = |name: &'static str, help: &str| {
+            let c = IntCounter::new(name, help)
+                .map_err(|source| TelemetryError::Register { name, source })?;
+            register(name, Box::new(c.clone()))?;
+            Ok::<_, TelemetryError>(c)
+        };
+        let gauge = |name: &'static str, help: &str| {
+            let g = IntGauge::new(name, help)
+                .map_err(|source| TelemetryError::Register { name, source })?;
+            register(name, Box::new(g.clone()))?;
+            Ok::<_, TelemetryError>(g)
+        };
+        Ok(Self {
+            connections: counter_vec(
+                "egret_egress_connections_total",
+                "Outbound connection attempts (connect, or one datagram) by verdict: blocked (BlackHole), passthrough (allowed) or audit (allowed; an Audit policy would deny).",
+                &[
+                    "verdict",
+                    "destination_ip",
+                    "protocol",
+                    "source_namespace",
+                    "source_workload",
+                    "policy",
+                ],
+            )?,
+            overflow: counter(
+                "egret_metrics_destinations_overflow_total",
+                "Attempts counted under destination_ip=\"other\": past the destination series budget, or counted by the kernel without their destination.",
+            )?,
+            lost: counter_vec(
+                "egret_kernel_counter_lost_total",
+                "Attempts the kernel could count in neither counter map, by verdict.",
+                &["verdict"],
+            )?,
+            sync_errors: counter(
+                "egret_policy_sync_errors_total",
+                "Policy writes to the kernel that failed.",
+            )?,
+            rejected: gauge_vec(
+                "egret_policies_rejected",
+                "Objects left out of the last load, by reason (unreadable: not YAML or wrong shape; invalid: failed validation).",
+                &["reason"],
+            )?,
+            map_entries: gauge_vec("egret_map_entries", "Entries in each kernel map.", &["map"])?,
+            map_capacity: gauge_vec(
+                "egret_map_capacity",
+                "Maximum entries of each kernel map.",
+                &["map"],
+            )?,
+            last_sync: gauge(
+                "egret_last_successful_sync_timestamp_seconds",
+                "Unix time of the last successful policy write.",
+            )?,
+            programs_attached: gauge(
+                "egret_programs_attached",
+                "Kernel programs attached through pinned links (4 when enforcing).",
+            )?,
+            registry,
+            budget: max_destination_series,
+            destinations: HashSet::new(),
+            seen: HashMap::new(),
+            seen_lost: [0; 3],
+        })
+    }
+
+    /// Adds what the kernel counted since the last drain. `source` names the endpoint and
+    /// `policy` the rule, for labels. The first drain of a restarted agent adds everything the
+    /// pinned counters hold, so the metrics continue where the kernel is.
+    pub fn drain(
+        &mut self,
+        counters: &Counters,
+        source: impl Fn(EndpointId) -> Option<Source>,
+        policy: impl Fn(RuleId) -> String,
+    ) {
+        for s in &counters.samples {
+            let key = (s.endpoint, s.rule, s.destination, s.protocol, s.verdict);
+            let before = self.seen.insert(key, s.attempts).unwrap_or(0);
+            let delta = s.attempts.saturating_sub(before);
+            if delta == 0 {
+                continue;
+            }
+            let destination = match s.destination {
+                Some(ip) if self.destinations.contains(&ip) => ip.to_string(),
+                Some(ip) if self.destinations.len() < self.budget => {
+                    self.destinations.insert(ip);
+                    ip.to_string()
+                }
+                _ => {
+                    self.overflow.inc_by(delta);
+                    OTHER.to_owned()
+                }
+            };
+            let who = source(s.endpoint).unwrap_or_else(|| Source {
+                namespace: String::new(),
+                workload: format!("endpoint-{}", s.endpoint),
+            });
+            let protocol = crate::policy::model::Protocol::from_number(s.protocol)
+                .map_or_else(|| s.protocol.to_string(), |p| p.to_string());
+            self.connections
+                .with_label_values(&[
+                    s.verdict.counter_label(),
+                    destination.as_str(),
+                    protocol.as_str(),
+                    who.namespace.as_str(),
+                    who.workload.as_str(),
+                    policy(s.rule).as_str(),
+                ])
+                .inc_by(delta);
+        }
+        for (i, verdict) in [Verdict::Allow, Verdict::Deny, Verdict::Audit]
+            .into_iter()
+            .enumerate()
+        {
+            let delta = counters.lost[i].saturating_sub(self.seen_lost[i]);
+            self.seen_lost[i] = counters.lost[i];
+            if delta > 0 {
+                self.lost
+                    .with_label_values(&[verdict.counter_label()])
+                    .inc_by(delta);
+            }
+        }
+    }
+
+    /// Records a successful policy write at `unix_seconds`.
+    pub fn synced(&self, unix_seconds: i64) {
+        self.last_sync.set(unix_seconds);
+    }
+
+    /// Records a failed policy write.
+    pub fn sync_failed(&self) {
+        self.sync_errors.inc();
+    }
+
+    /// Objects left out of the last load, by reason.
+    pub fn rejected(&self, by_reason: &BTreeMap<&'static str, usize>) {
+        for reason in ["unreadable", "invalid"] {
+            let n = by_reason.get(reason).copied().unwrap_or(0);
+            self.rejected.with_label_values(&[reason]).set(n as i64);
+        }
+    }
+
+    /// Map fill.
+    pub fn usage(&self, usage: &[MapUsage]) {
+        for u in usage {
+            self.map_entries
+                .with_label_values(&[u.name])
+                .set(i64::from(u.entries));
+            self.map_capacity
+                .with_label_values(&[u.name])
+                .set(i64::from(u.capacity));
+        }
+    }
+
+    /// Programs attached.
+    pub fn attached(&self, programs: usize) {
+        self.programs_attached.set(programs as i64);
+    }
+
+    /// Number of distinct destination IPs with their own series.
+    pub fn destination_series(&self) -> usize {
+        self.destinations.len()
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding to a Vec only fails on invalid metric families, which registration rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::CounterSample;
+
+    fn sample(dest: Option<IpAddr>, verdict: Verdict, attempts: u64) -> CounterSample {
+        CounterSample {
+            endpoint: 1,
+            rule: 0,
+            destination: dest,
+            protocol: 6,
+            verdict,
+            attempts,
+        }
+    }
+
+    fn source(_: EndpointId) -> Option<Source> {
+        Some(Source {
+            namespace: "shop".into(),
+            workload: "web".into(),
+        })
+    }
+
+    fn value(text: &str, needle: &str) -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with("egret_egress_connections_total{") && l.contains(needle))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn drains_deltas_and_never_decreases() {
+        let mut t = Telemetry::new(10).unwrap();
+        let ip: IpAddr = "192.0.2.10".parse().unwrap();
+        let mut counters = Counters {
+            samples: vec![sample(Some(ip), Verdict::Deny, 3)],
+            lost: [0; 3],
+        };
+        t.drain(&counters, source, |_| "default".into());
+        t.drain(&counters, source, |_| "default".into());
+        let text = t.encode();
+        assert_eq!(
+            value(&text, "destination_ip=\"192.0.2.10\""),
+            Some(3),
+            "{text}"
+        );
+        assert!(text.contains("verdict=\"blocked\"") && text.contains("source_workload=\"web\""));
+        counters.samples[0].attempts = 5;
+        t.drain(&counters, source, |_| "default".into());
+        assert_eq!(value(&t.encode(), "destination_ip=\"192.0.2.10\""), Some(5));
+    }
+
+    #[test]
+    fn destinations_past_the_budget_go_to_other_and_are_counted() {
+        let mut t = Telemetry::new(1000).unwrap();
+        let samples: Vec<CounterSample> = (0..100_000u32)
+            .map(|i| {
+                sample(
+                    Some(IpAddr::V6(std::net::Ipv6Addr::from(
+                        0x2001_0db8_u128 << 96 | u128::from(i),
+                    ))),
+                    Verdict::Deny,
+                    1,
+                )
+            })
+            .chain(std::iter::once(sample(None, Verdict::Deny, 7)))
+            .collect();
+        t.drain(
+            &Counters {
+                samples,
+                lost: [0; 3],
+            },
+            source,
+            |_| "default".into(),
+        );
+        let text = t.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("egret_egress_connections_total{"))
+            .count();
+        assert_eq!(t.destination_series(), 1000);
+        assert_eq!(series, 1001, "1000 destinations and `other`");
+        assert_eq!(value(&text, "destination_ip=\"other\""), Some(99_000 + 7));
+        assert!(
+            text.contains("egret_metrics_destinations_overflow_total 99007"),
+            "{text}"
+        );
+    }
+}
