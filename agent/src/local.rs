@@ -285,8 +285,14 @@ pub fn run(
     };
     let mut pipeline =
         crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config));
+    let names = std::sync::Arc::new(std::sync::Mutex::new(NameSnapshot::default()));
+    match crate::datapath::EventReader::open(pipeline.datapath().pin_dir()) {
+        Ok(reader) => spawn_deny_log(reader, std::sync::Arc::clone(&names), metrics.clone())?,
+        Err(err) => tracing::warn!("no deny log: {err}"),
+    }
     let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
     let changes = pipeline.enforce(cgroups)?;
+    *names.lock().unwrap_or_else(|e| e.into_inner()) = NameSnapshot::of(pipeline.compiled());
     if let Some(shared) = &metrics {
         record_sync(shared, &pipeline, true);
         shared
@@ -356,6 +362,10 @@ pub fn run(
             if let Some(shared) = &metrics {
                 record_sync(shared, &pipeline, result.is_ok());
             }
+            if result.is_ok() {
+                *names.lock().unwrap_or_else(|e| e.into_inner()) =
+                    NameSnapshot::of(pipeline.compiled());
+            }
             match result {
                 Ok(changes) => tracing::info!(
                     cgroups = pipeline.cgroups().len(),
@@ -378,6 +388,114 @@ pub fn run(
             report.print(&pipeline);
         }
     }
+}
+
+/// What the deny log needs to name a source and a rule, as of the last enforced compile.
+#[derive(Default)]
+struct NameSnapshot {
+    workloads: BTreeMap<EndpointId, (String, String)>,
+    origins: Vec<crate::policy::explain::Origin>,
+}
+
+impl NameSnapshot {
+    fn of(compiled: &crate::policy::compile::Compiled) -> Self {
+        Self {
+            workloads: compiled
+                .endpoints
+                .iter()
+                .map(|((ns, name), id)| (*id, (ns.clone(), name.clone())))
+                .collect(),
+            origins: compiled.origins.clone(),
+        }
+    }
+}
+
+/// Writes the deny log to stdout from a thread that sleeps in the ring buffer's `poll`.
+fn spawn_deny_log(
+    mut reader: crate::datapath::EventReader,
+    names: std::sync::Arc<std::sync::Mutex<NameSnapshot>>,
+    metrics: Option<std::sync::Arc<crate::telemetry::server::Shared>>,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    std::thread::Builder::new()
+        .name("deny-log".into())
+        .spawn(move || {
+            let mut log = crate::telemetry::denylog::DenyLog::default();
+            let mut reported_suppressed = 0;
+            loop {
+                let events = reader.wait(std::time::Duration::from_millis(500));
+                if !events.is_empty() {
+                    let now = std::time::Instant::now();
+                    let time = rfc3339(std::time::SystemTime::now());
+                    let snapshot = names.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut out = std::io::stdout().lock();
+                    for event in &events {
+                        let (namespace, workload) = snapshot
+                            .workloads
+                            .get(&event.endpoint_id)
+                            .cloned()
+                            .unwrap_or_else(|| {
+                                (String::new(), format!("endpoint-{}", event.endpoint_id))
+                            });
+                        let origin = snapshot
+                            .origins
+                            .get(event.rule_id as usize)
+                            .cloned()
+                            .unwrap_or(crate::policy::explain::Origin::Baseline);
+                        let rule = match &origin {
+                            crate::policy::explain::Origin::EgressRule { rule, .. } => {
+                                Some(rule.clone())
+                            }
+                            crate::policy::explain::Origin::NetworkPolicyRule { rule, .. } => {
+                                Some(format!("egress[{rule}]"))
+                            }
+                            _ => None,
+                        };
+                        let names = crate::telemetry::denylog::Names {
+                            namespace,
+                            workload,
+                            policy: origin.policy_label(),
+                            rule,
+                        };
+                        if let Some(line) = log.line(event, now, &time, &names) {
+                            let _ = writeln!(out, "{line}");
+                        }
+                    }
+                    let _ = out.flush();
+                }
+                if let Some(shared) = &metrics {
+                    let telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
+                    telemetry.deny_log(log.suppressed - reported_suppressed, reader.lost());
+                    reported_suppressed = log.suppressed;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// `2026-11-24T10:43:00.123Z`, without a date library (civil-from-days, H. Hinnant).
+fn rfc3339(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
 }
 
 /// Records a policy write in the health metrics.
@@ -523,6 +641,15 @@ impl Report {
 mod tests {
     use super::*;
     use crate::policy::compile::{CompileOptions, compile};
+
+    #[test]
+    fn formats_rfc3339_utc() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_516_980_123);
+        assert_eq!(rfc3339(t), "2026-11-24T10:43:00.123Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
 
     #[test]
     fn example_config_loads_and_means_what_it_says() {

@@ -25,9 +25,13 @@ pub mod map_names {
     pub const COUNTERS_OVERFLOW: &str = "EGRET_COUNTERS_OVERFLOW";
     /// Attempts that found room in neither counter map, per verdict.
     pub const COUNTERS_LOST: &str = "EGRET_COUNTERS_LOST";
+    /// Ring buffer of [`super::DecisionEvent`]s for blocked and audit attempts (the deny log).
+    pub const EVENTS: &str = "EGRET_EVENTS";
+    /// Events the ring buffer had no room for.
+    pub const EVENTS_LOST: &str = "EGRET_EVENTS_LOST";
 
     /// Every map the object must hold.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -36,6 +40,8 @@ pub mod map_names {
         COUNTERS,
         COUNTERS_OVERFLOW,
         COUNTERS_LOST,
+        EVENTS,
+        EVENTS_LOST,
     ];
 }
 
@@ -58,6 +64,9 @@ pub mod capacity {
     pub const POLICY: u32 = 1_048_576;
     pub const COUNTERS: u32 = 65_536;
     pub const COUNTERS_OVERFLOW: u32 = 16_384;
+    /// Bytes of the event ring buffer: 4,681 events of 56 bytes (plus the kernel's 8-byte
+    /// header each) between two reads.
+    pub const EVENTS_BYTES: u32 = 256 * 1024;
 }
 
 /// How many cgroup levels the kernel walks up from the caller to find its endpoint.
@@ -249,6 +258,32 @@ pub struct CounterValue {
 }
 const _: () = assert!(size_of::<CounterValue>() == 8);
 
+/// A blocked or audit decision, sent to the agent through [`map_names::EVENTS`] for the deny
+/// log. Filled in the caller's context, so the process is known.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecisionEvent {
+    /// Thread group id (the process id as userspace sees it).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub endpoint_id: u32,
+    pub rule_id: u32,
+    /// Destination in network byte order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// One of [`family`].
+    pub family: u8,
+    pub protocol: u8,
+    /// One of [`verdict`].
+    pub verdict: u8,
+    pub _pad: [u8; 3],
+    /// The task's command name (`comm`), NUL-padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(size_of::<DecisionEvent>() == 56);
+
 #[cfg(feature = "user")]
 mod user {
     //! Lets the agent use these types as map keys and values.
@@ -272,6 +307,8 @@ mod user {
     unsafe impl aya::Pod for CounterKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CounterValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DecisionEvent {}
 }
 
 #[cfg(test)]

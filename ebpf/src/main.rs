@@ -13,15 +13,18 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, bpf_sock_addr},
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_comm,
+        bpf_get_current_pid_tgid,
+    },
     macros::{cgroup_sock_addr, map},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::SockAddrContext,
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
-    EndpointValue, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_DEFAULT,
-    StateValue, capacity, family, verdict,
+    DecisionEvent, EndpointValue, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey, PolicyValue,
+    RULE_DEFAULT, StateValue, capacity, family, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -70,6 +73,12 @@ static COUNTERS_OVERFLOW: HashMap<CounterKey, CounterValue> =
 
 #[map(name = "EGRET_COUNTERS_LOST")]
 static COUNTERS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(verdict::COUNT, 0);
+
+#[map(name = "EGRET_EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+
+#[map(name = "EGRET_EVENTS_LOST")]
+static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
@@ -153,6 +162,9 @@ fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
     );
     let decision = POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY);
     count(endpoint_id, dest, protocol, decision);
+    if decision.verdict != verdict::ALLOW {
+        report(endpoint_id, dest, protocol, port, decision);
+    }
     Ok(if decision.verdict == verdict::DENY {
         REJECT
     } else {
@@ -234,6 +246,44 @@ fn count(endpoint_id: u32, dest: Destination, protocol: u8, decision: PolicyValu
         // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
         unsafe { *lost += 1 };
     }
+}
+
+/// Sends a blocked or audit decision to the deny log; when the ring buffer is full (no agent
+/// reading, or a flood), counts it in `EVENTS_LOST` instead.
+fn report(endpoint_id: u32, dest: Destination, protocol: u8, port: u16, decision: PolicyValue) {
+    let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
+        if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
+            unsafe { *lost += 1 };
+        }
+        return;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let mut event = DecisionEvent {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        endpoint_id,
+        rule_id: decision.rule_id,
+        addr: [0; 16],
+        port,
+        family: 0,
+        protocol,
+        verdict: decision.verdict,
+        _pad: [0; 3],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    match dest {
+        Destination::V4(addr) => {
+            event.addr[..4].copy_from_slice(&addr);
+            event.family = family::INET;
+        }
+        Destination::V6(addr) => {
+            event.addr = addr;
+            event.family = family::INET6;
+        }
+    }
+    entry.write(event);
+    entry.submit(0);
 }
 
 /// Adds one to `key`'s counter in `map`, creating it; false when the map has no room.

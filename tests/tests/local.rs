@@ -321,6 +321,41 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
         "{report}"
     );
 
+    // The deny log: a JSON line per blocked (and audit) attempt, naming process and policy.
+    let deny_lines: Vec<serde_json::Value> = report
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("deny log line is JSON"))
+        .collect();
+    let metadata = deny_lines
+        .iter()
+        .find(|l| l["destination_ip"] == "192.0.2.254" && l["source_workload"] == "web")
+        .unwrap_or_else(|| panic!("no deny-log line for web -> 192.0.2.254:\n{report}"));
+    assert_eq!(metadata["verdict"], "blocked");
+    assert_eq!(metadata["comm"], "egret-probe");
+    assert!(
+        metadata["pid"].as_u64().is_some_and(|pid| pid > 1),
+        "{metadata}"
+    );
+    assert_eq!(metadata["port"], 443);
+    assert_eq!(metadata["protocol"], "TCP");
+    assert_eq!(metadata["policy"], "EgressPolicy block-metadata");
+    assert_eq!(metadata["rule"], "metadata");
+    assert!(
+        metadata["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{metadata}"
+    );
+    let audit = deny_lines
+        .iter()
+        .find(|l| l["verdict"] == "audit")
+        .unwrap_or_else(|| panic!("no audit line:\n{report}"));
+    assert_eq!(audit["source_workload"], "worker");
+    assert_eq!(audit["policy"], "EgressPolicy audit-internet");
+    assert!(
+        deny_lines.iter().all(|l| l["verdict"] != "passthrough"),
+        "allowed connections are not logged"
+    );
+
     // The same counts as Prometheus metrics, labelled by workload and deciding policy.
     let log = agent.log();
     let address = log

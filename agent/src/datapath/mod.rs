@@ -691,3 +691,53 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
         other => other,
     }
 }
+
+/// Reads blocked and audit decisions from the kernel's ring buffer as they happen.
+pub struct EventReader {
+    ring: aya::maps::RingBuf<MapData>,
+    lost: PerCpuArray<MapData, u64>,
+}
+
+impl EventReader {
+    /// Opens the pinned ring buffer under `pin_dir` (the datapath must be attached).
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let maps_dir = pin_dir.join("maps");
+        Ok(Self {
+            ring: open_map(&maps_dir, map_names::EVENTS)?,
+            lost: open_map(&maps_dir, map_names::EVENTS_LOST)?,
+        })
+    }
+
+    /// Waits up to `timeout` for events (blocking in `poll` on the ring buffer, woken by the
+    /// kernel), then returns every event available.
+    pub fn wait(&mut self, timeout: Duration) -> Vec<egret_common::DecisionEvent> {
+        use std::os::fd::AsRawFd as _;
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let millis = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, millis) };
+        let mut events = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() >= std::mem::size_of::<egret_common::DecisionEvent>() {
+                // SAFETY: the kernel wrote a whole DecisionEvent (checked length); read unaligned.
+                events.push(unsafe {
+                    item.as_ptr()
+                        .cast::<egret_common::DecisionEvent>()
+                        .read_unaligned()
+                });
+            }
+        }
+        events
+    }
+
+    /// Events the kernel dropped because the ring buffer was full.
+    pub fn lost(&self) -> u64 {
+        self.lost
+            .get(&0, 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+}

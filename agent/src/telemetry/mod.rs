@@ -2,6 +2,7 @@
 //! budget, plus the agent's health, served on `/metrics` beside `/healthz` and `/readyz`.
 //! `docs/metrics.md` lists every metric and label.
 
+pub mod denylog;
 pub mod server;
 
 use std::{
@@ -49,6 +50,8 @@ pub struct Telemetry {
     map_capacity: IntGaugeVec,
     last_sync: IntGauge,
     programs_attached: IntGauge,
+    deny_log_suppressed: IntCounter,
+    events_lost: IntGauge,
     /// At most this many destination IPs get their own series.
     budget: usize,
     destinations: HashSet<IpAddr>,
@@ -135,6 +138,14 @@ impl Telemetry {
             programs_attached: gauge(
                 "egret_programs_attached",
                 "Kernel programs attached through pinned links (4 when enforcing).",
+            )?,
+            deny_log_suppressed: counter(
+                "egret_deny_log_suppressed_total",
+                "Deny-log lines held back by the per-source and per-destination rate limits.",
+            )?,
+            events_lost: gauge(
+                "egret_deny_log_kernel_dropped",
+                "Deny-log events the kernel dropped because its ring buffer was full (no reader, or a flood).",
             )?,
             registry,
             budget: max_destination_series,
@@ -235,6 +246,13 @@ impl Telemetry {
     /// Programs attached.
     pub fn attached(&self, programs: usize) {
         self.programs_attached.set(programs as i64);
+    }
+
+    /// Deny-log lines held back since the last call, and the kernel's dropped-event total.
+    pub fn deny_log(&self, suppressed: u64, kernel_dropped: u64) {
+        self.deny_log_suppressed.inc_by(suppressed);
+        self.events_lost
+            .set(i64::try_from(kernel_dropped).unwrap_or(i64::MAX));
     }
 
     /// Number of distinct destination IPs with their own series.
