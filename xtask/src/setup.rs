@@ -19,7 +19,30 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_nightly()?;
     ensure_rust_src()?;
     ensure_bpf_linker()?;
+    ensure_prometheus()?;
     Ok(())
+}
+
+/// Debian's `prometheus` package: the alert tests run its `promtool`, and the end-to-end test
+/// scrapes egret with a real Prometheus.
+fn ensure_prometheus() -> anyhow::Result<()> {
+    if capture(Command::new("promtool").arg("--version")).is_ok()
+        && capture(Command::new("prometheus").arg("--version")).is_ok()
+    {
+        return Ok(());
+    }
+    println!("setup: installing Debian's prometheus package (prometheus, promtool)");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "prometheus",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("failed to install prometheus (needs root and Debian's package archive)")
 }
 
 fn ensure_nightly() -> anyhow::Result<()> {
