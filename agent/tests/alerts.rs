@@ -1,9 +1,5 @@
 //! The alert rules: valid, unit-tested with `promtool test rules` against input series, and the
 //! same in the plain rules file and the PrometheusRule.
-#![expect(
-    clippy::expect_used,
-    reason = "a test fails by panicking with what it expected"
-)]
 
 use std::{path::Path, process::Command};
 

@@ -2,5 +2,6 @@
 //! and cgroups created (and removed) by the test, plus `egret-probe` to make connection
 //! attempts from inside a pod. The end-to-end tests in `tests/` and the xtask demo use it.
 
+pub mod agent;
 pub mod probe;
 pub mod sandbox;

@@ -7,64 +7,16 @@
 
 use std::{
     net::IpAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use egret::datapath::{Datapath, DatapathConfig, Verdict};
 use egret_tests::{
-    probe::{Outcome, egret_binary},
+    agent::{EgretRun, copy_example_policies, http_get},
+    probe::Outcome,
     sandbox::{Pod, Sandbox},
 };
-
-/// The example policies the README walks through, copied so the test can edit them.
-fn copy_example_policies(to: &Path) {
-    let examples =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/local/policies");
-    std::fs::create_dir_all(to).expect("policies dir");
-    for entry in std::fs::read_dir(&examples)
-        .expect("example policies")
-        .flatten()
-    {
-        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy policy");
-    }
-}
-
-struct Agent {
-    child: Child,
-    stderr: PathBuf,
-    stdout: PathBuf,
-}
-
-impl Agent {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits until the log holds `needle` `count` times.
-    fn wait_log(&self, needle: &str, count: usize, within: Duration) -> String {
-        let deadline = Instant::now() + within;
-        loop {
-            let log = self.log();
-            if log.matches(needle).count() >= count {
-                return log;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "egret run never logged {needle:?} x{count}:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn connect(sandbox: &Sandbox, pod: &Pod, cgroup: Option<&Path>, target: &str) -> Outcome {
     sandbox
@@ -128,7 +80,7 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
 
     let dir = std::env::temp_dir().join(format!("{}-local", sandbox.id()));
     let policies = dir.join("policies");
-    copy_example_policies(&policies);
+    copy_example_policies(&policies).expect("copy example policies");
     let late_cgroup = sandbox.cgroup().join("late");
     let config = format!(
         "baseline: allow\npolicies: [policies]\nworkloads:\n\
@@ -142,21 +94,8 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
     );
     std::fs::write(dir.join("egret.yaml"), config).expect("write config");
 
-    let agent = Agent {
-        stderr: dir.join("stderr.log"),
-        stdout: dir.join("stdout.log"),
-        child: Command::new(egret_binary())
-            .arg("--pin-dir")
-            .arg(sandbox.pin_dir())
-            .args(["run", "--report-interval", "0.3", "--cgroup"])
-            .arg(sandbox.cgroup())
-            .arg("--config")
-            .arg(dir.join("egret.yaml"))
-            .stdout(std::fs::File::create(dir.join("stdout.log")).expect("log"))
-            .stderr(std::fs::File::create(dir.join("stderr.log")).expect("log"))
-            .spawn()
-            .expect("spawn egret run"),
-    };
+    let agent =
+        EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "0.3").expect("spawn egret run");
     agent.wait_log("policy enforced", 1, Duration::from_secs(20));
     let mut to_10 = 0u64;
 
@@ -357,16 +296,15 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
     );
 
     // The same counts as Prometheus metrics, labelled by workload and deciding policy.
-    let log = agent.log();
-    let address = log
-        .lines()
-        .find(|l| l.contains("serving metrics"))
-        .and_then(|l| l.split("address=").nth(1))
-        .and_then(|a| a.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"))
-        .to_owned();
-    assert!(http_get(&address, "/readyz").starts_with("HTTP/1.1 200"));
-    let metrics = http_get(&address, "/metrics");
+    let address = agent
+        .metrics_address()
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{}", agent.log()));
+    assert!(
+        http_get(&address, "/readyz")
+            .expect("readyz")
+            .starts_with("HTTP/1.1 200")
+    );
+    let metrics = http_get(&address, "/metrics").expect("metrics");
     let series = |needles: &[&str]| -> u64 {
         metrics
             .lines()
@@ -401,13 +339,4 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
     );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn http_get(address: &str, path: &str) -> String {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(address).expect("connect to metrics");
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: egret\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    response
 }

@@ -1,0 +1,122 @@
+//! Running `egret run` (local mode) in a sandbox, for tests and the demo: its config, its logs,
+//! and plain HTTP GETs to what it serves.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::{Path, PathBuf},
+    process::{Child, Command},
+    time::{Duration, Instant},
+};
+
+use crate::probe::egret_binary;
+
+/// A running `egret run`, killed on drop.
+pub struct EgretRun {
+    child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl EgretRun {
+    /// Starts `egret run --config <dir>/egret.yaml`, pinning under `pin_dir` and attaching to
+    /// `cgroup`; stdout and stderr go to files in `dir`.
+    pub fn start(
+        dir: &Path,
+        pin_dir: &Path,
+        cgroup: &Path,
+        report_interval: &str,
+    ) -> std::io::Result<Self> {
+        let (stdout, stderr) = (dir.join("stdout.log"), dir.join("stderr.log"));
+        let child = Command::new(egret_binary())
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(["run", "--report-interval", report_interval, "--cgroup"])
+            .arg(cgroup)
+            .arg("--config")
+            .arg(dir.join("egret.yaml"))
+            .stdout(std::fs::File::create(&stdout)?)
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()?;
+        Ok(Self {
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` `count` times; panics with the log after `within`.
+    pub fn wait_log(&self, needle: &str, count: usize, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= count {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "egret run never logged {needle:?} x{count}:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address it serves metrics on, from its log.
+    pub fn metrics_address(&self) -> Option<String> {
+        self.log()
+            .lines()
+            .find(|l| l.contains("serving metrics"))
+            .and_then(|l| l.split("address=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .map(str::to_owned)
+    }
+}
+
+impl Drop for EgretRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Copies the example policies the README walks through to `to`, so a test can edit them.
+pub fn copy_example_policies(to: &Path) -> std::io::Result<()> {
+    let examples =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/local/policies");
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(&examples)?.flatten() {
+        std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+    }
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns the whole response, status line first.
+pub fn http_get(address: &str, path_and_query: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "GET {path_and_query} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// Percent-encodes a URL query value.
+pub fn url_encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
