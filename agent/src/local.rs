@@ -514,6 +514,16 @@ fn record_sync(
         telemetry.sync_failed();
     }
     telemetry.usage(&pipeline.datapath().usage());
+    let sources: Vec<crate::telemetry::Source> = pipeline
+        .compiled()
+        .endpoints
+        .keys()
+        .map(|(namespace, workload)| crate::telemetry::Source {
+            namespace: namespace.clone(),
+            workload: workload.clone(),
+        })
+        .collect();
+    telemetry.workloads(&sources);
     let links =
         std::fs::read_dir(pipeline.datapath().pin_dir().join("links")).map_or(0, |d| d.count());
     telemetry.attached(links);

@@ -42,6 +42,7 @@ pub enum TelemetryError {
 pub struct Telemetry {
     registry: Registry,
     connections: IntCounterVec,
+    by_workload: IntCounterVec,
     overflow: IntCounter,
     lost: IntCounterVec,
     sync_errors: IntCounter,
@@ -106,6 +107,11 @@ impl Telemetry {
                     "source_workload",
                     "policy",
                 ],
+            )?,
+            by_workload: counter_vec(
+                "egret_egress_connections_workload_total",
+                "egret_egress_connections_total without destination and policy: one series per workload and verdict, created at 0 when the workload appears, so alerts see its first block as an increase.",
+                &["verdict", "source_namespace", "source_workload"],
             )?,
             overflow: counter(
                 "egret_metrics_destinations_overflow_total",
@@ -198,6 +204,13 @@ impl Telemetry {
                     policy(s.rule).as_str(),
                 ])
                 .inc_by(delta);
+            self.by_workload
+                .with_label_values(&[
+                    s.verdict.counter_label(),
+                    who.namespace.as_str(),
+                    who.workload.as_str(),
+                ])
+                .inc_by(delta);
         }
         for (i, verdict) in [Verdict::Allow, Verdict::Deny, Verdict::Audit]
             .into_iter()
@@ -209,6 +222,20 @@ impl Telemetry {
                 self.lost
                     .with_label_values(&[verdict.counter_label()])
                     .inc_by(delta);
+            }
+        }
+    }
+
+    /// Creates the per-workload series at 0 for each of `sources` and verdict (a counter that
+    /// is born at 1 hides its first increase from `increase()`).
+    pub fn workloads<'a>(&self, sources: impl IntoIterator<Item = &'a Source>) {
+        for source in sources {
+            for verdict in [Verdict::Allow, Verdict::Deny, Verdict::Audit] {
+                let _ = self.by_workload.with_label_values(&[
+                    verdict.counter_label(),
+                    source.namespace.as_str(),
+                    source.workload.as_str(),
+                ]);
             }
         }
     }
