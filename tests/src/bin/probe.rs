@@ -7,6 +7,8 @@
 //! egret-probe udp 192.0.2.10:53 [--count N] [--payload TEXT]
 //! egret-probe sendmmsg 192.0.2.10:53 192.0.2.11:53 ... [--payload TEXT]
 //! egret-probe loop 192.0.2.10:80 --until-file PATH [--interval-ms MS]
+//! egret-probe scan [2001:db8:2::1:0]:9 --count N   # one UDP datagram to each of N addresses
+//!                                                 # from the first up; prints one summary line
 //! ```
 //! `[::ffff:192.0.2.10]:80` uses an AF_INET6 socket with an IPv4-mapped destination.
 
@@ -110,6 +112,38 @@ fn run(args: &[String]) -> Result<(), String> {
                 report("udp", target, outcome);
             }
         }
+        "scan" => {
+            // One socket, as a scanner would; only the address changes between datagrams.
+            let first = o.targets[0];
+            let fd = socket(first, libc::SOCK_DGRAM).map_err(|e| format!("socket: {e}"))?;
+            let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
+            for i in 0..o.count {
+                let target = match first {
+                    SocketAddr::V4(v4) => SocketAddr::from((
+                        std::net::Ipv4Addr::from(u32::from(*v4.ip()).wrapping_add(i)),
+                        v4.port(),
+                    )),
+                    SocketAddr::V6(v6) => SocketAddr::from((
+                        std::net::Ipv6Addr::from(u128::from(*v6.ip()).wrapping_add(u128::from(i))),
+                        v6.port(),
+                    )),
+                };
+                let outcome = send_on(&fd, target, o.payload.as_bytes());
+                *outcomes
+                    .entry(
+                        serde_json::to_value(outcome)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("?")
+                            .to_owned(),
+                    )
+                    .or_default() += 1;
+            }
+            println!(
+                "{}",
+                serde_json::json!({"protocol": "udp", "target": first.to_string(), "count": o.count, "outcomes": outcomes})
+            );
+        }
         "loop" => {
             let stop = o.until_file.as_ref().ok_or("loop needs --until-file")?;
             while !stop.exists() {
@@ -208,10 +242,14 @@ fn tcp_connect(target: SocketAddr, timeout: Duration) -> Outcome {
 }
 
 fn udp_send(target: SocketAddr, payload: &[u8]) -> Outcome {
-    let fd = match socket(target, libc::SOCK_DGRAM) {
-        Ok(fd) => fd,
-        Err(err) => return Outcome::from_error(&err),
-    };
+    match socket(target, libc::SOCK_DGRAM) {
+        Ok(fd) => send_on(&fd, target, payload),
+        Err(err) => Outcome::from_error(&err),
+    }
+}
+
+/// One `sendto` of `payload` to `target` on an unconnected datagram socket.
+fn send_on(fd: &OwnedFd, target: SocketAddr, payload: &[u8]) -> Outcome {
     let (storage, len) = sockaddr(target);
     // SAFETY: valid fd, payload and address buffers.
     let rc = unsafe {
