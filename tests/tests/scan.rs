@@ -1,10 +1,6 @@
 //! A workload scanning 100,000 distinct addresses: every attempt is denied and counted exactly
 //! once, the destination series stay within the budget with the rest counted under `other`,
 //! and the deny log stays short. Needs root.
-#![expect(
-    clippy::expect_used,
-    reason = "a test fails by panicking with what it expected"
-)]
 
 use std::{
     collections::BTreeSet,
