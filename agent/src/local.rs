@@ -119,11 +119,29 @@ pub struct Loaded {
 /// Reads the config and its policy files.
 pub struct LocalSource {
     config_path: PathBuf,
+    /// Command-line overrides of the config's `metrics` section.
+    metrics_addr: Option<std::net::SocketAddr>,
+    max_destination_series: Option<usize>,
 }
 
 impl LocalSource {
     pub fn new(config_path: PathBuf) -> Self {
-        Self { config_path }
+        Self {
+            config_path,
+            metrics_addr: None,
+            max_destination_series: None,
+        }
+    }
+
+    /// Overrides the config's metrics address and series budget.
+    pub fn with_metrics(
+        mut self,
+        address: Option<std::net::SocketAddr>,
+        max_destination_series: Option<usize>,
+    ) -> Self {
+        self.metrics_addr = address;
+        self.max_destination_series = max_destination_series;
+        self
     }
 
     /// Loads everything. `Err` holds every problem found; a caller that enforces already keeps
@@ -136,12 +154,27 @@ impl LocalSource {
                 source,
             }]
         })?;
-        let config: Config = serde_yaml::from_str(&text).map_err(|e| {
+        let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
             vec![LocalError::Config {
                 path: path.clone(),
                 message: e.to_string(),
             }]
         })?;
+        if let Some(address) = self.metrics_addr {
+            let budget = config
+                .metrics
+                .as_ref()
+                .map_or_else(default_budget, |m| m.max_destination_series);
+            config.metrics = Some(MetricsConfig {
+                address,
+                max_destination_series: budget,
+            });
+        }
+        if let (Some(budget), Some(metrics)) =
+            (self.max_destination_series, config.metrics.as_mut())
+        {
+            metrics.max_destination_series = budget;
+        }
         // Taken before reading the policies: an edit during the load changes the fingerprint
         // the next poll sees, so it is not missed.
         let fingerprint = self.fingerprint(&config);

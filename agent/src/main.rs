@@ -93,6 +93,13 @@ enum Command {
         /// Seconds between reports of recent connections; 0 turns them off.
         #[arg(long, default_value_t = 2.0)]
         report_interval: f64,
+        /// Serve /metrics, /healthz and /readyz here (overrides the config's `metrics.address`).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// Destination IPs with their own metric series; the rest count as `other` (overrides
+        /// the config's `metrics.maxDestinationSeries`; default 1000).
+        #[arg(long)]
+        max_destination_series: Option<usize>,
     },
     /// Prints the EgressPolicy CustomResourceDefinition (`egret crd | kubectl apply -f -`).
     Crd,
@@ -258,8 +265,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             cgroup,
             report_interval,
+            metrics_addr,
+            max_destination_series,
         } => {
-            let source = egret::local::LocalSource::new(config);
+            let source = egret::local::LocalSource::new(config)
+                .with_metrics(metrics_addr, max_destination_series);
             let datapath = open(pin_dir, Some(cgroup))?;
             report_mode(&datapath);
             let options = egret::local::RunOptions {

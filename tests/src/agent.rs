@@ -27,7 +27,20 @@ impl EgretRun {
         cgroup: &Path,
         report_interval: &str,
     ) -> std::io::Result<Self> {
-        let (stdout, stderr) = (dir.join("stdout.log"), dir.join("stderr.log"));
+        Self::start_with(dir, pin_dir, cgroup, report_interval, &[], "")
+    }
+
+    /// [`Self::start`] with more arguments to `egret run`, logging to files named with `suffix`.
+    pub fn start_with(
+        dir: &Path,
+        pin_dir: &Path,
+        cgroup: &Path,
+        report_interval: &str,
+        args: &[&str],
+        suffix: &str,
+    ) -> std::io::Result<Self> {
+        let stdout = dir.join(format!("stdout{suffix}.log"));
+        let stderr = dir.join(format!("stderr{suffix}.log"));
         let child = Command::new(egret_binary())
             .arg("--pin-dir")
             .arg(pin_dir)
@@ -35,6 +48,7 @@ impl EgretRun {
             .arg(cgroup)
             .arg("--config")
             .arg(dir.join("egret.yaml"))
+            .args(args)
             .stdout(std::fs::File::create(&stdout)?)
             .stderr(std::fs::File::create(&stderr)?)
             .spawn()?;

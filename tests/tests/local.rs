@@ -338,5 +338,72 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
         "{metrics}"
     );
     drop(agent);
+
+    // A restarted agent adopts the pinned datapath and its metrics continue from the kernel's
+    // counts; the flags override the config's metrics section.
+    let restarted = EgretRun::start_with(
+        &dir,
+        sandbox.pin_dir(),
+        sandbox.cgroup(),
+        "0",
+        &[
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--max-destination-series",
+            "1",
+        ],
+        "-2",
+    )
+    .expect("restart egret run");
+    let log = restarted.wait_log("policy enforced", 1, Duration::from_secs(20));
+    assert!(log.contains("adopted pinned programs and maps"), "{log}");
+    let address = restarted.metrics_address().expect("metrics address");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = http_get(&address, "/metrics").expect("metrics");
+        let ten: u64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("egret_egress_connections_workload_total{")
+                    && l.contains("source_workload=\"web\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if ten > 0 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "restarted agent exports no counts:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let destinations: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("egret_egress_connections_total{"))
+        .filter_map(|l| l.split("destination_ip=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(
+        destinations.len(),
+        2,
+        "--max-destination-series 1: one address and `other`: {destinations:?}"
+    );
+    let total: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("egret_egress_connections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    let kernel: u64 = dp
+        .counters()
+        .expect("counters")
+        .samples
+        .iter()
+        .map(|s| s.attempts)
+        .sum();
+    assert_eq!(
+        total, kernel,
+        "the restarted agent's metrics start from the pinned counters"
+    );
+    drop(restarted);
     let _ = std::fs::remove_dir_all(&dir);
 }
