@@ -115,6 +115,20 @@ enum Destination {
     V6([u8; 16]),
 }
 
+impl Destination {
+    /// The address as the maps store it (IPv4 in the first four bytes), and its family.
+    fn encode(self) -> ([u8; 16], u8) {
+        let mut out = [0u8; 16];
+        match self {
+            Self::V4(addr) => {
+                out[..4].copy_from_slice(&addr);
+                (out, family::INET)
+            }
+            Self::V6(addr) => (addr, family::INET6),
+        }
+    }
+}
+
 fn try_hook4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid context; ctx fields are read with their own width.
@@ -224,16 +238,7 @@ fn count(endpoint_id: u32, dest: Destination, protocol: u8, decision: PolicyValu
         verdict: decision.verdict,
         _pad: 0,
     };
-    match dest {
-        Destination::V4(addr) => {
-            key.addr[..4].copy_from_slice(&addr);
-            key.family = family::INET;
-        }
-        Destination::V6(addr) => {
-            key.addr = addr;
-            key.family = family::INET6;
-        }
-    }
+    (key.addr, key.family) = dest.encode();
     if bump(&COUNTERS, &key) {
         return;
     }
@@ -272,16 +277,7 @@ fn report(endpoint_id: u32, dest: Destination, protocol: u8, port: u16, decision
         _pad: [0; 3],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
-    match dest {
-        Destination::V4(addr) => {
-            event.addr[..4].copy_from_slice(&addr);
-            event.family = family::INET;
-        }
-        Destination::V6(addr) => {
-            event.addr = addr;
-            event.family = family::INET6;
-        }
-    }
+    (event.addr, event.family) = dest.encode();
     entry.write(event);
     entry.submit(0);
 }

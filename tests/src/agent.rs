@@ -134,3 +134,42 @@ pub fn url_encode(value: &str) -> String {
         })
         .collect()
 }
+
+/// Samples of `metric` in a Prometheus text exposition: (label text, value).
+pub fn samples<'a>(
+    exposition: &'a str,
+    metric: &'a str,
+) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+    exposition.lines().filter_map(move |line| {
+        let rest = line.strip_prefix(metric)?;
+        let (labels, value) = match rest.strip_prefix('{') {
+            Some(inner) => inner.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        Some((labels, value.trim().parse().ok()?))
+    })
+}
+
+/// Sum of the samples of `metric` whose labels contain every one of `needles`.
+pub fn sum(exposition: &str, metric: &str, needles: &[&str]) -> u64 {
+    samples(exposition, metric)
+        .filter(|(labels, _)| needles.iter().all(|n| labels.contains(n)))
+        .map(|(_, v)| v as u64)
+        .sum()
+}
+
+/// The distinct `destination_ip` values of `egret_egress_connections_total`.
+pub fn destinations(exposition: &str) -> std::collections::BTreeSet<String> {
+    samples(exposition, "egret_egress_connections_total")
+        .filter_map(|(labels, _)| {
+            Some(
+                labels
+                    .split("destination_ip=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .collect()
+}

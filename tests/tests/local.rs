@@ -13,7 +13,7 @@ use std::{
 
 use egret::datapath::{Datapath, DatapathConfig, Verdict};
 use egret_tests::{
-    agent::{EgretRun, copy_example_policies, http_get},
+    agent::{EgretRun, copy_example_policies, destinations, http_get},
     probe::Outcome,
     sandbox::{Pod, Sandbox},
 };
@@ -378,11 +378,7 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let destinations: std::collections::BTreeSet<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("egret_egress_connections_total{"))
-        .filter_map(|l| l.split("destination_ip=\"").nth(1)?.split('"').next())
-        .collect();
+    let destinations = destinations(&metrics);
     assert_eq!(
         destinations.len(),
         2,

@@ -3,32 +3,18 @@
 //! and the deny log stays short. Needs root.
 
 use std::{
-    collections::BTreeSet,
     net::IpAddr,
     time::{Duration, Instant},
 };
 
 use egret_tests::{
-    agent::{EgretRun, copy_example_policies, http_get},
+    agent::{EgretRun, copy_example_policies, destinations, http_get, sum},
     probe::probe_binary,
     sandbox::Sandbox,
 };
 
 const SCANNED: u64 = 100_000;
 const BUDGET: usize = 100;
-
-/// Sum of the samples of `metric` whose line contains every one of `needles`.
-fn sum(metrics: &str, metric: &str, needles: &[&str]) -> u64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with(metric)
-                && (l[metric.len()..].starts_with('{') || l[metric.len()..].starts_with(' '))
-        })
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
 
 #[test]
 fn scanning_100k_denied_addresses_stays_within_the_series_budget() {
@@ -87,11 +73,7 @@ fn scanning_100k_denied_addresses_stays_within_the_series_budget() {
         std::thread::sleep(Duration::from_millis(250));
     };
 
-    let destinations: BTreeSet<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("egret_egress_connections_total{"))
-        .filter_map(|l| l.split("destination_ip=\"").nth(1)?.split('"').next())
-        .collect();
+    let destinations = destinations(&metrics);
     assert_eq!(
         destinations.len(),
         BUDGET + 1,
