@@ -433,11 +433,7 @@ struct NameSnapshot {
 impl NameSnapshot {
     fn of(compiled: &crate::policy::compile::Compiled) -> Self {
         Self {
-            workloads: compiled
-                .endpoints
-                .iter()
-                .map(|((ns, name), id)| (*id, (ns.clone(), name.clone())))
-                .collect(),
+            workloads: compiled.workloads.clone(),
             origins: compiled.origins.clone(),
         }
     }
@@ -547,19 +543,27 @@ fn record_sync(
         telemetry.sync_failed();
     }
     telemetry.usage(&pipeline.datapath().usage());
-    let sources: Vec<crate::telemetry::Source> = pipeline
-        .compiled()
-        .endpoints
-        .keys()
-        .map(|(namespace, workload)| crate::telemetry::Source {
-            namespace: namespace.clone(),
-            workload: workload.clone(),
-        })
-        .collect();
-    telemetry.workloads(&sources);
+    telemetry.workloads(sources(pipeline.compiled()).values());
     let links =
         std::fs::read_dir(pipeline.datapath().pin_dir().join("links")).map_or(0, |d| d.count());
     telemetry.attached(links);
+}
+
+/// Who each endpoint is, for labels.
+fn sources(
+    compiled: &crate::policy::compile::Compiled,
+) -> BTreeMap<EndpointId, crate::telemetry::Source> {
+    compiled
+        .workloads
+        .iter()
+        .map(|(id, (namespace, workload))| {
+            let source = crate::telemetry::Source {
+                namespace: namespace.clone(),
+                workload: workload.clone(),
+            };
+            (*id, source)
+        })
+        .collect()
 }
 
 /// Moves what the kernel counted since the last drain into the metrics.
@@ -572,19 +576,7 @@ fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::
         }
     };
     let compiled = pipeline.compiled();
-    let sources: BTreeMap<EndpointId, crate::telemetry::Source> = compiled
-        .endpoints
-        .iter()
-        .map(|((namespace, workload), id)| {
-            (
-                *id,
-                crate::telemetry::Source {
-                    namespace: namespace.clone(),
-                    workload: workload.clone(),
-                },
-            )
-        })
-        .collect();
+    let sources = sources(compiled);
     shared
         .telemetry
         .lock()
@@ -644,9 +636,9 @@ impl Report {
         }
         let compiled = pipeline.compiled();
         let workloads: BTreeMap<EndpointId, String> = compiled
-            .endpoints
+            .workloads
             .iter()
-            .map(|((ns, name), id)| (*id, format!("{ns}/{name}")))
+            .map(|(id, (ns, name))| (*id, format!("{ns}/{name}")))
             .collect();
         println!(
             "{:<20} {:<28} {:<5} {:<12} {:>8}  POLICY",

@@ -62,6 +62,8 @@ pub struct Compiled {
     pub desired: DesiredState,
     /// (namespace, pod) -> endpoint id.
     pub endpoints: BTreeMap<(String, String), EndpointId>,
+    /// Endpoint id -> (namespace, owning workload), for metrics and logs.
+    pub workloads: BTreeMap<EndpointId, (String, String)>,
     /// Rule id -> what it stands for; id 0 is the baseline.
     pub origins: Vec<Origin>,
     pub baseline: Verdict,
@@ -250,11 +252,13 @@ impl Compiler {
             .filter(|p| options.node.is_none() || p.node == options.node)
             .collect();
         let mut endpoints = BTreeMap::new();
+        let mut workloads = BTreeMap::new();
         let mut lists = Vec::with_capacity(sources.len());
         let mut contexts = HashMap::new();
         for (i, pod) in sources.iter().enumerate() {
             let id = (i + 1) as EndpointId;
             endpoints.insert((pod.namespace.clone(), pod.name.clone()), id);
+            workloads.insert(id, (pod.namespace.clone(), pod.workload.clone()));
             let mut rules = Vec::new();
             for ep in world
                 .egress_policies
@@ -311,6 +315,7 @@ impl Compiler {
         Compiled {
             desired,
             endpoints,
+            workloads,
             origins: origins.list.clone(),
             baseline,
         }

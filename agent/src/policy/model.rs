@@ -290,6 +290,9 @@ pub struct PodInfo {
     pub node: Option<String>,
     /// A hostNetwork pod has the node's address: never a pod peer.
     pub host_network: bool,
+    /// The owning workload for metrics and logs: a ReplicaSet's Deployment, another
+    /// controller's name, or the pod's own name.
+    pub workload: String,
 }
 
 /// The whole validated cluster.
@@ -501,21 +504,48 @@ fn pod_info(namespace: &str, name: &str, pod: &k8s_openapi::api::core::v1::Pod) 
             })
         })
         .collect();
+    let labels: Labels = pod
+        .metadata
+        .labels
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     PodInfo {
+        workload: owning_workload(name, &pod.metadata, &labels),
         namespace: namespace.into(),
         name: name.into(),
-        labels: pod
-            .metadata
-            .labels
-            .clone()
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        labels,
         ips,
         ports,
         node: spec.and_then(|s| s.node_name.clone()),
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
     }
+}
+
+/// The workload a pod belongs to: its controller's name, with a ReplicaSet collapsed to its
+/// Deployment (the ReplicaSet is named `<deployment>-<pod-template-hash>`, and the pod carries
+/// that hash as a label); the pod's own name when nothing controls it.
+fn owning_workload(
+    pod: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    labels: &Labels,
+) -> String {
+    let owners = meta.owner_references.iter().flatten();
+    let Some(owner) = owners
+        .clone()
+        .find(|o| o.controller == Some(true))
+        .or_else(|| owners.clone().next())
+    else {
+        return pod.to_owned();
+    };
+    if owner.kind == "ReplicaSet"
+        && let Some(hash) = labels.get("pod-template-hash")
+        && let Some(deployment) = owner.name.strip_suffix(&format!("-{hash}"))
+    {
+        return deployment.to_owned();
+    }
+    owner.name.clone()
 }
 
 type FieldResult<T> = Result<T, (String, String)>;
@@ -921,6 +951,21 @@ mod tests {
             "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {name: e}\nspec:\n  priority: 1\n  subject: {}\n",
         );
         assert_eq!(w.invalid[0].field, "spec.subject");
+    }
+
+    #[test]
+    fn owning_workload_collapses_replicasets_to_deployments() {
+        let w = world(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web-7d4b9c-x2x1\n  namespace: shop\n  labels: {pod-template-hash: 7d4b9c}\n  \
+             ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d4b9c, uid: u, controller: true}]\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: db-0\n  namespace: shop\n  \
+             ownerReferences: [{apiVersion: apps/v1, kind: StatefulSet, name: db, uid: u, controller: true}]\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: debug, namespace: shop}\n",
+        );
+        let workload = |name: &str| w.pod("shop", name).unwrap().workload.clone();
+        assert_eq!(workload("web-7d4b9c-x2x1"), "web");
+        assert_eq!(workload("db-0"), "db");
+        assert_eq!(workload("debug"), "debug");
     }
 
     #[test]
