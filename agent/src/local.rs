@@ -471,20 +471,11 @@ fn spawn_deny_log(
                             .get(event.rule_id as usize)
                             .cloned()
                             .unwrap_or(crate::policy::explain::Origin::Baseline);
-                        let rule = match &origin {
-                            crate::policy::explain::Origin::EgressRule { rule, .. } => {
-                                Some(rule.clone())
-                            }
-                            crate::policy::explain::Origin::NetworkPolicyRule { rule, .. } => {
-                                Some(format!("egress[{rule}]"))
-                            }
-                            _ => None,
-                        };
                         let names = crate::telemetry::denylog::Names {
                             namespace,
                             workload,
                             policy: origin.policy_label(),
-                            rule,
+                            rule: origin.rule_label(),
                         };
                         if let Some(line) = log.line(event, now, &time, &names) {
                             let _ = writeln!(out, "{line}");
@@ -645,16 +636,11 @@ impl Report {
             "WORKLOAD", "DESTINATION", "PROTO", "VERDICT", "ATTEMPTS"
         );
         for (endpoint, rule, destination, protocol, verdict, n) in deltas {
-            let answer = crate::policy::explain::Answer::new(
-                verdict,
-                compiled.origin(rule),
-                compiled.baseline,
-                "",
-            );
-            let policy = match (&answer.policy, &answer.rule) {
-                (Some(p), Some(r)) => format!("{p} rule {r}"),
-                (Some(p), None) => format!("{p} (isolation)"),
-                (None, _) => "default".into(),
+            let origin = compiled.origin(rule);
+            let policy = match (origin, origin.rule_label()) {
+                (crate::policy::explain::Origin::Baseline, _) => "default".into(),
+                (_, Some(r)) => format!("{} rule {r}", origin.policy_label()),
+                (_, None) => format!("{} (isolation)", origin.policy_label()),
             };
             let protocol = crate::policy::model::Protocol::from_number(protocol)
                 .map_or_else(|| protocol.to_string(), |p| p.to_string());

@@ -36,6 +36,16 @@ pub enum Origin {
 }
 
 impl Origin {
+    /// The deciding rule's name: an EgressPolicy rule's own, `egress[i]` for a NetworkPolicy
+    /// rule; `None` for the baseline and for NetworkPolicy isolation.
+    pub fn rule_label(&self) -> Option<String> {
+        match self {
+            Self::EgressRule { rule, .. } => Some(rule.clone()),
+            Self::NetworkPolicyRule { rule, .. } => Some(format!("egress[{rule}]")),
+            Self::Baseline | Self::Isolation { .. } => None,
+        }
+    }
+
     /// The `policy` label of metrics and logs: `EgressPolicy name`, `NetworkPolicy ns/name`,
     /// or `default` for the baseline.
     pub fn policy_label(&self) -> String {
@@ -113,7 +123,7 @@ impl Answer {
                     namespace: Some(namespace.clone()),
                     name: name.clone(),
                 }),
-                rule: Some(format!("egress[{rule}]")),
+                rule: origin.rule_label(),
                 reason: format!(
                     "NetworkPolicy {namespace}/{name} rule egress[{rule}] {} {to}",
                     word(verdict)
