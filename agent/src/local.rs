@@ -894,6 +894,100 @@ mod tests {
     use super::*;
     use crate::policy::compile::{CompileOptions, compile};
 
+    fn workload(cgroup: &str, pending: Pending) -> Workload {
+        Workload {
+            name: "svc".into(),
+            namespace: "bars".into(),
+            labels: BTreeMap::new(),
+            cgroup: cgroup.into(),
+            ips: Vec::new(),
+            pending,
+        }
+    }
+
+    /// A fake hierarchy: `dirs` are directories, `files` interface files, under a temp root.
+    fn tree(name: &str, dirs: &[&str], files: &[&str]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("egret-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in dirs {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in files {
+            std::fs::write(root.join(f), "").unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn globs_match_cgroup_directories_never_their_interface_files() {
+        let root = tree(
+            "glob",
+            &[
+                "system.slice/svc-1",
+                "system.slice/svc-2/sub",
+                "system.slice/sshd",
+            ],
+            &[
+                "system.slice/cgroup.procs",
+                "system.slice/svc-x.max",
+                "system.slice/memory.max",
+            ],
+        );
+        for (pattern, want) in [
+            ("system.slice/svc-*", vec!["svc-1", "svc-2"]),
+            ("system.slice/*", vec!["sshd", "svc-1", "svc-2"]),
+            ("system.slice/svc-1", vec!["svc-1"]),
+        ] {
+            let p = CgroupPattern::of(&workload(pattern, Pending::Allow), &root).unwrap();
+            let mut got: Vec<String> = p
+                .matches()
+                .iter()
+                .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "{pattern}");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_fail_closed_pattern_guards_its_directory_and_leaves_the_rest_unmanaged() {
+        let root = tree(
+            "guard",
+            &["apps/a/svc-1", "apps/a/other", "apps/b/svc-2", "apps/c"],
+            &["apps/cgroup.procs"],
+        );
+        let p = CgroupPattern::of(&workload("apps/*/svc-*", Pending::Deny), &root).unwrap();
+        assert_eq!(p.guard, root.join("apps"));
+        let mut seen = Vec::new();
+        p.walk(&mut |dir, role| {
+            let rel = dir.strip_prefix(&root).unwrap().display().to_string();
+            seen.push((rel, role));
+        });
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                ("apps".into(), CgroupRole::Guard),
+                ("apps/a".into(), CgroupRole::Guard),
+                ("apps/a/other".into(), CgroupRole::Unmanaged),
+                ("apps/a/svc-1".into(), CgroupRole::Endpoint(0)),
+                ("apps/b".into(), CgroupRole::Guard),
+                ("apps/b/svc-2".into(), CgroupRole::Endpoint(0)),
+                ("apps/c".into(), CgroupRole::Guard),
+            ]
+        );
+        // Never the whole host.
+        let config = Config {
+            baseline: Verdict::Allow,
+            policies: Vec::new(),
+            workloads: vec![workload("svc-*", Pending::Deny)],
+            metrics: None,
+        };
+        assert_eq!(guard_problems(&config, &root).len(), 1);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn formats_rfc3339_utc() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_516_980_123);

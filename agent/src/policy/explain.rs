@@ -272,3 +272,33 @@ impl Probe {
         explain(world, compiled, &self.from, &self.to, protocol, self.port)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_and_mapped_destinations_are_where_the_kernel_connects() {
+        let cases = [
+            ("0.0.0.0", "127.0.0.1"),
+            ("::", "::1"),
+            ("::ffff:0.0.0.0", "127.0.0.1"),
+            ("::ffff:192.0.2.10", "192.0.2.10"),
+            ("192.0.2.10", "192.0.2.10"),
+            ("2001:db8::1", "2001:db8::1"),
+        ];
+        for (given, reached) in cases {
+            let given: IpAddr = given.parse().unwrap();
+            assert_eq!(kernel_destination(given).to_string(), reached, "{given}");
+        }
+        let world = World::default();
+        assert_eq!(
+            resolve_target(&world, "0.0.0.0").unwrap().to_string(),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            describe("0.0.0.0", "127.0.0.1".parse().unwrap(), Protocol::Tcp, 80),
+            "0.0.0.0 (127.0.0.1):80/TCP"
+        );
+    }
+}
