@@ -12,6 +12,7 @@
 //!   labels: {app: web}
 //!   cgroup: system.slice/web.service   # relative to the cgroup2 mount, or absolute; globs work
 //!   ips: [192.0.2.20]                  # optional: where others reach it (for pod selectors)
+//!   pending: deny                      # optional: fail closed for its cgroups not written yet
 //! ```
 
 use std::{
