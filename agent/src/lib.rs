@@ -10,5 +10,6 @@ pub mod local;
 pub mod pipeline;
 pub mod policy;
 pub mod rules_file;
+pub mod source;
 pub mod sys;
 pub mod telemetry;
