@@ -9,6 +9,8 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic add, see above")]
 
+mod sockopt;
+
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
@@ -23,8 +25,8 @@ use aya_ebpf::{
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
-    DecisionEvent, EndpointValue, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey, PolicyValue,
-    RULE_DEFAULT, StateValue, capacity, family, verdict,
+    DecisionEvent, EndpointValue, MAX_CGROUP_DEPTH, MetaValue, POLICY_PREFIX_PORT, PolicyKey,
+    PolicyValue, RULE_DEFAULT, StateValue, capacity, family, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -80,6 +82,11 @@ static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 #[map(name = "EGRET_EVENTS_LOST")]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// The layout stamp; no program reads it, the agent writes and checks it (see
+/// `egret_common::LAYOUT_VERSION`).
+#[map(name = "EGRET_META")]
+static META: Array<MetaValue> = Array::pinned(1, 0);
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     match try_hook4(&ctx) {
@@ -113,6 +120,8 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 enum Destination {
     V4([u8; 4]),
     V6([u8; 16]),
+    /// A socket option refused on a socket that is not connected: counted without destination.
+    Unconnected,
 }
 
 impl Destination {
@@ -125,6 +134,7 @@ impl Destination {
                 (out, family::INET)
             }
             Self::V6(addr) => (addr, family::INET6),
+            Self::Unconnected => (out, 0),
         }
     }
 }
@@ -221,6 +231,7 @@ fn class_of(generation: u32, dest: Destination) -> u32 {
             ADDR_KEY_GENERATION_BITS + 128,
             Addr6Key { generation, addr },
         )),
+        Destination::Unconnected => None,
     };
     found.map_or(CLASS_WORLD, |class| class.class_id)
 }
