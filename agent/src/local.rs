@@ -535,7 +535,7 @@ fn record_sync(
     }
     telemetry.usage(&pipeline.datapath().usage());
     telemetry.workloads(sources(pipeline.compiled()).values());
-    telemetry.attached(pipeline.datapath().attached_programs());
+    telemetry.attached(pipeline.datapath().check_links().attached);
 }
 
 /// Who each endpoint is, for labels.

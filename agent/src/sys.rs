@@ -167,15 +167,43 @@ const ANCESTOR_REQUIRED: &str = "a directory (not a symlink), owned by root, and
 /// What a pinned file must be.
 const PIN_FILE_REQUIRED: &str = "a pinned object (not a symlink) owned by root";
 
-/// Makes sure `dir` is a directory only root can change, creating it (mode 0700) when missing.
+/// Makes sure each of `dirs` (a pin directory and the directories under it, parents first) is
+/// a directory only root can change, creating the missing ones (mode 0700) once every existing
+/// one has passed, so a refusal leaves nothing behind.
 ///
-/// Checked without following symlinks: every existing component of the path is `lstat`ed, a
+/// Checked without following symlinks: every existing component of each path is `lstat`ed, a
 /// symlink anywhere is refused, each ancestor must be root's and not writable by others (a
 /// sticky world-writable directory such as a default bpffs root is fine: others cannot rename
-/// or remove what root created there), and `dir` itself must be root's and not writable by
-/// group or others. Otherwise an unprivileged user who created the directory first could later
-/// remove egret's pins (detaching enforcement) or plant links for egret to adopt.
-pub fn secure_pin_dir(dir: &Path) -> Result<(), SysError> {
+/// or remove what root created there), and each directory itself must be root's and not
+/// writable by group or others. Otherwise an unprivileged user who created a directory first
+/// could later remove egret's pins (detaching enforcement) or plant links for egret to adopt.
+pub fn secure_pin_dirs(dirs: &[&Path]) -> Result<(), SysError> {
+    let mut missing = Vec::new();
+    for dir in dirs {
+        if !check_pin_dir(dir)? {
+            missing.push(*dir);
+        }
+    }
+    for dir in missing {
+        let create_err = |source| SysError::CreatePinDir {
+            path: dir.into(),
+            source,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(create_err)?;
+        // The umask may have narrowed the mode, never widened it; check what was made.
+        let meta = fs::symlink_metadata(dir).map_err(create_err)?;
+        check_dir(dir, &meta, false)?;
+    }
+    Ok(())
+}
+
+/// Checks `dir` and its ancestors as [`secure_pin_dirs`] says; `Ok(false)` when `dir` does
+/// not exist (its existing ancestors passed).
+fn check_pin_dir(dir: &Path) -> Result<bool, SysError> {
     let ancestors: Vec<&Path> = dir.ancestors().skip(1).collect();
     for ancestor in ancestors.into_iter().rev() {
         if ancestor.as_os_str().is_empty() {
@@ -183,7 +211,7 @@ pub fn secure_pin_dir(dir: &Path) -> Result<(), SysError> {
         }
         match fs::symlink_metadata(ancestor) {
             Ok(meta) => check_dir(ancestor, &meta, true)?,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => break,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(source) => {
                 return Err(SysError::Read {
                     path: ancestor.into(),
@@ -193,21 +221,8 @@ pub fn secure_pin_dir(dir: &Path) -> Result<(), SysError> {
         }
     }
     match fs::symlink_metadata(dir) {
-        Ok(meta) => check_dir(dir, &meta, false),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            let create_err = |source| SysError::CreatePinDir {
-                path: dir.into(),
-                source,
-            };
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(create_err)?;
-            // The umask may have narrowed the mode, never widened it; check what was made.
-            let meta = fs::symlink_metadata(dir).map_err(create_err)?;
-            check_dir(dir, &meta, false)
-        }
+        Ok(meta) => check_dir(dir, &meta, false).map(|()| true),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(source) => Err(SysError::Read {
             path: dir.into(),
             source,

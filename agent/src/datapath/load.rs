@@ -135,9 +135,7 @@ impl Attachment {
         let DatapathConfig { pin_dir, cgroup } = config;
         sys::ensure_bpffs(pin_dir, Path::new(BPFFS_MOUNT))?;
         let layout = PinLayout::new(pin_dir);
-        for dir in [layout.root().to_path_buf(), layout.maps(), layout.links()] {
-            sys::secure_pin_dir(&dir)?;
-        }
+        sys::secure_pin_dirs(&[layout.root(), &layout.maps(), &layout.links()])?;
         check_layout_version(&layout)?;
         let wanted_cgroup = match cgroup {
             Some(path) => Some((path.clone(), sys::cgroup_id(path)?)),
@@ -248,7 +246,7 @@ impl Attachment {
     /// Pins again, from the held link, every link whose pin was removed (or replaced by
     /// another object), and reports what the kernel says is attached. Meant to be called
     /// periodically by the run loop.
-    pub fn check_links(&mut self) -> LinkReport {
+    pub fn check_links(&self) -> LinkReport {
         let mut report = LinkReport::default();
         for link in &self.links {
             let path = self.layout.link(link.name);

@@ -270,9 +270,9 @@ impl Datapath {
     }
 
     /// Pins again every link whose pin was removed while egret runs (the agent holds each link
-    /// open, so the programs stayed attached), and reports what is attached. Call it
-    /// periodically.
-    pub fn check_links(&mut self) -> LinkReport {
+    /// open, so the programs stayed attached), and reports what the kernel says is attached.
+    /// Call it periodically.
+    pub fn check_links(&self) -> LinkReport {
         self.attachment.check_links()
     }
 
