@@ -9,10 +9,12 @@
 //! egret-probe loop 192.0.2.10:80 --until-file PATH [--interval-ms MS]
 //! egret-probe scan [2001:db8:2::1:0]:9 --count N   # one UDP datagram to each of N addresses
 //!                                                 # from the first up; prints one summary line
-//! egret-probe srcroute VIA:0 TARGET --kind rthdr|lsrr|rthdr-clear|record-route --send sendto|connect|connected-udp
+//! egret-probe srcroute VIA:0 TARGET --kind rthdr|rthdr2|lsrr|rthdr-clear|record-route --send sendto|connect|connected-udp
 //!     # sets a source route through VIA (an IPv6 segment routing header, or an IPv4 LSRR
 //!     # option), then sends to TARGET; prints the setsockopt outcome ("sent" when accepted),
 //!     # then the send's. `connected-udp` connects first and sets the route after.
+//!     # `--cmsg` passes the route as ancillary data of one `sendmsg` instead (IP_RETOPTS or
+//!     # IPV6_RTHDR), which no cgroup hook sees; prints the sendmsg's outcome only.
 //! ```
 //! `[::ffff:192.0.2.10]:80` uses an AF_INET6 socket with an IPv4-mapped destination.
 
@@ -46,6 +48,8 @@ struct Options {
     kind: String,
     /// `srcroute`: `sendto`, `connect` or `connected-udp`.
     send: String,
+    /// `srcroute`: pass the route as ancillary data of one `sendmsg`.
+    cmsg: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -58,6 +62,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         targets: Vec::new(),
         kind: "rthdr".into(),
         send: "sendto".into(),
+        cmsg: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -80,6 +85,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--until-file" => o.until_file = Some(value()?.into()),
             "--kind" => o.kind = value()?.clone(),
             "--send" => o.send = value()?.clone(),
+            "--cmsg" => o.cmsg = true,
             target => o.targets.push(
                 target
                     .parse()
@@ -183,6 +189,12 @@ fn source_route(o: &Options, via: SocketAddr, target: SocketAddr) -> Result<(), 
         // Controls: clearing the routing header (length 0), and IPv4 options without a
         // source route (record route).
         ("rthdr-clear", SocketAddr::V6(_), SocketAddr::V6(_)) => SourceRoute::Rthdr(Vec::new()),
+        // A type 2 routing header (Mobile IPv6, RFC 6275): one address, `via`.
+        ("rthdr2", SocketAddr::V6(via), SocketAddr::V6(_)) => {
+            let mut bytes = vec![0, 2, 2, 1, 0, 0, 0, 0];
+            bytes.extend_from_slice(&via.ip().octets());
+            SourceRoute::Rthdr(bytes)
+        }
         ("record-route", SocketAddr::V4(_), SocketAddr::V4(_)) => {
             SourceRoute::Lsrr(vec![7, 7, 4, 0, 0, 0, 0, 0])
         }
@@ -196,6 +208,14 @@ fn source_route(o: &Options, via: SocketAddr, target: SocketAddr) -> Result<(), 
     };
     let fd = socket(target, kind).map_err(|e| format!("socket: {e}"))?;
     let (storage, len) = sockaddr(target);
+    if o.cmsg {
+        report(
+            "udp",
+            target,
+            send_with_route(&fd, target, &option, o.payload.as_bytes()),
+        );
+        return Ok(());
+    }
     if o.send == "connected-udp" {
         // SAFETY: valid fd and address buffer.
         let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) };
@@ -246,6 +266,51 @@ fn source_route(o: &Options, via: SocketAddr, target: SocketAddr) -> Result<(), 
     };
     report(if tcp { "tcp" } else { "udp" }, target, outcome);
     Ok(())
+}
+
+/// One `sendmsg` to `target` whose ancillary data carries `route` (`IP_RETOPTS` for IPv4
+/// options, `IPV6_RTHDR` for a routing header).
+fn send_with_route(
+    fd: &OwnedFd,
+    target: SocketAddr,
+    route: &SourceRoute,
+    payload: &[u8],
+) -> Outcome {
+    let (level, kind, bytes) = match route {
+        SourceRoute::Rthdr(bytes) => (libc::IPPROTO_IPV6, libc::IPV6_RTHDR, bytes),
+        SourceRoute::Lsrr(bytes) => (libc::IPPROTO_IP, libc::IP_RETOPTS, bytes),
+    };
+    let (mut storage, len) = sockaddr(target);
+    let mut payload = payload.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(bytes.len() as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the syscall.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut storage).cast();
+    msg.msg_namelen = len;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one header and `bytes` (CMSG_SPACE above).
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes.len() as u32) as usize;
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), libc::CMSG_DATA(cmsg), bytes.len());
+    }
+    // SAFETY: valid fd and message.
+    if unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) } < 0 {
+        Outcome::from_error(&io::Error::last_os_error())
+    } else {
+        Outcome::Sent
+    }
 }
 
 enum SourceRoute {
