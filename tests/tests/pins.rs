@@ -346,6 +346,31 @@ fn maps_pinned_with_another_layout_version_are_refused_naming_both() {
     );
 }
 
+#[test]
+fn bpffs_mounted_by_egret_is_root_only() {
+    let sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let mount_point = std::env::temp_dir().join(format!("{}-bpffs", sandbox.id()));
+    fs::create_dir_all(&mount_point).expect("mount point");
+    let pin_dir = mount_point.join("egret");
+    let mounted = sys::ensure_bpffs(&pin_dir, &mount_point);
+    let mode = fs::symlink_metadata(&mount_point)
+        .expect("stat")
+        .permissions()
+        .mode();
+    let c = std::ffi::CString::new(mount_point.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path; unmounts what this test mounted.
+    let unmounted = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    let _ = fs::remove_dir(&mount_point);
+    mounted.expect("mount bpffs");
+    assert_eq!(unmounted, 0, "the test mounted a bpffs");
+    // The kernel always adds the sticky bit to a bpffs root (`bpf_fill_super`).
+    assert_eq!(
+        mode & 0o777,
+        0o700,
+        "a new bpffs is 1777 unless egret says otherwise"
+    );
+}
+
 /// Removes a second pin directory a test made beside the sandbox's.
 struct RemovePins(PathBuf);
 
