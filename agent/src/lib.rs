@@ -5,6 +5,7 @@
 //! and [`datapath::Datapath`] writes them and reads the kernel's counters back.
 
 pub mod datapath;
+pub mod inotify;
 pub mod local;
 pub mod pipeline;
 pub mod policy;

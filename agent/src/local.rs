@@ -12,6 +12,7 @@
 //!   labels: {app: web}
 //!   cgroup: system.slice/web.service   # relative to the cgroup2 mount, or absolute; globs work
 //!   ips: [192.0.2.20]                  # optional: where others reach it (for pod selectors)
+//!   pending: deny                      # optional: fail closed for its cgroups not written yet
 //! ```
 
 use std::{
@@ -25,7 +26,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    datapath::{EndpointId, Verdict},
+    datapath::{CgroupRole, EndpointId, Verdict},
     policy::{
         cluster::{Cluster, LoadError},
         model::World,
@@ -102,6 +103,23 @@ pub struct Workload {
     /// Addresses the workload is reached at, for pod-selector peers.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// What a cgroup that matches `cgroup` gets before egret has written it (a service
+    /// restarted by systemd gets a new cgroup). `allow` (default): its processes are not
+    /// decided until egret sees it, within milliseconds (inotify). `deny`: fail closed, also
+    /// while egret is not running: the directory the pattern starts in becomes a guard, and
+    /// every cgroup below it that egret has not written yet is denied; cgroups there that match
+    /// no workload are written as unmanaged (see `docs/datapath.md`).
+    #[serde(default)]
+    pub pending: Pending,
+}
+
+/// [`Workload::pending`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pending {
+    #[default]
+    Allow,
+    Deny,
 }
 
 fn default_namespace() -> String {
@@ -233,37 +251,198 @@ impl LocalSource {
     }
 }
 
-/// The cgroups of each workload as they exist now: cgroup id -> endpoint id. A workload whose
-/// cgroup does not exist (yet) has none; a glob may give several.
+/// The cgroups of each workload as they exist now, and the guards of workloads that fail
+/// closed: cgroup id -> role. A workload whose cgroup does not exist (yet) has none; a glob may
+/// give several. Only directories match (a pattern ending in `/*` would otherwise match the
+/// cgroup's interface files).
 pub fn resolve_cgroups(
     config: &Config,
     endpoints: &BTreeMap<(String, String), EndpointId>,
     cgroup_root: &Path,
-) -> BTreeMap<u64, EndpointId> {
+) -> BTreeMap<u64, CgroupRole> {
     let mut out = BTreeMap::new();
     for w in &config.workloads {
         let Some(endpoint) = endpoints.get(&(w.namespace.clone(), w.name.clone())) else {
             continue;
         };
-        let pattern = if Path::new(&w.cgroup).is_absolute() {
-            PathBuf::from(&w.cgroup)
-        } else {
-            cgroup_root.join(&w.cgroup)
-        };
-        let Ok(matches) = glob::glob(&pattern.to_string_lossy()) else {
-            tracing::warn!(workload = %w.name, cgroup = %w.cgroup, "invalid cgroup glob");
+        let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
             continue;
         };
-        for dir in matches.flatten() {
+        for dir in pattern.matches() {
             match sys::cgroup_id(&dir) {
                 Ok(id) => {
-                    out.insert(id, *endpoint);
+                    out.insert(id, CgroupRole::Endpoint(*endpoint));
                 }
                 Err(err) => tracing::warn!(workload = %w.name, cgroup = %dir.display(), "{err}"),
             }
         }
     }
+    // Guards: the walk below each fail-closed workload's guard directory, along its pattern.
+    // A directory on the way to a match is a guard too (a cgroup created in it is pending);
+    // one that leads to no match is unmanaged. Endpoints win over guards, guards over
+    // unmanaged, whichever workload's walk found them.
+    for w in config
+        .workloads
+        .iter()
+        .filter(|w| w.pending == Pending::Deny)
+    {
+        let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
+            continue;
+        };
+        if pattern.guard == cgroup_root {
+            // Never guard the whole host (refused by `guard_problems` at start).
+            continue;
+        }
+        pattern.walk(&mut |dir, role| {
+            // Matches were resolved above; one without an endpoint (its workload did not
+            // compile) stays pending under its guard.
+            if matches!(role, CgroupRole::Endpoint(_)) {
+                return;
+            }
+            let Ok(id) = sys::cgroup_id(dir) else { return };
+            let entry = out.entry(id).or_insert(role);
+            if rank(role) > rank(*entry) {
+                *entry = role;
+            }
+        });
+    }
     out
+}
+
+/// Workloads whose `pending: deny` would guard the cgroup2 root itself (every process on the
+/// host): refused, with the workload named.
+pub fn guard_problems(config: &Config, cgroup_root: &Path) -> Vec<String> {
+    config
+        .workloads
+        .iter()
+        .filter(|w| w.pending == Pending::Deny)
+        .filter(|w| CgroupPattern::of(w, cgroup_root).is_some_and(|p| p.guard == cgroup_root))
+        .map(|w| {
+            format!(
+                "workload {}/{}: field `pending`: deny would guard the cgroup2 root ({}); put the workload's cgroup in a directory of its own",
+                w.namespace,
+                w.name,
+                cgroup_root.display()
+            )
+        })
+        .collect()
+}
+
+/// Which role wins when two walks meet the same cgroup.
+fn rank(role: CgroupRole) -> u8 {
+    match role {
+        CgroupRole::Unmanaged => 0,
+        CgroupRole::Guard => 1,
+        CgroupRole::Endpoint(_) => 2,
+    }
+}
+
+/// The directories whose entries the run loop watches: every guard and every directory a
+/// workload's pattern may match in, so that a new cgroup wakes it at once.
+pub fn watch_dirs(config: &Config, cgroup_root: &Path) -> Vec<PathBuf> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for w in &config.workloads {
+        let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
+            continue;
+        };
+        pattern.walk(&mut |dir, role| {
+            if role == CgroupRole::Guard {
+                dirs.insert(dir.to_path_buf());
+            }
+        });
+    }
+    dirs.into_iter().collect()
+}
+
+/// A workload's cgroup pattern, split where its first glob component starts.
+struct CgroupPattern {
+    /// The deepest directory of the pattern without glob characters.
+    guard: PathBuf,
+    /// The components after it, each a glob (or a literal name).
+    rest: Vec<glob::Pattern>,
+}
+
+impl CgroupPattern {
+    fn of(w: &Workload, cgroup_root: &Path) -> Option<Self> {
+        let full = if Path::new(&w.cgroup).is_absolute() {
+            PathBuf::from(&w.cgroup)
+        } else {
+            cgroup_root.join(&w.cgroup)
+        };
+        let mut guard = PathBuf::new();
+        let mut rest = Vec::new();
+        for component in full.components() {
+            let text = component.as_os_str().to_string_lossy();
+            let is_glob = text.contains(['*', '?', '[']);
+            if rest.is_empty() && !is_glob {
+                guard.push(component);
+                continue;
+            }
+            match glob::Pattern::new(&text) {
+                Ok(p) => rest.push(p),
+                Err(err) => {
+                    tracing::warn!(workload = %w.name, cgroup = %w.cgroup, "invalid cgroup glob: {err}");
+                    return None;
+                }
+            }
+        }
+        if rest.is_empty() {
+            // A literal path: the guard is its parent, the pattern its own name.
+            let name = guard.file_name()?.to_string_lossy().into_owned();
+            rest.push(glob::Pattern::new(&glob::Pattern::escape(&name)).ok()?);
+            guard.pop();
+        }
+        Some(Self { guard, rest })
+    }
+
+    /// The directories that match the whole pattern.
+    fn matches(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        self.walk(&mut |dir, role| {
+            if matches!(role, CgroupRole::Endpoint(_)) {
+                out.push(dir.to_path_buf());
+            }
+        });
+        out
+    }
+
+    /// Visits the guard (as `Guard`), every directory below it on the way to a match
+    /// (`Guard`), every match (`Endpoint(0)`: the caller knows the id) and every directory that
+    /// leads to no match (`Unmanaged`).
+    fn walk(&self, visit: &mut dyn FnMut(&Path, CgroupRole)) {
+        if !is_dir(&self.guard) {
+            return;
+        }
+        visit(&self.guard, CgroupRole::Guard);
+        self.walk_below(&self.guard, 0, visit);
+    }
+
+    fn walk_below(&self, dir: &Path, depth: usize, visit: &mut dyn FnMut(&Path, CgroupRole)) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let last = depth + 1 == self.rest.len();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !is_dir(&path) {
+                continue;
+            }
+            let name = entry.file_name();
+            if !self.rest[depth].matches(&name.to_string_lossy()) {
+                visit(&path, CgroupRole::Unmanaged);
+            } else if last {
+                visit(&path, CgroupRole::Endpoint(0));
+            } else {
+                visit(&path, CgroupRole::Guard);
+                self.walk_below(&path, depth + 1, visit);
+            }
+        }
+    }
+}
+
+/// A directory, not a symlink to one (cgroupfs has no symlinks; a link is not a cgroup).
+fn is_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
 /// Options of `egret run` beside the config.
@@ -299,6 +478,16 @@ pub fn run(
         node: None,
     };
     let mut config = loaded.config;
+    let guard_problems = guard_problems(&config, cgroup_root);
+    if !guard_problems.is_empty() {
+        for p in &guard_problems {
+            tracing::error!("{p}");
+        }
+        anyhow::bail!(
+            "{} problem(s) in the config; nothing changed",
+            guard_problems.len()
+        );
+    }
     let mut fingerprint = loaded.fingerprint;
     // Metrics are served from the start (`/readyz` says when policy is written); the address is
     // read once, at start.
@@ -317,7 +506,10 @@ pub fn run(
         None => None,
     };
     let mut pipeline =
-        crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config));
+        crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config))?;
+    // New cgroups wake the loop at once; the poll is the backstop (and reads the files).
+    let mut watch = crate::inotify::DirWatch::new()?;
+    watch.watch_only(&watch_dirs(&config, cgroup_root));
     let names = std::sync::Arc::new(std::sync::Mutex::new(NameSnapshot::default()));
     match crate::datapath::EventReader::open(pipeline.datapath().pin_dir()) {
         Ok(reader) => spawn_deny_log(reader, std::sync::Arc::clone(&names), metrics.clone())?,
@@ -341,10 +533,17 @@ pub fn run(
     );
     let mut report = Report::new(pipeline.datapath());
     let mut last_report = Instant::now();
+    let mut last_poll = Instant::now();
     loop {
-        std::thread::sleep(options.poll_every);
+        let woken = watch.wait(options.poll_every.saturating_sub(last_poll.elapsed()));
         let mut dirty = false;
-        let now = source.fingerprint(&config);
+        let now = if woken && last_poll.elapsed() < options.poll_every {
+            // A cgroup event: the files are read at the next poll, as before.
+            fingerprint
+        } else {
+            last_poll = Instant::now();
+            source.fingerprint(&config)
+        };
         if now != fingerprint {
             fingerprint = now;
             match source.load() {
@@ -390,6 +589,7 @@ pub fn run(
             }
         }
         let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
+        watch.watch_only(&watch_dirs(&config, cgroup_root));
         if dirty || &cgroups != pipeline.cgroups() {
             let result = pipeline.enforce(cgroups);
             if let Some(shared) = &metrics {
@@ -423,18 +623,22 @@ pub fn run(
     }
 }
 
-/// What the deny log needs to name a source and a rule, as of the last enforced compile.
+/// What the deny log needs to name a source and a rule, as of the last enforced compile: every
+/// id known, also of workloads and rules that are gone.
 #[derive(Default)]
 struct NameSnapshot {
     workloads: BTreeMap<EndpointId, (String, String)>,
-    origins: Vec<crate::policy::explain::Origin>,
+    ids: crate::policy::ids::IdTable,
 }
 
 impl NameSnapshot {
     fn of(compiled: &crate::policy::compile::Compiled) -> Self {
         Self {
-            workloads: compiled.workloads.clone(),
-            origins: compiled.origins.clone(),
+            workloads: labels(compiled)
+                .into_iter()
+                .map(|(id, s)| (id, (s.namespace, s.workload)))
+                .collect(),
+            ids: compiled.ids.clone(),
         }
     }
 }
@@ -467,8 +671,8 @@ fn spawn_deny_log(
                                 (String::new(), format!("endpoint-{}", event.endpoint_id))
                             });
                         let origin = snapshot
-                            .origins
-                            .get(event.rule_id as usize)
+                            .ids
+                            .origin(event.rule_id)
                             .cloned()
                             .unwrap_or(crate::policy::explain::Origin::Baseline);
                         let names = crate::telemetry::denylog::Names {
@@ -555,6 +759,34 @@ fn sources(
         .collect()
 }
 
+/// Who every endpoint id the compiler knows is, live or gone, for labels; the pending
+/// endpoint (0) is `pending`.
+fn labels(
+    compiled: &crate::policy::compile::Compiled,
+) -> BTreeMap<EndpointId, crate::telemetry::Source> {
+    let mut out: BTreeMap<EndpointId, crate::telemetry::Source> = compiled
+        .ids
+        .endpoint_names()
+        .iter()
+        .map(|(id, name)| {
+            let source = crate::telemetry::Source {
+                namespace: name.namespace.clone(),
+                workload: name.workload.clone(),
+            };
+            (*id, source)
+        })
+        .collect();
+    out.extend(sources(compiled));
+    out.insert(
+        0,
+        crate::telemetry::Source {
+            namespace: String::new(),
+            workload: "pending".into(),
+        },
+    );
+    out
+}
+
 /// Moves what the kernel counted since the last drain into the metrics.
 fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::Pipeline) {
     let counters = match pipeline.datapath().counters() {
@@ -565,7 +797,7 @@ fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::
         }
     };
     let compiled = pipeline.compiled();
-    let sources = sources(compiled);
+    let sources = labels(compiled);
     shared
         .telemetry
         .lock()
@@ -624,10 +856,9 @@ impl Report {
             return;
         }
         let compiled = pipeline.compiled();
-        let workloads: BTreeMap<EndpointId, String> = compiled
-            .workloads
-            .iter()
-            .map(|(id, (ns, name))| (*id, format!("{ns}/{name}")))
+        let workloads: BTreeMap<EndpointId, String> = labels(compiled)
+            .into_iter()
+            .map(|(id, s)| (id, format!("{}/{}", s.namespace, s.workload)))
             .collect();
         println!(
             "{:<20} {:<28} {:<5} {:<12} {:>8}  POLICY",
@@ -637,6 +868,7 @@ impl Report {
             let origin = compiled.origin(rule);
             let policy = match (origin, origin.rule_label()) {
                 (crate::policy::explain::Origin::Baseline, _) => "default".into(),
+                (crate::policy::explain::Origin::Pending, _) => "pending (not written yet)".into(),
                 (_, Some(r)) => format!("{} rule {r}", origin.policy_label()),
                 (_, None) => format!("{} (isolation)", origin.policy_label()),
             };
@@ -660,6 +892,100 @@ impl Report {
 mod tests {
     use super::*;
     use crate::policy::compile::{CompileOptions, compile};
+
+    fn workload(cgroup: &str, pending: Pending) -> Workload {
+        Workload {
+            name: "svc".into(),
+            namespace: "bars".into(),
+            labels: BTreeMap::new(),
+            cgroup: cgroup.into(),
+            ips: Vec::new(),
+            pending,
+        }
+    }
+
+    /// A fake hierarchy: `dirs` are directories, `files` interface files, under a temp root.
+    fn tree(name: &str, dirs: &[&str], files: &[&str]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("egret-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in dirs {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in files {
+            std::fs::write(root.join(f), "").unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn globs_match_cgroup_directories_never_their_interface_files() {
+        let root = tree(
+            "glob",
+            &[
+                "system.slice/svc-1",
+                "system.slice/svc-2/sub",
+                "system.slice/sshd",
+            ],
+            &[
+                "system.slice/cgroup.procs",
+                "system.slice/svc-x.max",
+                "system.slice/memory.max",
+            ],
+        );
+        for (pattern, want) in [
+            ("system.slice/svc-*", vec!["svc-1", "svc-2"]),
+            ("system.slice/*", vec!["sshd", "svc-1", "svc-2"]),
+            ("system.slice/svc-1", vec!["svc-1"]),
+        ] {
+            let p = CgroupPattern::of(&workload(pattern, Pending::Allow), &root).unwrap();
+            let mut got: Vec<String> = p
+                .matches()
+                .iter()
+                .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "{pattern}");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_fail_closed_pattern_guards_its_directory_and_leaves_the_rest_unmanaged() {
+        let root = tree(
+            "guard",
+            &["apps/a/svc-1", "apps/a/other", "apps/b/svc-2", "apps/c"],
+            &["apps/cgroup.procs"],
+        );
+        let p = CgroupPattern::of(&workload("apps/*/svc-*", Pending::Deny), &root).unwrap();
+        assert_eq!(p.guard, root.join("apps"));
+        let mut seen = Vec::new();
+        p.walk(&mut |dir, role| {
+            let rel = dir.strip_prefix(&root).unwrap().display().to_string();
+            seen.push((rel, role));
+        });
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                ("apps".into(), CgroupRole::Guard),
+                ("apps/a".into(), CgroupRole::Guard),
+                ("apps/a/other".into(), CgroupRole::Unmanaged),
+                ("apps/a/svc-1".into(), CgroupRole::Endpoint(0)),
+                ("apps/b".into(), CgroupRole::Guard),
+                ("apps/b/svc-2".into(), CgroupRole::Endpoint(0)),
+                ("apps/c".into(), CgroupRole::Guard),
+            ]
+        );
+        // Never the whole host.
+        let config = Config {
+            baseline: Verdict::Allow,
+            policies: Vec::new(),
+            workloads: vec![workload("svc-*", Pending::Deny)],
+            metrics: None,
+        };
+        assert_eq!(guard_problems(&config, &root).len(), 1);
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn formats_rfc3339_utc() {

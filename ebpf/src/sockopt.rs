@@ -9,7 +9,7 @@
 //! connection under [`RULE_SOURCE_ROUTE`].
 
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sockopt, programs::SockoptContext};
-use egret_common::{RULE_SOURCE_ROUTE, family, verdict};
+use egret_common::{RULE_SOURCE_ROUTE, endpoint_flags, family, protocol_key, verdict};
 
 use crate::{Destination, PROCEED, REJECT};
 
@@ -69,9 +69,18 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<i32, i32> {
     if !source_route {
         return Ok(PROCEED);
     }
-    // Not an endpoint's process: not egret's business.
-    let Some(endpoint_id) = crate::find_endpoint() else {
+    // Not an endpoint's process (or an unmanaged one): not egret's business. Below a guard,
+    // refused too, counted under the pending endpoint like the guard's other denials.
+    let Some(endpoint) = crate::find_endpoint() else {
         return Ok(PROCEED);
+    };
+    if endpoint.flags & endpoint_flags::UNMANAGED != 0 {
+        return Ok(PROCEED);
+    }
+    let endpoint_id = if endpoint.flags & endpoint_flags::PENDING != 0 {
+        crate::PENDING_ENDPOINT
+    } else {
+        endpoint.endpoint_id
     };
     let peer = connected_to(ctx);
     let Peer {
@@ -177,7 +186,7 @@ fn connected_to(ctx: &SockoptContext) -> Peer {
     let mut peer = Peer {
         family: 0,
         addr: [0; 16],
-        protocol: protocol as u8,
+        protocol: protocol_key(protocol),
         port: u16::from_be(port),
     };
     if sk_family == u32::from(family::INET) {

@@ -6,15 +6,17 @@
 //! generation whole, so no connection sees a verdict that is neither the old policy's nor the
 //! new one's.
 
+pub mod barrier;
 pub mod load;
 pub mod lower;
 pub mod state;
 
 use std::{
+    collections::BTreeMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::{
@@ -24,7 +26,8 @@ use aya::{
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CounterKey, CounterValue,
-    EndpointValue, GENERATIONS, PolicyKey, PolicyValue, StateValue, family, map_names,
+    EndpointValue, GENERATIONS, ID_NAME_BYTES, IdKey, IdName, PolicyKey, PolicyValue, StateValue,
+    endpoint_flags, family, map_names,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use load::{Attachment, open_map};
@@ -40,11 +43,6 @@ use crate::sys::SysError;
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egret";
-
-/// How long after a flip the agent waits before writing the generation it flipped away from.
-/// Programs run to completion under RCU without sleeping, in microseconds; one that read the
-/// old generation number just before the flip is long done after this.
-const FLIP_GRACE: Duration = Duration::from_millis(20);
 
 /// Errors of the datapath; each names the program, map, path or entry involved.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +115,15 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "failed to wait for running programs after a generation flip; the generation flipped away from is not rewritten until that wait succeeds"
+    )]
+    Barrier {
+        #[source]
+        source: io::Error,
+    },
+    #[error("id table: the name of {kind} id {id} takes {len} bytes, more than {ID_NAME_BYTES}")]
+    IdTooLong { kind: u32, id: u32, len: usize },
     #[error("failed to remove pin {path}")]
     Unpin {
         path: PathBuf,
@@ -200,6 +207,48 @@ pub struct MapUsage {
     pub capacity: u32,
 }
 
+/// What the kernel does with the processes of one cgroup (and of the cgroups below it that have
+/// no role of their own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CgroupRole {
+    /// Decided by this endpoint's policy.
+    Endpoint(EndpointId),
+    /// A guard: denied, counted under `RULE_PENDING`, until the agent writes the cgroup (fail
+    /// closed for workloads that start before the agent has seen them).
+    Guard,
+    /// Not egret's: neither decided nor counted (a known non-workload cgroup below a guard).
+    Unmanaged,
+}
+
+impl CgroupRole {
+    fn to_value(self) -> EndpointValue {
+        let (endpoint_id, flags) = match self {
+            Self::Endpoint(id) => (id, 0),
+            Self::Guard => (0, endpoint_flags::PENDING),
+            Self::Unmanaged => (0, endpoint_flags::UNMANAGED),
+        };
+        EndpointValue { endpoint_id, flags }
+    }
+
+    fn from_value(value: EndpointValue) -> Self {
+        if value.flags & endpoint_flags::UNMANAGED != 0 {
+            Self::Unmanaged
+        } else if value.flags & endpoint_flags::PENDING != 0 {
+            Self::Guard
+        } else {
+            Self::Endpoint(value.endpoint_id)
+        }
+    }
+}
+
+/// One entry of the pinned id table, as stored: kind (`egret_common::id_kind`), id, text.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IdEntry {
+    pub kind: u32,
+    pub id: u32,
+    pub text: String,
+}
+
 /// The loaded (or adopted) datapath.
 pub struct Datapath {
     /// The programs' links, held open, and the pin directory.
@@ -212,11 +261,15 @@ pub struct Datapath {
     counters: HashMap<MapData, CounterKey, CounterValue>,
     counters_overflow: HashMap<MapData, CounterKey, CounterValue>,
     counters_lost: PerCpuArray<MapData, u64>,
+    ids: HashMap<MapData, IdKey, IdName>,
     /// The generation the kernel reads.
     generation: u32,
     /// What each generation holds, as read at open and kept in step by `apply`.
     shadow: [DesiredState; GENERATIONS as usize],
-    last_flip: Option<Instant>,
+    barrier: barrier::ProgramBarrier,
+    /// A flip whose wait for running programs has not succeeded yet: the inactive generation
+    /// may still be read, so it is not written until the wait succeeds.
+    unsettled: bool,
 }
 
 impl Datapath {
@@ -245,9 +298,13 @@ impl Datapath {
             counters: open_map(&maps_dir, map_names::COUNTERS)?,
             counters_overflow: open_map(&maps_dir, map_names::COUNTERS_OVERFLOW)?,
             counters_lost: open_map(&maps_dir, map_names::COUNTERS_LOST)?,
+            ids: open_map(&maps_dir, map_names::IDS)?,
             generation,
             shadow: Default::default(),
-            last_flip: None,
+            barrier: barrier::ProgramBarrier::new()
+                .map_err(|source| DatapathError::Barrier { source })?,
+            // A previous process may have flipped just before it died.
+            unsettled: true,
         };
         datapath.shadow = datapath.read_generations()?;
         Ok(datapath)
@@ -289,13 +346,22 @@ impl Datapath {
     /// Makes `desired` the enforced policy: writes the inactive generation, then flips.
     /// On error the active generation is untouched, and so is enforcement.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes> {
-        let next = (self.generation + 1) % GENERATIONS;
-        if let Some(flipped) = self.last_flip {
-            let since = flipped.elapsed();
-            if since < FLIP_GRACE {
-                std::thread::sleep(FLIP_GRACE - since);
-            }
+        let (next, changes) = self.prepare(desired)?;
+        self.flip(next)?;
+        Ok(changes)
+    }
+
+    /// Writes `desired` into the inactive generation, which no program reads. Returns that
+    /// generation and what was written. On error nothing the kernel reads has changed.
+    fn prepare(&mut self, desired: &DesiredState) -> Result<(u32, Changes)> {
+        if self.unsettled {
+            // The last flip's wait failed (or this process did not see it): wait now.
+            self.barrier
+                .wait()
+                .map_err(|source| DatapathError::Barrier { source })?;
+            self.unsettled = false;
         }
+        let next = (self.generation + 1) % GENERATIONS;
         let changes = diff(&self.shadow[next as usize], desired);
         if let Err(err) = self.write_generation(next, &changes) {
             // Whatever did get written stays in the inactive generation; re-read it so the
@@ -306,6 +372,12 @@ impl Datapath {
             return Err(err);
         }
         self.shadow[next as usize] = desired.clone();
+        Ok((next, changes))
+    }
+
+    /// Makes the kernel read generation `next`, then waits until no program can still be
+    /// reading the other one, so that the next [`Self::prepare`] may rewrite it.
+    fn flip(&mut self, next: u32) -> Result<()> {
         self.state
             .set(
                 0,
@@ -321,13 +393,17 @@ impl Datapath {
                 source,
             })?;
         self.generation = next;
-        self.last_flip = Some(Instant::now());
-        tracing::debug!(
-            generation = next,
-            changes = changes.len(),
-            "policy generation flipped"
-        );
-        Ok(changes)
+        self.unsettled = true;
+        match self.barrier.wait() {
+            Ok(()) => self.unsettled = false,
+            // Enforcement is right (the flip happened); only the next write has to wait.
+            Err(err) => tracing::warn!(
+                error = %err,
+                "waiting for running programs after a flip failed; retried before the next write"
+            ),
+        }
+        tracing::debug!(generation = next, "policy generation flipped");
+        Ok(())
     }
 
     fn write_generation(&mut self, generation: u32, changes: &Changes) -> Result<()> {
@@ -432,41 +508,68 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Makes the kernel enforce `desired` on exactly `endpoints` (cgroup id -> endpoint id), in
-    /// the order that never leaves an endpoint without its policy: endpoints that go are removed
-    /// first, then the policy generation flips, then new endpoints are added.
+    /// Makes the kernel enforce `desired` on exactly `cgroups` (cgroup id -> role), in an order
+    /// in which no cgroup is ever decided by entries that are not its own:
+    ///
+    /// 1. the new policy goes into the inactive generation (nothing the kernel reads changes);
+    /// 2. cgroups that go are removed, and cgroups that become guards or unmanaged are written
+    ///    (neither reads the policy); a cgroup that moves to another endpoint id becomes a guard
+    ///    meanwhile (fail closed): after the flip its old id may have no entries;
+    /// 3. the generation flips;
+    /// 4. cgroups that become or change endpoint are written: their entries are live now.
+    ///
+    /// Endpoint ids are stable per workload (`policy::ids`), so step 2's guard only covers a
+    /// cgroup that changes workload. If a write fails, every cgroup is either as before with
+    /// its own entries live, or a guard; the next sync finishes the job.
     pub fn sync(
         &mut self,
         desired: &DesiredState,
-        endpoints: &std::collections::BTreeMap<u64, EndpointId>,
+        cgroups: &BTreeMap<u64, CgroupRole>,
     ) -> Result<Changes> {
         let current = self.endpoints()?;
-        for cgroup in current.keys().filter(|c| !endpoints.contains_key(c)) {
-            self.remove_endpoint(*cgroup)?;
+        let (next, changes) = self.prepare(desired)?;
+        for (cgroup, role) in &current {
+            match (role, cgroups.get(cgroup)) {
+                (_, None) => self.remove_endpoint(*cgroup)?,
+                (old, Some(new)) if old == new => {}
+                // Another workload's cgroup now: its old id's entries may be gone after the
+                // flip, and the new id's are not live before it.
+                (CgroupRole::Endpoint(_), Some(CgroupRole::Endpoint(_))) => {
+                    self.set_role(*cgroup, CgroupRole::Guard)?;
+                }
+                // A guard or unmanaged cgroup that becomes an endpoint stays as it is (no
+                // policy read) until its entries are live.
+                (_, Some(CgroupRole::Endpoint(_))) => {}
+                (_, Some(new)) => self.set_role(*cgroup, *new)?,
+            }
         }
-        let changes = self.apply(desired)?;
-        for (cgroup, endpoint) in endpoints {
-            if current.get(cgroup) != Some(endpoint) {
-                self.set_endpoint(*cgroup, *endpoint)?;
+        self.flip(next)?;
+        let now = self.endpoints()?;
+        for (cgroup, role) in cgroups {
+            if now.get(cgroup) != Some(role) {
+                self.set_role(*cgroup, *role)?;
             }
         }
         Ok(changes)
     }
 
+    /// Gives the cgroup with id `cgroup_id` (and every cgroup below it without a role of its
+    /// own) `role`. An endpoint's policy must be live first: until then it meets
+    /// `ON_MISSING_POLICY`.
+    pub fn set_role(&mut self, cgroup_id: u64, role: CgroupRole) -> Result<()> {
+        self.endpoints
+            .insert(cgroup_id, role.to_value(), 0)
+            .map_err(|source| DatapathError::WriteMap {
+                name: map_names::ENDPOINTS,
+                entry: format!("cgroup {cgroup_id} -> {role:?}"),
+                source,
+            })
+    }
+
     /// Makes the cgroup with id `cgroup_id` (and every cgroup below it) the endpoint
     /// `endpoint`. Write the endpoint's policy first: until then it gets the fail-open default.
     pub fn set_endpoint(&mut self, cgroup_id: u64, endpoint: EndpointId) -> Result<()> {
-        let value = EndpointValue {
-            endpoint_id: endpoint,
-            flags: 0,
-        };
-        self.endpoints
-            .insert(cgroup_id, value, 0)
-            .map_err(|source| DatapathError::WriteMap {
-                name: map_names::ENDPOINTS,
-                entry: format!("cgroup {cgroup_id} -> endpoint {endpoint}"),
-                source,
-            })
+        self.set_role(cgroup_id, CgroupRole::Endpoint(endpoint))
     }
 
     /// Stops treating the cgroup as an endpoint; its processes are no longer decided.
@@ -480,16 +583,74 @@ impl Datapath {
         })
     }
 
-    /// The endpoints the kernel knows: cgroup id -> endpoint id.
-    pub fn endpoints(&self) -> Result<std::collections::BTreeMap<u64, EndpointId>> {
+    /// The cgroups the kernel knows, and their roles.
+    pub fn endpoints(&self) -> Result<BTreeMap<u64, CgroupRole>> {
         self.endpoints
             .iter()
-            .map(|item| item.map(|(cgroup, value)| (cgroup, value.endpoint_id)))
+            .map(|item| item.map(|(cgroup, value)| (cgroup, CgroupRole::from_value(value))))
             .collect::<Result<_, _>>()
             .map_err(|source| DatapathError::ReadMap {
                 name: map_names::ENDPOINTS,
                 source,
             })
+    }
+
+    /// Every entry of the pinned id table.
+    pub fn id_entries(&self) -> Result<Vec<IdEntry>> {
+        let mut out = Vec::new();
+        for item in self.ids.iter() {
+            let (key, value) = item.map_err(|source| DatapathError::ReadMap {
+                name: map_names::IDS,
+                source,
+            })?;
+            let len = (value.len as usize).min(ID_NAME_BYTES);
+            out.push(IdEntry {
+                kind: key.kind,
+                id: key.id,
+                text: String::from_utf8_lossy(&value.text[..len]).into_owned(),
+            });
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Writes and removes entries of the pinned id table. An entry too long to store is an
+    /// error naming it; the others are written.
+    pub fn write_ids(&mut self, upsert: &[IdEntry], remove: &[(u32, u32)]) -> Result<()> {
+        let mut first_error = None;
+        for IdEntry { kind, id, text } in upsert {
+            let key = IdKey {
+                kind: *kind,
+                id: *id,
+            };
+            let bytes = text.as_bytes();
+            if bytes.len() > ID_NAME_BYTES {
+                first_error.get_or_insert(DatapathError::IdTooLong {
+                    kind: *kind,
+                    id: *id,
+                    len: bytes.len(),
+                });
+                continue;
+            }
+            let mut value = IdName {
+                len: bytes.len() as u32,
+                ..IdName::default()
+            };
+            value.text[..bytes.len()].copy_from_slice(bytes);
+            if let Err(source) = self.ids.insert(key, value, 0) {
+                first_error.get_or_insert(write_err(map_names::IDS, &key, source));
+            }
+        }
+        for (kind, id) in remove {
+            let key = IdKey {
+                kind: *kind,
+                id: *id,
+            };
+            if let Err(source) = ignore_missing(self.ids.remove(&key)) {
+                first_error.get_or_insert(write_err(map_names::IDS, &key, source));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Reads every counter. The kernel only ever adds to them.

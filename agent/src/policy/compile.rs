@@ -18,6 +18,7 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use super::{
     crd::RuleAction,
     explain::Origin,
+    ids::{EndpointName, IdTable},
     model::{Peer, PodInfo, PortMatch, PortSpec, World},
 };
 use crate::datapath::{
@@ -60,47 +61,34 @@ pub enum Action {
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub desired: DesiredState,
-    /// (namespace, pod) -> endpoint id.
+    /// (namespace, pod) -> endpoint id, for the endpoints compiled now.
     pub endpoints: BTreeMap<(String, String), EndpointId>,
-    /// Endpoint id -> (namespace, owning workload), for metrics and logs.
+    /// Endpoint id -> (namespace, owning workload) of the endpoints compiled now.
     pub workloads: BTreeMap<EndpointId, (String, String)>,
-    /// Rule id -> what it stands for; id 0 is the baseline.
-    pub origins: Vec<Origin>,
+    /// Every id the compiler knows, also of endpoints and rules that are gone: counts they
+    /// made keep their names.
+    pub ids: IdTable,
     pub baseline: Verdict,
 }
 
 impl Compiled {
     /// What rule `id` stands for (the baseline for unknown ids).
     pub fn origin(&self, id: RuleId) -> &Origin {
-        self.origins.get(id as usize).unwrap_or(&Origin::Baseline)
-    }
-}
-
-/// Interns origins as rule ids, in the order the policies are listed.
-struct Origins {
-    ids: HashMap<Origin, RuleId>,
-    list: Vec<Origin>,
-}
-
-impl Origins {
-    fn new() -> Self {
-        let mut origins = Self {
-            ids: HashMap::new(),
-            list: Vec::new(),
-        };
-        let baseline = origins.id(Origin::Baseline);
-        debug_assert_eq!(baseline, RULE_DEFAULT);
-        origins
+        self.ids.origin(id).unwrap_or(&Origin::Baseline)
     }
 
-    fn id(&mut self, origin: Origin) -> RuleId {
-        if let Some(id) = self.ids.get(&origin) {
-            return *id;
+    /// Who endpoint `id` is, also when it is gone: (namespace, owning workload).
+    pub fn workload(&self, id: EndpointId) -> Option<(String, String)> {
+        if let Some(live) = self.workloads.get(&id) {
+            return Some(live.clone());
         }
-        let id = self.list.len() as RuleId;
-        self.ids.insert(origin.clone(), id);
-        self.list.push(origin);
-        id
+        self.ids.endpoint_name(id).map(
+            |EndpointName {
+                 namespace,
+                 workload,
+                 ..
+             }| (namespace.clone(), workload.clone()),
+        )
     }
 }
 
@@ -121,17 +109,23 @@ pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
 pub struct Compiler {
     world: World,
     options: CompileOptions,
-    origins: Origins,
+    /// Stable ids, kept across compiles (and, through the pipeline, across restarts).
+    origins: IdTable,
     expander: Expander,
     memo: LowerMemo<Action>,
 }
 
 impl Compiler {
     pub fn new(world: World, options: CompileOptions) -> Self {
+        Self::with_ids(world, options, IdTable::default())
+    }
+
+    /// A compiler that keeps the ids `ids` assigned before (an agent restart).
+    pub fn with_ids(world: World, options: CompileOptions, ids: IdTable) -> Self {
         Self {
             world,
             options,
-            origins: Origins::new(),
+            origins: ids,
             expander: Expander::default(),
             memo: LowerMemo::default(),
         }
@@ -140,6 +134,43 @@ impl Compiler {
     /// The options it compiles with.
     pub fn options(&self) -> &CompileOptions {
         &self.options
+    }
+
+    /// Changes the options; ids stay (a rule keeps its id whatever the baseline).
+    pub fn set_options(&mut self, options: CompileOptions) {
+        self.options = options;
+        self.expander.cache.clear();
+    }
+
+    /// The id table, for the caller to store and to forget ids nothing refers to.
+    pub fn ids_mut(&mut self) -> &mut IdTable {
+        &mut self.origins
+    }
+
+    /// The rule ids the current world's policies stand for (whether or not a compiled endpoint
+    /// uses them).
+    pub fn live_rules(&mut self) -> std::collections::BTreeSet<RuleId> {
+        let Self { world, origins, .. } = self;
+        let mut live = std::collections::BTreeSet::from([RULE_DEFAULT]);
+        for ep in &world.egress_policies {
+            for rule in &ep.rules {
+                live.insert(origins.rule(&egress_origin(&ep.name, &rule.name, rule.action)));
+            }
+        }
+        for np in &world.network_policies {
+            for i in 0..np.rules.len() {
+                live.insert(origins.rule(&Origin::NetworkPolicyRule {
+                    namespace: np.namespace.clone(),
+                    name: np.name.clone(),
+                    rule: i,
+                }));
+            }
+            live.insert(origins.rule(&Origin::Isolation {
+                namespace: np.namespace.clone(),
+                name: np.name.clone(),
+            }));
+        }
+        live
     }
 
     /// The validated cluster the compiler works on.
@@ -210,7 +241,7 @@ impl Compiler {
             }
         }
         for origin in stale {
-            let id = self.origins.id(origin);
+            let id = self.origins.rule(&origin);
             self.expander.cache.remove(&id);
         }
     }
@@ -228,18 +259,18 @@ impl Compiler {
         // which endpoints exist.
         for ep in &world.egress_policies {
             for rule in &ep.rules {
-                origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+                origins.rule(&egress_origin(&ep.name, &rule.name, rule.action));
             }
         }
         for np in &world.network_policies {
             for i in 0..np.rules.len() {
-                origins.id(Origin::NetworkPolicyRule {
+                origins.rule(&Origin::NetworkPolicyRule {
                     namespace: np.namespace.clone(),
                     name: np.name.clone(),
                     rule: i,
                 });
             }
-            origins.id(Origin::Isolation {
+            origins.rule(&Origin::Isolation {
                 namespace: np.namespace.clone(),
                 name: np.name.clone(),
             });
@@ -255,8 +286,8 @@ impl Compiler {
         let mut workloads = BTreeMap::new();
         let mut lists = Vec::with_capacity(sources.len());
         let mut contexts = HashMap::new();
-        for (i, pod) in sources.iter().enumerate() {
-            let id = (i + 1) as EndpointId;
+        for pod in &sources {
+            let id = origins.endpoint(&pod.namespace, &pod.name, &pod.workload);
             endpoints.insert((pod.namespace.clone(), pod.name.clone()), id);
             workloads.insert(id, (pod.namespace.clone(), pod.workload.clone()));
             let mut rules = Vec::new();
@@ -266,7 +297,7 @@ impl Compiler {
                 .filter(|ep| world.subject_selects(ep, pod))
             {
                 for rule in &ep.rules {
-                    let rule_id = origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+                    let rule_id = origins.rule(&egress_origin(&ep.name, &rule.name, rule.action));
                     let action = Action::Egress {
                         audit: ep.audit,
                         action: rule.action,
@@ -280,13 +311,13 @@ impl Compiler {
             let mut isolation = None;
             for np in world.isolating(pod) {
                 isolation.get_or_insert_with(|| {
-                    origins.id(Origin::Isolation {
+                    origins.rule(&Origin::Isolation {
                         namespace: np.namespace.clone(),
                         name: np.name.clone(),
                     })
                 });
                 for (r, rule) in np.rules.iter().enumerate() {
-                    let rule_id = origins.id(Origin::NetworkPolicyRule {
+                    let rule_id = origins.rule(&Origin::NetworkPolicyRule {
                         namespace: np.namespace.clone(),
                         name: np.name.clone(),
                         rule: r,
@@ -316,7 +347,7 @@ impl Compiler {
             desired,
             endpoints,
             workloads,
-            origins: origins.list.clone(),
+            ids: origins.clone(),
             baseline,
         }
     }

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod compile;
 pub mod crd;
 pub mod explain;
+pub mod ids;
 pub mod model;
 pub mod reference;
 pub mod synthetic;

@@ -7,6 +7,8 @@
 //! egret-probe udp 192.0.2.10:53 [--count N] [--payload TEXT]
 //! egret-probe sendmmsg 192.0.2.10:53 192.0.2.11:53 ... [--payload TEXT]
 //! egret-probe loop 192.0.2.10:80 --until-file PATH [--interval-ms MS]
+//! egret-probe udp-loop 192.0.2.10:53 --until-file PATH   # datagrams as fast as it can on one
+//!                                                     # socket; prints one summary line
 //! egret-probe scan [2001:db8:2::1:0]:9 --count N   # one UDP datagram to each of N addresses
 //!                                                 # from the first up; prints one summary line
 //! egret-probe srcroute VIA:0 TARGET --kind rthdr|rthdr2|lsrr|rthdr-clear|record-route --send sendto|connect|connected-udp
@@ -160,6 +162,31 @@ fn run(args: &[String]) -> Result<(), String> {
             println!(
                 "{}",
                 serde_json::json!({"protocol": "udp", "target": first.to_string(), "count": o.count, "outcomes": outcomes})
+            );
+        }
+        "udp-loop" => {
+            // Tens of thousands of decisions a second: races that last microseconds show.
+            let stop = o.until_file.as_ref().ok_or("udp-loop needs --until-file")?;
+            let target = o.targets[0];
+            let fd = socket(target, libc::SOCK_DGRAM).map_err(|e| format!("socket: {e}"))?;
+            let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
+            let mut count = 0u64;
+            while !count.is_multiple_of(1024) || !stop.exists() {
+                let outcome = send_on(&fd, target, o.payload.as_bytes());
+                count += 1;
+                *outcomes
+                    .entry(
+                        serde_json::to_value(outcome)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("?")
+                            .to_owned(),
+                    )
+                    .or_default() += 1;
+            }
+            println!(
+                "{}",
+                serde_json::json!({"protocol": "udp", "target": target.to_string(), "count": count, "outcomes": outcomes})
             );
         }
         "loop" => {
