@@ -231,34 +231,48 @@ fn check_pin_dir(dir: &Path) -> Result<bool, SysError> {
 }
 
 fn check_dir(path: &Path, meta: &fs::Metadata, ancestor: bool) -> Result<(), SysError> {
-    let mode = meta.mode();
-    let refuse = |found: String| SysError::UnsafePinPath {
-        path: path.into(),
-        found,
-        required: if ancestor {
-            ANCESTOR_REQUIRED
-        } else {
-            PIN_DIR_REQUIRED
-        },
-    };
     let file_type = meta.file_type();
-    if file_type.is_symlink() {
-        return Err(refuse("a symlink".into()));
+    let kind = if file_type.is_symlink() {
+        Kind::Symlink
+    } else if file_type.is_dir() {
+        Kind::Dir
+    } else {
+        Kind::Other
+    };
+    match judge_dir(kind, meta.uid(), meta.gid(), meta.mode(), ancestor) {
+        None => Ok(()),
+        Some(found) => Err(SysError::UnsafePinPath {
+            path: path.into(),
+            found,
+            required: if ancestor {
+                ANCESTOR_REQUIRED
+            } else {
+                PIN_DIR_REQUIRED
+            },
+        }),
     }
-    if !file_type.is_dir() {
-        return Err(refuse(format!("not a directory (mode {:o})", mode)));
+}
+
+/// What `lstat` found at a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Symlink,
+    Dir,
+    Other,
+}
+
+/// Why a directory is not safe to pin in (what was found), or `None` when it is: see
+/// [`secure_pin_dirs`].
+fn judge_dir(kind: Kind, uid: u32, gid: u32, mode: u32, ancestor: bool) -> Option<String> {
+    match kind {
+        Kind::Symlink => return Some("a symlink".into()),
+        Kind::Other => return Some(format!("not a directory (mode {:o})", mode & 0o7777)),
+        Kind::Dir => {}
     }
     let writable_by_others = mode & 0o022 != 0;
     let sticky = mode & 0o1000 != 0;
-    if meta.uid() != 0 || (writable_by_others && !(ancestor && sticky)) {
-        return Err(refuse(format!(
-            "owner uid {} gid {}, mode {:o}",
-            meta.uid(),
-            meta.gid(),
-            mode & 0o7777
-        )));
-    }
-    Ok(())
+    (uid != 0 || (writable_by_others && !(ancestor && sticky)))
+        .then(|| format!("owner uid {uid} gid {gid}, mode {:o}", mode & 0o7777))
 }
 
 /// Checks a pinned file before egret opens it: not a symlink, owned by root. `Ok(false)` when
@@ -479,6 +493,31 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pin_dirs_only_root_can_change_pass() {
+        // egret's own directories, and a default bpffs root above them.
+        assert_eq!(judge_dir(Kind::Dir, 0, 0, 0o40700, false), None);
+        assert_eq!(judge_dir(Kind::Dir, 0, 0, 0o40755, false), None);
+        assert_eq!(judge_dir(Kind::Dir, 0, 0, 0o41777, true), None);
+        // Another user's directory, whatever its mode.
+        assert_eq!(
+            judge_dir(Kind::Dir, 65534, 65534, 0o40700, false).as_deref(),
+            Some("owner uid 65534 gid 65534, mode 700")
+        );
+        // Writable by group or others: someone else could remove or plant pins.
+        assert!(judge_dir(Kind::Dir, 0, 0, 0o40777, false).is_some());
+        assert!(judge_dir(Kind::Dir, 0, 0, 0o40770, false).is_some());
+        // Sticky helps an ancestor (others cannot rename what root made), not the pin dir.
+        assert!(judge_dir(Kind::Dir, 0, 0, 0o41777, false).is_some());
+        assert!(judge_dir(Kind::Dir, 0, 0, 0o40777, true).is_some());
+        // Never through a symlink, nor into a file.
+        assert_eq!(
+            judge_dir(Kind::Symlink, 0, 0, 0o120777, false).as_deref(),
+            Some("a symlink")
+        );
+        assert!(judge_dir(Kind::Other, 0, 0, 0o100600, true).is_some());
+    }
 
     #[test]
     fn finds_cgroup2_mount_on_hybrid_hosts() {

@@ -18,7 +18,7 @@ use std::{
 
 use egret::{
     datapath::{
-        Datapath, DatapathConfig, Decision, EventReader, Verdict,
+        CgroupRole, Datapath, DatapathConfig, Decision, EventReader, Verdict,
         lower::{L4, Rule},
     },
     rules_file::{EndpointSpec, RulesFile},
@@ -401,4 +401,60 @@ fn ipv4_loose_source_route_is_refused_and_other_options_and_clearing_pass() {
         "the capture at A must see a source-routed packet from outside egret's endpoints"
     );
     assert_eq!(w.source_route_counts(), [(None, 1)], "uncounted");
+}
+
+#[test]
+fn below_a_guard_source_routes_are_refused_and_unmanaged_cgroups_are_left_alone() {
+    let mut w = World::new();
+    let guarded = w
+        .sandbox
+        .add_unmanaged_cgroup("guarded")
+        .expect("guarded cgroup");
+    let newcomer = w
+        .sandbox
+        .add_cgroup_below(&guarded, "new")
+        .expect("cgroup below the guard");
+    let known = w
+        .sandbox
+        .add_cgroup_below(&guarded, "known")
+        .expect("unmanaged cgroup below the guard");
+    let id = |path: &Path| egret::sys::cgroup_id(path).expect("cgroup id");
+    w.dp.set_role(id(&guarded), CgroupRole::Guard)
+        .expect("guard");
+    w.dp.set_role(id(&known), CgroupRole::Unmanaged)
+        .expect("unmanaged");
+    let args = [
+        "srcroute",
+        &format!("[{A6}]:0"),
+        &format!("[{B6}]:9"),
+        "--kind",
+        "rthdr",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let in_cgroup = |cgroup: &Path| {
+        outcomes(&w.sandbox.probe(&w.pod, Some(cgroup), &args).expect("probe"))
+            .first()
+            .map(|(_, outcome)| *outcome)
+    };
+    assert_eq!(
+        in_cgroup(&newcomer),
+        Some(Outcome::Denied),
+        "a cgroup egret has not written yet is refused the route too"
+    );
+    assert_eq!(
+        in_cgroup(&known),
+        Some(Outcome::Sent),
+        "unmanaged: not egret's"
+    );
+    // Counted under the pending endpoint (0), like the guard's other denials.
+    let pending: u64 =
+        w.dp.counters()
+            .expect("counters")
+            .samples
+            .iter()
+            .filter(|s| s.endpoint == 0 && s.rule == RULE_SOURCE_ROUTE)
+            .map(|s| s.attempts)
+            .sum();
+    assert_eq!(pending, 1);
 }
