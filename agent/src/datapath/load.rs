@@ -120,8 +120,8 @@ pub struct Attachment {
     links: Vec<HeldLink>,
 }
 
-/// A pinned link that passed or failed verification.
-enum Verdict {
+/// A pinned link that verified as egret's.
+enum Found {
     /// egret's program, attached at `cgroup_id`.
     Live { fd: OwnedFd, facts: LinkFacts },
     /// egret's program, detached: replace it.
@@ -145,6 +145,8 @@ impl Attachment {
         let map_ids = pinned_map_ids(&layout)?;
         let mut links = Vec::new();
         let mut missing = Vec::new();
+        // Pins of links the kernel reports detached: replaced when egret may attach.
+        let mut dead = Vec::new();
         let mut cgroup_id = wanted_cgroup.as_ref().map(|(_, id)| *id);
         for name in program_names::ALL {
             let path = layout.link(name);
@@ -153,7 +155,7 @@ impl Attachment {
                 continue;
             }
             match verify_link(name, &path, map_ids.as_ref())? {
-                Verdict::Live { fd, facts } => {
+                Found::Live { fd, facts } => {
                     match cgroup_id {
                         None => cgroup_id = Some(facts.cgroup_id),
                         Some(expected) if expected != facts.cgroup_id => {
@@ -161,7 +163,7 @@ impl Attachment {
                                 link: path,
                                 attached_id: facts.cgroup_id,
                                 requested: wanted_cgroup.as_ref().map_or_else(
-                                    || "the other links'".into(),
+                                    || "the cgroup of this pin directory's other links".into(),
                                     |(p, _)| p.display().to_string(),
                                 ),
                                 requested_id: expected,
@@ -175,15 +177,8 @@ impl Attachment {
                         id: facts.id,
                     });
                 }
-                Verdict::Dead => {
-                    tracing::warn!(
-                        link = %path.display(),
-                        "pinned link is detached (bpftool link detach?): replacing it"
-                    );
-                    fs::remove_file(&path).map_err(|source| DatapathError::Unpin {
-                        path: path.clone(),
-                        source,
-                    })?;
+                Found::Dead => {
+                    dead.push(path);
                     missing.push(name);
                 }
             }
@@ -205,6 +200,16 @@ impl Attachment {
                 programs = ?missing,
                 "loading programs: no live pinned link for them"
             );
+            for path in dead {
+                tracing::warn!(
+                    link = %path.display(),
+                    "pinned link is detached (bpftool link detach?): replacing it"
+                );
+                fs::remove_file(&path).map_err(|source| DatapathError::Unpin {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
             links.extend(attach(&layout, &cgroup, &missing)?);
             cgroup_id = Some(id);
             LoadMode::Loaded { attached: missing }
@@ -289,11 +294,7 @@ impl Attachment {
 
 /// Verifies the link pinned at `path` as egret's `name`, through the kernel's link and
 /// program info.
-fn verify_link(
-    name: &'static str,
-    path: &Path,
-    map_ids: Option<&BTreeSet<u32>>,
-) -> Result<Verdict> {
+fn verify_link(name: &'static str, path: &Path, map_ids: Option<&BTreeSet<u32>>) -> Result<Found> {
     let refuse = |found: String| DatapathError::ForeignLink {
         name,
         path: path.into(),
@@ -338,7 +339,7 @@ fn verify_link(
     }
     // A detached cgroup link keeps its program but reports no cgroup.
     if facts.cgroup_id == 0 {
-        return Ok(Verdict::Dead);
+        return Ok(Found::Dead);
     }
     if facts.attach_type != attach_type {
         return Err(refuse(format!(
@@ -346,7 +347,7 @@ fn verify_link(
             facts.attach_type
         )));
     }
-    Ok(Verdict::Live { fd, facts })
+    Ok(Found::Live { fd, facts })
 }
 
 fn program_info(id: u32) -> Option<ProgramInfo> {
