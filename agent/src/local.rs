@@ -739,9 +739,7 @@ fn record_sync(
     }
     telemetry.usage(&pipeline.datapath().usage());
     telemetry.workloads(sources(pipeline.compiled()).values());
-    let links =
-        std::fs::read_dir(pipeline.datapath().pin_dir().join("links")).map_or(0, |d| d.count());
-    telemetry.attached(links);
+    telemetry.attached(pipeline.datapath().check_links().attached);
 }
 
 /// Who each endpoint is, for labels.

@@ -29,12 +29,15 @@ pub mod map_names {
     pub const EVENTS: &str = "EGRET_EVENTS";
     /// Events the ring buffer had no room for.
     pub const EVENTS_LOST: &str = "EGRET_EVENTS_LOST";
+    /// The layout stamp: element 0 holds the [`super::LAYOUT_VERSION`] the pinned maps were
+    /// created with.
+    pub const META: &str = "EGRET_META";
     /// Endpoint and rule id -> what it stands for: the agent's id table, pinned beside the
     /// counters so that their labels survive a restart. Programs never read it.
     pub const IDS: &str = "EGRET_IDS";
 
     /// Every map the object must hold.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -45,6 +48,7 @@ pub mod map_names {
         COUNTERS_LOST,
         EVENTS,
         EVENTS_LOST,
+        META,
         IDS,
     ];
 }
@@ -55,9 +59,12 @@ pub mod program_names {
     pub const CONNECT6: &str = "connect6";
     pub const SENDMSG4: &str = "sendmsg4";
     pub const SENDMSG6: &str = "sendmsg6";
+    /// `cgroup/setsockopt`: refuses source-routing options (IPv6 routing headers, IPv4 LSRR and
+    /// SSRR) for endpoints' processes.
+    pub const SETSOCKOPT: &str = "setsockopt";
 
     /// Every program the object must hold.
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SETSOCKOPT];
 }
 
 /// Maximum entries of each map. The agent checks fill ratios against these.
@@ -91,6 +98,15 @@ pub const CLASS_WORLD: u32 = 0;
 /// Rule id of a decision no rule made: the endpoint's default, or a datapath fallback.
 pub const RULE_DEFAULT: u32 = 0;
 
+/// Rule id of a refused source-routing socket option (`IPV6_RTHDR`, `IPV6_2292RTHDR`,
+/// `IPV6_2292PKTOPTIONS`, `IP_OPTIONS` with LSRR or SSRR): no policy rule decides it, the
+/// `setsockopt` program always refuses it for endpoints.
+pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 2;
+
+/// Version of the layout of egret's pinned maps (names, key and value types, sizes). Stamped
+/// into [`map_names::META`] when the maps are created; an agent refuses pinned maps stamped
+/// with another version instead of misreading them. Raise it with every incompatible change.
+pub const LAYOUT_VERSION: u32 = 1;
 /// Rule id of a denial of a process whose cgroup lies under a guarded cgroup but is not an
 /// endpoint yet (fail closed until the agent has written its policy).
 pub const RULE_PENDING: u32 = u32::MAX - 1;
@@ -173,6 +189,17 @@ pub struct StateValue {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<StateValue>() == 8);
+
+/// The one element of [`map_names::META`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaValue {
+    /// [`LAYOUT_VERSION`] of the program that created the maps; `0` until the agent stamps it.
+    pub layout_version: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<MetaValue>() == 8);
 
 /// Data part of an [`map_names::ADDR4`] LPM key. Prefix length counts the 32 generation bits.
 #[repr(C)]
@@ -383,6 +410,8 @@ mod user {
     unsafe impl aya::Pod for EndpointValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for StateValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for MetaValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Addr4Key {}
     // SAFETY: as above.

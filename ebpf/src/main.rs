@@ -9,6 +9,8 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic add, see above")]
 
+mod sockopt;
+
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
@@ -23,9 +25,9 @@ use aya_ebpf::{
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
-    DecisionEvent, EndpointValue, IdKey, IdName, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey,
-    PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity, endpoint_flags, family,
-    protocol_key, verdict,
+    DecisionEvent, EndpointValue, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue, POLICY_PREFIX_PORT,
+    PolicyKey, PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity, endpoint_flags,
+    family, protocol_key, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -81,6 +83,10 @@ static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 #[map(name = "EGRET_EVENTS_LOST")]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// The layout stamp; no program reads it, the agent writes and checks it (see
+/// `egret_common::LAYOUT_VERSION`).
+#[map(name = "EGRET_META")]
+static META: Array<MetaValue> = Array::pinned(1, 0);
 /// `BPF_F_NO_PREALLOC`: the id table takes memory only for the ids in use.
 const NO_PREALLOC: u32 = 1;
 
@@ -132,6 +138,8 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 enum Destination {
     V4([u8; 4]),
     V6([u8; 16]),
+    /// A socket option refused on a socket that is not connected: counted without destination.
+    Unconnected,
 }
 
 impl Destination {
@@ -144,6 +152,7 @@ impl Destination {
                 (out, family::INET)
             }
             Self::V6(addr) => (addr, family::INET6),
+            Self::Unconnected => (out, 0),
         }
     }
 }
@@ -288,6 +297,7 @@ fn class_of(generation: u32, dest: Destination) -> u32 {
             ADDR_KEY_GENERATION_BITS + 128,
             Addr6Key { generation, addr },
         )),
+        Destination::Unconnected => None,
     };
     found.map_or(CLASS_WORLD, |class| class.class_id)
 }

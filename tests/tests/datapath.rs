@@ -655,5 +655,7 @@ fn loaded_object_holds_every_map_and_program() {
             "{program} not pinned"
         );
     }
-    assert!(matches!(dp.mode(), LoadMode::Loaded { attached } if attached.len() == 4));
+    assert!(
+        matches!(dp.mode(), LoadMode::Loaded { attached } if attached.len() == egret_common::program_names::ALL.len())
+    );
 }

@@ -332,7 +332,13 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
         1,
         "{metrics}"
     );
-    assert!(metrics.contains("egret_programs_attached 4"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "egret_programs_attached {}",
+            egret_common::program_names::ALL.len()
+        )),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("egret_policies_rejected{reason=\"invalid\"} 0"),
         "{metrics}"

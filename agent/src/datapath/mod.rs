@@ -1,5 +1,5 @@
-//! The agent's side of the kernel boundary: loads or re-adopts the pinned programs and maps, and
-//! is the only writer of the maps.
+//! The agent's side of the kernel boundary: the only writer of the maps, and the reader of the
+//! counters. Loading, attaching, adopting and the pin directory are in [`load`].
 //!
 //! Policy lives in two generations. [`Datapath::apply`] writes the inactive one (a diff against
 //! what it held), then flips the one-word state map: every decision the kernel makes reads one
@@ -7,12 +7,12 @@
 //! new one's.
 
 pub mod barrier;
+pub mod load;
 pub mod lower;
 pub mod state;
 
 use std::{
     collections::BTreeMap,
-    fs::{self, File},
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
@@ -20,26 +20,24 @@ use std::{
 };
 
 use aya::{
-    EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     pin::PinError,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+    programs::ProgramError,
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CounterKey, CounterValue,
     EndpointValue, GENERATIONS, ID_NAME_BYTES, IdKey, IdName, PolicyKey, PolicyValue, StateValue,
-    endpoint_flags, family, map_names, program_names,
+    endpoint_flags, family, map_names,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
+use load::{Attachment, open_map};
+pub use load::{LinkReport, PinLayout, uninstall};
 pub use state::{
     Changes, ClassId, Decision, DesiredState, EndpointId, Lookup, PolicyMatch, PortPrefix, RuleId,
     Verdict, diff,
 };
 
-use crate::sys::{self, SysError};
-
-/// The kernel programs, built by `build.rs`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egret"));
+use crate::sys::SysError;
 
 /// Where bpffs is mounted when the pin directory lies on none.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
@@ -131,6 +129,31 @@ pub enum DatapathError {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "the pinned link {link} is attached to cgroup id {attached_id}, but {requested} (cgroup id {requested_id}) was asked for; detach egret first (`egret detach`) or pass the cgroup it is attached to"
+    )]
+    CgroupMismatch {
+        link: PathBuf,
+        attached_id: u64,
+        requested: String,
+        requested_id: u64,
+    },
+    #[error(
+        "refusing to adopt {path} as egret's {name}: the kernel reports {found}; remove the pin if it is not needed"
+    )]
+    ForeignLink {
+        name: &'static str,
+        path: PathBuf,
+        found: String,
+    },
+    #[error(
+        "the maps pinned at {pin_dir} have layout version {pinned}, this egret supports version {supported}; migration is not supported yet: `egret detach` (losing counters) or run the matching egret"
+    )]
+    LayoutVersion {
+        pin_dir: PathBuf,
+        pinned: u32,
+        supported: u32,
     },
 }
 
@@ -228,8 +251,8 @@ pub struct IdEntry {
 
 /// The loaded (or adopted) datapath.
 pub struct Datapath {
-    pin_dir: PathBuf,
-    mode: LoadMode,
+    /// The programs' links, held open, and the pin directory.
+    attachment: Attachment,
     endpoints: HashMap<MapData, u64, EndpointValue>,
     state: Array<MapData, StateValue>,
     addr4: LpmTrie<MapData, Addr4Key, AddrValue>,
@@ -254,41 +277,8 @@ impl Datapath {
     /// are not pinned there yet. Pinned maps are always reused, so a restart keeps policy and
     /// counters.
     pub fn open(config: &DatapathConfig) -> Result<Self> {
-        let DatapathConfig { pin_dir, cgroup } = config;
-        sys::ensure_bpffs(pin_dir, Path::new(BPFFS_MOUNT))?;
-        let maps_dir = pin_dir.join("maps");
-        let links_dir = pin_dir.join("links");
-        for dir in [&maps_dir, &links_dir] {
-            fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-
-        let missing: Vec<&'static str> = program_names::ALL
-            .into_iter()
-            .filter(|name| !links_dir.join(name).exists())
-            .collect();
-        let mode = if missing.is_empty() {
-            tracing::info!(pin_dir = %pin_dir.display(), "adopting pinned datapath");
-            LoadMode::Adopted
-        } else {
-            let Some(cgroup) = cgroup else {
-                return Err(DatapathError::NotAttached {
-                    pin_dir: pin_dir.clone(),
-                    missing,
-                });
-            };
-            tracing::info!(
-                pin_dir = %pin_dir.display(),
-                cgroup = %cgroup.display(),
-                programs = ?missing,
-                "loading programs: no pinned link for them"
-            );
-            attach(&maps_dir, &links_dir, cgroup, &missing)?;
-            LoadMode::Loaded { attached: missing }
-        };
-
+        let attachment = Attachment::open(config)?;
+        let maps_dir = attachment.layout().maps();
         let state: Array<MapData, StateValue> = open_map(&maps_dir, map_names::STATE)?;
         let generation = state
             .get(&0, 0)
@@ -299,8 +289,7 @@ impl Datapath {
             .generation
             % GENERATIONS;
         let mut datapath = Self {
-            pin_dir: pin_dir.clone(),
-            mode,
+            attachment,
             endpoints: open_map(&maps_dir, map_names::ENDPOINTS)?,
             state,
             addr4: open_map(&maps_dir, map_names::ADDR4)?,
@@ -323,12 +312,25 @@ impl Datapath {
 
     /// How the programs were come by.
     pub fn mode(&self) -> &LoadMode {
-        &self.mode
+        self.attachment.mode()
     }
 
     /// The pin directory.
     pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
+        self.attachment.layout().root()
+    }
+
+    /// How many of egret's programs the kernel reports attached at egret's cgroup (from the
+    /// links' info, not from the pin files): the `egret_programs_attached` gauge.
+    pub fn attached_programs(&self) -> usize {
+        self.attachment.attached_programs()
+    }
+
+    /// Pins again every link whose pin was removed while egret runs (the agent holds each link
+    /// open, so the programs stayed attached), and reports what the kernel says is attached.
+    /// Call it periodically.
+    pub fn check_links(&self) -> LinkReport {
+        self.attachment.check_links()
     }
 
     /// The generation the kernel currently reads.
@@ -720,88 +722,6 @@ impl Datapath {
     }
 }
 
-/// Removes egret's pins under `pin_dir`: dropping the last reference to each link detaches its
-/// program, and the maps go with the programs. Enforcement stops.
-pub fn uninstall(pin_dir: &Path) -> Result<()> {
-    for sub in ["links", "maps"] {
-        let dir = pin_dir.join(sub);
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(DatapathError::Unpin { path: dir, source }),
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            fs::remove_file(&path).map_err(|source| DatapathError::Unpin { path, source })?;
-        }
-        fs::remove_dir(&dir).map_err(|source| DatapathError::Unpin { path: dir, source })?;
-    }
-    match fs::remove_dir(pin_dir) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(DatapathError::Unpin {
-            path: pin_dir.into(),
-            source: err,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// Loads the object (reusing pinned maps), attaches `programs` to `cgroup` and pins their links.
-fn attach(
-    maps_dir: &Path,
-    links_dir: &Path,
-    cgroup: &Path,
-    programs: &[&'static str],
-) -> Result<()> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(maps_dir)
-        .load(EBPF_OBJECT)
-        .map_err(|source| DatapathError::Load {
-            source: Box::new(source),
-        })?;
-    let cgroup_dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
-        path: cgroup.into(),
-        source,
-    })?;
-    for &name in programs {
-        let program_err = |source| DatapathError::Program {
-            name,
-            cgroup: cgroup.into(),
-            source,
-        };
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_err)?;
-        program.load().map_err(program_err)?;
-        // `Single` means "no flags": the kernel refuses flags on cgroup bpf_links, which always
-        // coexist with other programs on the cgroup (a deny from any of them wins).
-        let link_id = program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(program_err)?;
-        let link = FdLink::try_from(program.take_link(link_id).map_err(program_err)?)
-            .map_err(|source| DatapathError::Link { name, source })?;
-        let path = links_dir.join(name);
-        link.pin(&path)
-            .map_err(|source| DatapathError::Pin { name, path, source })?;
-    }
-    Ok(())
-}
-
-fn open_map<T>(maps_dir: &Path, name: &'static str) -> Result<T>
-where
-    T: TryFrom<Map, Error = MapError>,
-{
-    let path = maps_dir.join(name);
-    let open_err = |source| DatapathError::OpenMap {
-        name,
-        path: path.clone(),
-        source,
-    };
-    let data = MapData::from_pin(&path).map_err(open_err)?;
-    T::try_from(Map::from_map_data(data).map_err(open_err)?).map_err(open_err)
-}
-
 fn addr4_key(generation: u32, net: Ipv4Net) -> Key<Addr4Key> {
     Key::new(
         ADDR_KEY_GENERATION_BITS + u32::from(net.prefix_len()),
@@ -861,7 +781,7 @@ pub struct EventReader {
 impl EventReader {
     /// Opens the pinned ring buffer under `pin_dir` (the datapath must be attached).
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let maps_dir = pin_dir.join("maps");
+        let maps_dir = PinLayout::new(pin_dir).maps();
         Ok(Self {
             ring: open_map(&maps_dir, map_names::EVENTS)?,
             lost: open_map(&maps_dir, map_names::EVENTS_LOST)?,

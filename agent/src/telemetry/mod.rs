@@ -143,7 +143,7 @@ impl Telemetry {
             )?,
             programs_attached: gauge(
                 "egret_programs_attached",
-                "Kernel programs attached through pinned links (4 when enforcing).",
+                "Kernel programs attached at egret's cgroup, as the kernel reports its links (5 when enforcing).",
             )?,
             deny_log_suppressed: counter(
                 "egret_deny_log_suppressed_total",
