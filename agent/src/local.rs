@@ -445,6 +445,9 @@ fn is_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
+/// How often the run loop asks the kernel whether egret's links are attached and pinned.
+const LINK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Options of `egret run` beside the config.
 pub struct RunOptions {
     /// How often to print the connections counted since the last report; `None`: never.
@@ -534,6 +537,7 @@ pub fn run(
     let mut report = Report::new(pipeline.datapath());
     let mut last_report = Instant::now();
     let mut last_poll = Instant::now();
+    let mut last_link_check = Instant::now();
     loop {
         let woken = watch.wait(options.poll_every.saturating_sub(last_poll.elapsed()));
         let mut dirty = false;
@@ -613,6 +617,19 @@ pub fn run(
         }
         if let Some(shared) = &metrics {
             drain(shared, &pipeline);
+        }
+        // Pins someone removed come back, and the attached-programs gauge says what the kernel
+        // reports, within a second, not only at the next policy write.
+        if last_link_check.elapsed() >= LINK_CHECK_EVERY {
+            last_link_check = Instant::now();
+            let links = pipeline.datapath().check_links();
+            if let Some(shared) = &metrics {
+                shared
+                    .telemetry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .attached(links.attached);
+            }
         }
         if let Some(every) = options.report_every
             && last_report.elapsed() >= every
