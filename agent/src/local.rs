@@ -111,6 +111,11 @@ pub struct Workload {
     /// no workload are written as unmanaged (see `docs/datapath.md`).
     #[serde(default)]
     pub pending: Pending,
+    /// Node-side network interfaces (names or globs, e.g. `veth-web*`) whose packets are the
+    /// workload's: TC programs there decide what raw sockets, ping sockets and `AF_PACKET` send,
+    /// and drop source addresses other than `ips` (see `docs/datapath.md`).
+    #[serde(default)]
+    pub interfaces: Vec<String>,
 }
 
 /// [`Workload::pending`].
@@ -538,6 +543,7 @@ pub fn run(
     let mut last_report = Instant::now();
     let mut last_poll = Instant::now();
     let mut last_link_check = Instant::now();
+    let mut tc = crate::datapath::tc::TcAttachments::open(pipeline.datapath().pin_dir())?;
     loop {
         let woken = watch.wait(options.poll_every.saturating_sub(last_poll.elapsed()));
         let mut dirty = false;
@@ -614,6 +620,15 @@ pub fn run(
                     "failed to enforce: {err:#}; the previous policy stays enforced"
                 ),
             }
+        }
+        if let Err(err) = tc.reconcile(&crate::datapath::tc::desired_for(
+            config
+                .workloads
+                .iter()
+                .map(|w| (&w.namespace, &w.name, &w.interfaces[..], &w.ips[..])),
+            &pipeline.compiled().endpoints,
+        )) {
+            tracing::error!("failed to attach TC programs: {err:#}");
         }
         if let Some(shared) = &metrics {
             drain(shared, &pipeline);
@@ -912,6 +927,7 @@ mod tests {
 
     fn workload(cgroup: &str, pending: Pending) -> Workload {
         Workload {
+            interfaces: Vec::new(),
             name: "svc".into(),
             namespace: "bars".into(),
             labels: BTreeMap::new(),

@@ -317,6 +317,8 @@ mod bpf_cmd {
 
 /// `BPF_LINK_TYPE_CGROUP` from `enum bpf_link_type`.
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+/// `BPF_LINK_TYPE_TCX` from `enum bpf_link_type`.
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
 /// The start of `struct bpf_link_info` (include/uapi/linux/bpf.h) with its `cgroup` union
 /// member, which begins 8-byte aligned at offset 16; the kernel fills what fits.
@@ -345,6 +347,19 @@ pub struct LinkFacts {
     pub cgroup_id: u64,
     /// For a cgroup link: `enum bpf_attach_type`.
     pub attach_type: u32,
+}
+
+impl LinkFacts {
+    /// For a TCX link: (interface index, `enum bpf_attach_type`). The `tcx` member of the info
+    /// union (`{ __u32 ifindex; __u32 attach_type; }`) sits where a cgroup link's `cgroup_id`
+    /// does; the interface index is `0` once the link is detached or its device gone.
+    pub fn tcx(&self) -> (u32, u32) {
+        let bytes = self.cgroup_id.to_ne_bytes();
+        (
+            u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+        )
+    }
 }
 
 fn bpf(
@@ -450,6 +465,26 @@ pub fn bpf_link_create_cgroup(
     attr[1] = u64::from(attach_type);
     let fd = bpf(bpf_cmd::LINK_CREATE, &mut attr, "BPF_LINK_CREATE", &|| {
         format!("attach type {attach_type}")
+    })?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches the `BPF_PROG_TYPE_SCHED_CLS` program `prog` to interface `ifindex` as
+/// `attach_type` (`BPF_TCX_INGRESS` or `BPF_TCX_EGRESS`) through a new TCX link, appended after
+/// the programs already there (no flags, no relative program).
+pub fn bpf_link_create_tcx(
+    prog: BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> Result<OwnedFd, SysError> {
+    // struct { __u32 prog_fd; __u32 target_ifindex; __u32 attach_type; __u32 flags;
+    //          union { struct { __u32 relative_fd; __u64 expected_revision; } tcx; } }
+    let mut attr = [0u64; 4];
+    attr[0] = u64::from(prog.as_raw_fd() as u32) | (u64::from(ifindex) << 32);
+    attr[1] = u64::from(attach_type);
+    let fd = bpf(bpf_cmd::LINK_CREATE, &mut attr, "BPF_LINK_CREATE", &|| {
+        format!("TCX attach type {attach_type} on interface {ifindex}")
     })?;
     // SAFETY: the kernel returned a new file descriptor we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })

@@ -35,9 +35,17 @@ pub mod map_names {
     /// Endpoint and rule id -> what it stands for: the agent's id table, pinned beside the
     /// counters so that their labels survive a restart. Programs never read it.
     pub const IDS: &str = "EGRET_IDS";
+    /// Node-side interface index -> endpoint: the workloads the TC programs decide.
+    pub const IFACES: &str = "EGRET_IFACES";
+    /// (interface, source address) of each workload: a packet from any other source is forged.
+    pub const SOURCES: &str = "EGRET_SOURCES";
+    /// The TC programs' connection tracking: flows already decided (LRU, bounded).
+    pub const CONNTRACK: &str = "EGRET_CONNTRACK";
+    /// Allowed first fragments, whose later fragments follow their verdict (LRU, bounded).
+    pub const FRAGMENTS: &str = "EGRET_FRAGMENTS";
 
     /// Every map the object must hold.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 16] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -50,6 +58,10 @@ pub mod map_names {
         EVENTS_LOST,
         META,
         IDS,
+        IFACES,
+        SOURCES,
+        CONNTRACK,
+        FRAGMENTS,
     ];
 }
 
@@ -63,8 +75,17 @@ pub mod program_names {
     /// SSRR) for endpoints' processes.
     pub const SETSOCKOPT: &str = "setsockopt";
 
-    /// Every program the object must hold.
+    /// Every cgroup program the object must hold (attached once, at egret's cgroup).
     pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SETSOCKOPT];
+
+    /// TCX ingress of a workload's node-side interface: decides what the workload sends.
+    pub const TC_FROM_POD: &str = "tc_from_pod";
+    /// TCX egress of the same interface: notes connections made to the workload, so that its
+    /// replies pass.
+    pub const TC_TO_POD: &str = "tc_to_pod";
+
+    /// The TC programs, attached once per workload interface.
+    pub const TC: [&str; 2] = [TC_FROM_POD, TC_TO_POD];
 }
 
 /// Maximum entries of each map. The agent checks fill ratios against these.
@@ -81,6 +102,15 @@ pub mod capacity {
     /// Bytes of the event ring buffer: 4,681 events of 56 bytes (plus the kernel's 8-byte
     /// header each) between two reads.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Workload interfaces on one node.
+    pub const IFACES: u32 = 16_384;
+    /// Workload source addresses (a few per interface).
+    pub const SOURCES: u32 = 65_536;
+    /// Tracked flows; least recently used ones are evicted, which costs a new decision, never
+    /// a pass.
+    pub const CONNTRACK: u32 = 65_536;
+    /// Datagrams in fragments in flight.
+    pub const FRAGMENTS: u32 = 4_096;
 }
 
 /// How many cgroup levels the kernel walks up from the caller to find its endpoint.
@@ -102,6 +132,11 @@ pub const RULE_DEFAULT: u32 = 0;
 /// `IPV6_2292PKTOPTIONS`, `IP_OPTIONS` with LSRR or SSRR): no policy rule decides it, the
 /// `setsockopt` program always refuses it for endpoints.
 pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 2;
+
+/// Rule id of a packet a TC program dropped without a policy decision: a source address that is
+/// not its workload's (forged), a fragment whose first fragment was not allowed, a frame that is
+/// neither IP nor ARP, or a header egret does not parse.
+pub const RULE_MALFORMED: u32 = u32::MAX - 3;
 
 /// Version of the layout of egret's pinned maps (names, key and value types, sizes). Stamped
 /// into [`map_names::META`] when the maps are created; an agent refuses pinned maps stamped
@@ -136,7 +171,11 @@ pub mod verdict {
 
 /// IP protocol numbers the datapath treats specially.
 pub mod protocol {
+    pub const ICMP: u8 = 1;
     pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
     /// `IPPROTO_MPTCP`: above 255, so it does not fit the key's protocol byte.
     pub const MPTCP: u32 = 262;
     /// Key byte of protocols that do not fit one (`IPPROTO_RAW`, which no socket hook sees):
@@ -401,6 +440,92 @@ pub struct DecisionEvent {
 }
 const _: () = assert!(size_of::<DecisionEvent>() == 56);
 
+/// Value of [`map_names::IFACES`], keyed by the node-side interface index (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IfaceValue {
+    /// The endpoint whose packets come in on the interface; keys policy and counters.
+    pub endpoint_id: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<IfaceValue>() == 8);
+
+/// Key of [`map_names::SOURCES`]: an address a workload may send from on an interface. The
+/// value is a `u32`, the endpoint id (for the agent's reading; programs only test presence).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceKey {
+    pub ifindex: u32,
+    /// One of [`family`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+    /// Network byte order; IPv4 in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<SourceKey>() == 24);
+
+/// Key of [`map_names::CONNTRACK`]: one flow, seen from the workload (local) side, whichever
+/// end opened it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub ifindex: u32,
+    /// One of [`family`].
+    pub family: u8,
+    /// IP protocol number.
+    pub protocol: u8,
+    /// The workload's port (TCP, UDP, SCTP) or ICMP echo identifier; network byte order.
+    pub local_port_be: [u8; 2],
+    /// The peer's port; network byte order; zero for ICMP.
+    pub remote_port_be: [u8; 2],
+    pub _pad: [u8; 2],
+    /// Network byte order; IPv4 in the first four bytes.
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+const _: () = assert!(size_of::<FlowKey>() == 44);
+
+/// Who opened a tracked flow ([`FlowValue::origin`]).
+pub mod flow_origin {
+    /// The workload: allowed by the policy of [`super::FlowValue::generation`], decided again
+    /// after a generation flip.
+    pub const OUTBOUND: u8 = 0;
+    /// The peer: the workload's packets are replies, which egress policy does not decide.
+    pub const INBOUND: u8 = 1;
+}
+
+/// Value of [`map_names::CONNTRACK`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    /// The policy generation that allowed an outbound flow.
+    pub generation: u32,
+    /// One of [`flow_origin`].
+    pub origin: u8,
+    /// The verdict that allowed it ([`verdict::ALLOW`] or [`verdict::AUDIT`]).
+    pub verdict: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<FlowValue>() == 8);
+
+/// Key of [`map_names::FRAGMENTS`]: one fragmented datagram. The value is the generation that
+/// allowed its first fragment (`u32`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragmentKey {
+    pub ifindex: u32,
+    /// IPv4 identification (16 bits) or IPv6 fragment header identification (32 bits).
+    pub id: u32,
+    /// One of [`family`].
+    pub family: u8,
+    pub protocol: u8,
+    pub _pad: [u8; 2],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+const _: () = assert!(size_of::<FragmentKey>() == 44);
+
 #[cfg(feature = "user")]
 mod user {
     //! Lets the agent use these types as map keys and values.
@@ -432,6 +557,16 @@ mod user {
     unsafe impl aya::Pod for IdKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IdName {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IfaceValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for SourceKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FragmentKey {}
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 #![expect(internal_features, reason = "atomic add, see above")]
 
 mod sockopt;
+mod tc;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
@@ -241,24 +242,88 @@ fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
     } else if endpoint.flags & endpoint_flags::PENDING != 0 {
         (PENDING_ENDPOINT, ON_PENDING)
     } else {
-        let generation = STATE.get(0).ok_or(ON_DATAPATH_FAULT)?.generation;
-        let class_id = class_of(generation, dest);
-        let key = Key::new(
-            POLICY_PREFIX_PORT,
-            PolicyKey::new(generation, endpoint.endpoint_id, class_id, protocol, port),
-        );
-        let decision = POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY);
+        let generation = active_generation().ok_or(ON_DATAPATH_FAULT)?;
+        let decision = lookup_policy(generation, endpoint.endpoint_id, dest, protocol, port);
         (endpoint.endpoint_id, decision)
     };
-    count(endpoint_id, dest, protocol, decision);
-    if decision.verdict != verdict::ALLOW {
-        report(endpoint_id, dest, protocol, port, decision);
-    }
+    record(
+        endpoint_id,
+        dest,
+        protocol,
+        port,
+        decision,
+        Caller::current(),
+    );
     Ok(if decision.verdict == verdict::DENY {
         REJECT
     } else {
         PROCEED
     })
+}
+
+/// The active policy generation; `None` when the state map cannot be read (a datapath fault).
+fn active_generation() -> Option<u32> {
+    STATE.get(0).map(|state| state.generation)
+}
+
+/// The decision of the policy of `generation` for `endpoint_id` reaching `dest` over `protocol`
+/// (a key byte, see [`protocol_key`]) at `port` (host order; `0` for protocols without ports,
+/// which only rules without a port restriction match). Shared by the socket hooks and the TC
+/// programs: two lookups, the address class and the policy.
+fn lookup_policy(
+    generation: u32,
+    endpoint_id: u32,
+    dest: Destination,
+    protocol: u8,
+    port: u16,
+) -> PolicyValue {
+    let class_id = class_of(generation, dest);
+    let key = Key::new(
+        POLICY_PREFIX_PORT,
+        PolicyKey::new(generation, endpoint_id, class_id, protocol, port),
+    );
+    POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY)
+}
+
+/// Counts a decision and, when it is not a plain allow, sends it to the deny log. Inlined: a BPF
+/// function takes at most five arguments.
+#[inline(always)]
+fn record(
+    endpoint_id: u32,
+    dest: Destination,
+    protocol: u8,
+    port: u16,
+    decision: PolicyValue,
+    caller: Caller,
+) {
+    count(endpoint_id, dest, protocol, decision);
+    if decision.verdict != verdict::ALLOW {
+        report(endpoint_id, dest, protocol, port, decision, caller);
+    }
+}
+
+/// Who made the attempt, for the deny log.
+#[derive(Clone, Copy)]
+struct Caller {
+    pid_tgid: u64,
+    comm: [u8; 16],
+}
+
+impl Caller {
+    /// The current task: socket hooks run in the caller's context.
+    fn current() -> Self {
+        Self {
+            pid_tgid: bpf_get_current_pid_tgid(),
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        }
+    }
+
+    /// No task: a packet seen by a TC program may be handled in softirq context, where the
+    /// current task is whoever happened to run, so none is named.
+    const NONE: Self = Self {
+        pid_tgid: 0,
+        comm: [0; 16],
+    };
 }
 
 /// The endpoint entry of the calling task: its own cgroup's, else its deepest ancestor's that
@@ -331,8 +396,16 @@ fn count(endpoint_id: u32, dest: Destination, protocol: u8, decision: PolicyValu
 }
 
 /// Sends a blocked or audit decision to the deny log; when the ring buffer is full (no agent
-/// reading, or a flood), counts it in `EVENTS_LOST` instead.
-fn report(endpoint_id: u32, dest: Destination, protocol: u8, port: u16, decision: PolicyValue) {
+/// reading, or a flood), counts it in `EVENTS_LOST` instead. Inlined, as [`record`].
+#[inline(always)]
+fn report(
+    endpoint_id: u32,
+    dest: Destination,
+    protocol: u8,
+    port: u16,
+    decision: PolicyValue,
+    caller: Caller,
+) {
     let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
         if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
@@ -340,7 +413,7 @@ fn report(endpoint_id: u32, dest: Destination, protocol: u8, port: u16, decision
         }
         return;
     };
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let Caller { pid_tgid, comm } = caller;
     let mut event = DecisionEvent {
         pid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
@@ -352,7 +425,7 @@ fn report(endpoint_id: u32, dest: Destination, protocol: u8, port: u16, decision
         protocol,
         verdict: decision.verdict,
         _pad: [0; 3],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        comm,
     };
     (event.addr, event.family) = dest.encode();
     entry.write(event);

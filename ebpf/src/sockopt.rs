@@ -11,7 +11,7 @@
 use aya_ebpf::{bindings::bpf_sock, macros::cgroup_sockopt, programs::SockoptContext};
 use egret_common::{RULE_SOURCE_ROUTE, endpoint_flags, family, protocol_key, verdict};
 
-use crate::{Destination, PROCEED, REJECT};
+use crate::{Caller, Destination, PROCEED, REJECT};
 
 /// `SOL_IP` (`IPPROTO_IP`) from include/linux/socket.h.
 const SOL_IP: i32 = 0;
@@ -93,25 +93,32 @@ fn try_setsockopt(ctx: &SockoptContext) -> Result<i32, i32> {
     // uninitialised payload bytes, which the verifier refuses to see copied.
     if peer_family == family::INET {
         let dest = Destination::V4([addr[0], addr[1], addr[2], addr[3]]);
-        crate::count(endpoint_id, dest, protocol, SOURCE_ROUTE);
-        crate::report(endpoint_id, dest, protocol, port, SOURCE_ROUTE);
+        crate::record(
+            endpoint_id,
+            dest,
+            protocol,
+            port,
+            SOURCE_ROUTE,
+            Caller::current(),
+        );
     } else if peer_family == family::INET6 {
         let dest = Destination::V6(addr);
-        crate::count(endpoint_id, dest, protocol, SOURCE_ROUTE);
-        crate::report(endpoint_id, dest, protocol, port, SOURCE_ROUTE);
-    } else {
-        crate::count(
+        crate::record(
             endpoint_id,
-            Destination::Unconnected,
+            dest,
             protocol,
+            port,
             SOURCE_ROUTE,
+            Caller::current(),
         );
-        crate::report(
+    } else {
+        crate::record(
             endpoint_id,
             Destination::Unconnected,
             protocol,
             port,
             SOURCE_ROUTE,
+            Caller::current(),
         );
     }
     Ok(REJECT)

@@ -26,7 +26,8 @@ use super::{BPFFS_MOUNT, DatapathConfig, DatapathError, LoadMode, Result};
 use crate::sys::{self, LinkFacts};
 
 /// The kernel programs, built by `build.rs`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egret"));
+pub(super) static EBPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egret"));
 
 /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` and `BPF_PROG_TYPE_CGROUP_SOCKOPT` (`enum bpf_prog_type`).
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
@@ -42,6 +43,7 @@ const MAPS_EVERY_PROGRAM_USES: [&str; 3] =
 /// ```text
 /// <pin_dir>/maps/EGRET_*        one pinned map per `map_names::ALL`
 /// <pin_dir>/links/<program>     one pinned bpf_link per `program_names::ALL`
+/// <pin_dir>/links/<tc>@<ifindex> a TCX link per workload interface and `program_names::TC`
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PinLayout {
@@ -350,7 +352,7 @@ fn verify_link(name: &'static str, path: &Path, map_ids: Option<&BTreeSet<u32>>)
     Ok(Found::Live { fd, facts })
 }
 
-fn program_info(id: u32) -> Option<ProgramInfo> {
+pub(super) fn program_info(id: u32) -> Option<ProgramInfo> {
     loaded_programs().flatten().find(|p| p.id() == id)
 }
 

@@ -10,6 +10,7 @@ pub mod barrier;
 pub mod load;
 pub mod lower;
 pub mod state;
+pub mod tc;
 
 use std::{
     collections::BTreeMap,

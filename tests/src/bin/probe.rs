@@ -17,6 +17,15 @@
 //!     # then the send's. `connected-udp` connects first and sets the route after.
 //!     # `--cmsg` passes the route as ancillary data of one `sendmsg` instead (IP_RETOPTS or
 //!     # IPV6_RTHDR), which no cgroup hook sees; prints the sendmsg's outcome only.
+//! egret-probe raw 192.0.2.10:9 --kind tcp-syn|udp|sctp|frag-udp|frag-later|packet|packet-bypass [--source ADDR]
+//!     # one hand-built IPv4 packet, sent the way no socket hook sees: a raw socket
+//!     # (IP_HDRINCL), or an AF_PACKET frame to the broadcast MAC on eth0 (`packet-bypass`
+//!     # with PACKET_QDISC_BYPASS); `frag-udp` sends a UDP datagram as two fragments,
+//!     # `frag-later` its second fragment alone; `--source` writes that source address
+//! egret-probe ping 192.0.2.10:0      # one echo request from an unconnected ping socket (sendto)
+//! egret-probe tcp-echo 0.0.0.0:7000  # accepts one connection, echoes one read, then exits
+//! egret-probe stream 192.0.2.11:80 --until-file PATH  # one TCP connection, a byte every 20 ms
+//!     # until PATH exists or a write fails; prints the connect outcome and bytes written
 //! ```
 //! `[::ffff:192.0.2.10]:80` uses an AF_INET6 socket with an IPv4-mapped destination.
 
@@ -52,6 +61,8 @@ struct Options {
     send: String,
     /// `srcroute`: pass the route as ancillary data of one `sendmsg`.
     cmsg: bool,
+    /// `raw`: the source address written into the packet.
+    source: Option<std::net::Ipv4Addr>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -65,6 +76,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         kind: "rthdr".into(),
         send: "sendto".into(),
         cmsg: false,
+        source: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -88,6 +100,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
             "--kind" => o.kind = value()?.clone(),
             "--send" => o.send = value()?.clone(),
             "--cmsg" => o.cmsg = true,
+            "--source" => o.source = Some(value()?.parse().map_err(|e| format!("--source: {e}"))?),
             target => o.targets.push(
                 target
                     .parse()
@@ -202,6 +215,31 @@ fn run(args: &[String]) -> Result<(), String> {
                 _ => return Err("srcroute needs VIA and TARGET".into()),
             };
             source_route(&o, via, target)?;
+        }
+        "raw" => {
+            let SocketAddr::V4(target) = o.targets[0] else {
+                return Err("raw sends IPv4 only".into());
+            };
+            report(&o.kind, o.targets[0], raw::send(&o.kind, target, o.source));
+        }
+        "ping" => report("icmp", o.targets[0], raw::ping(o.targets[0])),
+        "tcp-echo" => {
+            let listener =
+                std::net::TcpListener::bind(o.targets[0]).map_err(|e| format!("bind: {e}"))?;
+            let (mut conn, from) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+            conn.set_read_timeout(Some(o.timeout))
+                .map_err(|e| format!("timeout: {e}"))?;
+            let mut buf = [0u8; 1500];
+            let n = std::io::Read::read(&mut conn, &mut buf).map_err(|e| format!("read: {e}"))?;
+            let outcome = match std::io::Write::write_all(&mut conn, &buf[..n]) {
+                Ok(()) => Outcome::Sent,
+                Err(err) => Outcome::from_error(&err),
+            };
+            report("tcp", from, outcome);
+        }
+        "stream" => {
+            let stop = o.until_file.as_ref().ok_or("stream needs --until-file")?;
+            raw::stream(o.targets[0], stop, o.timeout);
         }
         other => return Err(format!("unknown mode {other}")),
     }
@@ -586,5 +624,270 @@ fn sockaddr_in6(v6: SocketAddrV6) -> libc::sockaddr_in6 {
             s6_addr: v6.ip().octets(),
         },
         sin6_scope_id: 0,
+    }
+}
+
+/// Packets built by hand: what an attacker with `CAP_NET_RAW` in a pod sends past every socket
+/// hook.
+mod raw {
+    use std::{
+        io::Write as _,
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        path::Path,
+        time::Duration,
+    };
+
+    use egret_tests::probe::Outcome;
+
+    /// Identification of the fragmented datagram.
+    const FRAGMENT_ID: u16 = 0x4242;
+    /// Identification of the orphan later fragment (`frag-later`): never seen before.
+    const ORPHAN_ID: u16 = 0x4343;
+
+    fn checksum(bytes: &[u8]) -> u16 {
+        let mut sum = 0u32;
+        for pair in bytes.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    /// An IPv4 packet: `frag` is the flags and offset field.
+    fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, frag: u16, payload: &[u8]) -> Vec<u8> {
+        ipv4_with_id(src, dst, protocol, frag, FRAGMENT_ID, payload)
+    }
+
+    fn ipv4_with_id(
+        src: Ipv4Addr,
+        dst: Ipv4Addr,
+        protocol: u8,
+        frag: u16,
+        id: u16,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let len = (20 + payload.len()) as u16;
+        let mut packet = vec![0x45, 0];
+        packet.extend_from_slice(&len.to_be_bytes());
+        packet.extend_from_slice(&id.to_be_bytes());
+        packet.extend_from_slice(&frag.to_be_bytes());
+        packet.extend_from_slice(&[64, protocol, 0, 0]);
+        packet.extend_from_slice(&src.octets());
+        packet.extend_from_slice(&dst.octets());
+        let sum = checksum(&packet);
+        packet[10..12].copy_from_slice(&sum.to_be_bytes());
+        packet.extend_from_slice(payload);
+        packet
+    }
+
+    fn udp(port: u16, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&40000u16.to_be_bytes());
+        out.extend_from_slice(&port.to_be_bytes());
+        out.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        // Checksum 0: none (RFC 768).
+        out.extend_from_slice(&[0, 0]);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    fn tcp_syn(port: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&40001u16.to_be_bytes());
+        out.extend_from_slice(&port.to_be_bytes());
+        out.extend_from_slice(&1u32.to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        // Data offset 5 words, SYN.
+        out.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        out
+    }
+
+    /// An SCTP INIT chunk in a common header (RFC 9260 3.1, 3.3.2); the CRC32c is left zero,
+    /// the receiver's stack would drop it but its interface sees it.
+    fn sctp_init(port: u16) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&40002u16.to_be_bytes());
+        out.extend_from_slice(&port.to_be_bytes());
+        out.extend_from_slice(&[0; 8]);
+        // INIT: type 1, flags 0, length 20, initiate tag, a_rwnd, streams, initial TSN.
+        out.extend_from_slice(&[1, 0, 0, 20]);
+        out.extend_from_slice(&[0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+        out
+    }
+
+    fn fd(domain: i32, kind: i32, protocol: i32) -> std::io::Result<OwnedFd> {
+        // SAFETY: plain syscall; the fd is owned right away.
+        let fd = unsafe { libc::socket(domain, kind | libc::SOCK_CLOEXEC, protocol) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    fn outcome(rc: isize) -> Outcome {
+        if rc < 0 {
+            Outcome::from_error(&std::io::Error::last_os_error())
+        } else {
+            Outcome::Sent
+        }
+    }
+
+    /// Sends `packets` through a raw IPv4 socket that writes its own headers.
+    fn send_raw(target: SocketAddrV4, packets: &[Vec<u8>]) -> Outcome {
+        let socket = match fd(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) {
+            Ok(socket) => socket,
+            Err(err) => return Outcome::from_error(&err),
+        };
+        let addr = super::sockaddr_in(target);
+        let mut result = Outcome::Sent;
+        for packet in packets {
+            // SAFETY: valid fd, buffer and address.
+            let rc = unsafe {
+                libc::sendto(
+                    socket.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            result = outcome(rc);
+        }
+        result
+    }
+
+    /// Sends `packet` as the payload of an Ethernet frame to the broadcast address on `eth0`,
+    /// the way an `AF_PACKET` socket can: past IP routing, and with `bypass` past the qdisc.
+    fn send_frame(packet: &[u8], bypass: bool) -> Outcome {
+        let socket = match fd(libc::AF_PACKET, libc::SOCK_RAW, 0) {
+            Ok(socket) => socket,
+            Err(err) => return Outcome::from_error(&err),
+        };
+        if bypass {
+            let on: libc::c_int = 1;
+            // SAFETY: valid fd and option buffer. PACKET_QDISC_BYPASS is 20.
+            let rc = unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    20,
+                    (&raw const on).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return outcome(-1);
+            }
+        }
+        // SAFETY: NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(c"eth0".as_ptr()) };
+        // SAFETY: plain data, zero is valid.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        addr.sll_ifindex = ifindex as i32;
+        addr.sll_halen = 6;
+        addr.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        let mut frame = vec![0xff; 6];
+        frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        frame.extend_from_slice(&(libc::ETH_P_IP as u16).to_be_bytes());
+        frame.extend_from_slice(packet);
+        // SAFETY: valid fd, buffer and address.
+        let rc = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        outcome(rc)
+    }
+
+    pub fn send(kind: &str, target: SocketAddrV4, source: Option<Ipv4Addr>) -> Outcome {
+        // A zero source is filled in by the kernel for raw sockets.
+        let src = source.unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let (dst, port) = (*target.ip(), target.port());
+        let payload = b"egret-raw-payload-0123456789abcdef";
+        match kind {
+            "tcp-syn" => send_raw(target, &[ipv4(src, dst, 6, 0, &tcp_syn(port))]),
+            "udp" => send_raw(target, &[ipv4(src, dst, 17, 0, &udp(port, payload))]),
+            "sctp" => send_raw(target, &[ipv4(src, dst, 132, 0, &sctp_init(port))]),
+            "frag-udp" | "frag-later" => {
+                let datagram = udp(port, payload);
+                // First fragment: 16 bytes (MF set); the rest at offset 2 (units of 8 bytes).
+                let first = ipv4(src, dst, 17, 0x2000, &datagram[..16]);
+                let later = ipv4(src, dst, 17, 2, &datagram[16..]);
+                if kind == "frag-udp" {
+                    send_raw(target, &[first, later])
+                } else {
+                    let orphan = ipv4_with_id(src, dst, 17, 2, ORPHAN_ID, &datagram[16..]);
+                    send_raw(target, &[orphan])
+                }
+            }
+            "packet" | "packet-bypass" => {
+                let packet = ipv4(src, dst, 17, 0, &udp(port, payload));
+                send_frame(&packet, kind == "packet-bypass")
+            }
+            _ => Outcome::Error,
+        }
+    }
+
+    /// One echo request from an unconnected ping socket (`sendto`, which runs no cgroup hook).
+    pub fn ping(target: SocketAddr) -> Outcome {
+        // Ping sockets are open to the groups in this sysctl (per network namespace).
+        let _ = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647");
+        let SocketAddr::V4(v4) = target else {
+            return Outcome::Error;
+        };
+        let socket = match fd(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP) {
+            Ok(socket) => socket,
+            Err(err) => return Outcome::from_error(&err),
+        };
+        // Type 8 (echo request); the kernel writes identifier and checksum.
+        let request = [8u8, 0, 0, 0, 0, 0, 0, 1, b'e', b'g', b'r', b'e', b't'];
+        let addr = super::sockaddr_in(v4);
+        // SAFETY: valid fd, buffer and address.
+        let rc = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                request.as_ptr().cast(),
+                request.len(),
+                0,
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        outcome(rc)
+    }
+
+    /// One TCP connection writing a byte every 20 ms until `stop` exists or a write fails.
+    pub fn stream(target: SocketAddr, stop: &Path, timeout: Duration) {
+        let mut stream = match TcpStream::connect_timeout(&target, timeout) {
+            Ok(stream) => stream,
+            Err(err) => {
+                super::report("tcp", target, Outcome::from_error(&err));
+                return;
+            }
+        };
+        super::report("tcp", target, Outcome::Connected);
+        let _ = stream.set_write_timeout(Some(timeout));
+        let mut written = 0u64;
+        while !stop.exists() {
+            if stream.write_all(b"x").is_err() {
+                break;
+            }
+            written += 1;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("egret-probe: stream wrote {written} bytes");
     }
 }
