@@ -632,3 +632,96 @@ fn ipv6_neighbour_discovery_keeps_working_under_a_deny_all_policy() {
     assert_eq!(attempts[0].outcome, Outcome::Connected, "{attempts:?}");
     drop(listener);
 }
+
+#[test]
+fn egret_run_attaches_to_configured_interfaces_keeps_them_across_restarts_and_detaches_on_removal()
+{
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("web").expect("pod");
+    let host = sandbox
+        .add_host("meta", &[ip("192.0.2.254"), ip("192.0.2.10")])
+        .expect("host");
+    enter(&format!("{}-node", sandbox.id()));
+    let dir = std::env::temp_dir().join(format!("{}-tc-local", sandbox.id()));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("policies dir");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/examples/local/policies/block-metadata.yaml"),
+        policies.join("block-metadata.yaml"),
+    )
+    .expect("copy policy");
+    let config = |interfaces: &str| {
+        format!(
+            "baseline: allow\npolicies: [policies]\nworkloads:\n\
+             - {{name: web, namespace: shop, cgroup: {}, ips: [{}, {}]{interfaces}}}\n",
+            pod.cgroup.display(),
+            pod.ipv4,
+            pod.ipv6,
+        )
+    };
+    // The pod's node end is `p10`; a glob names it as a container host's naming scheme would.
+    std::fs::write(dir.join("egret.yaml"), config(", interfaces: [\"p1?\"]")).expect("config");
+    let raw_udp = |to: &str| {
+        let attempts = sandbox
+            .probe(&pod, None, &["raw", to, "--kind", "udp"])
+            .expect("probe");
+        assert_eq!(attempts[0].outcome, Outcome::Sent);
+    };
+    let meta_reached = |at: &OwnedFd| {
+        raw_udp("192.0.2.254:53");
+        raw_udp("192.0.2.10:53");
+        let packets = seen(at, SETTLE);
+        // The allowed address tells that packets flow at all.
+        assert_eq!(
+            count(&packets, "192.0.2.10", 17, Some(53)),
+            1,
+            "{packets:?}"
+        );
+        count(&packets, "192.0.2.254", 17, Some(53)) > 0
+    };
+    let at = capture(&host);
+
+    let agent = egret_tests::agent::EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "0")
+        .expect("egret run");
+    agent.wait_log("TC programs attached", 1, Duration::from_secs(20));
+    assert!(!meta_reached(&at), "raw UDP reached the denied address");
+
+    // Stopped: the pinned links keep enforcing.
+    drop(agent);
+    assert!(
+        !meta_reached(&at),
+        "raw UDP reached the denied address without an agent"
+    );
+
+    // Restarted: the links are adopted, not attached again.
+    let agent = egret_tests::agent::EgretRun::start_with(
+        &dir,
+        sandbox.pin_dir(),
+        sandbox.cgroup(),
+        "0",
+        &[],
+        "-2",
+    )
+    .expect("egret run");
+    agent.wait_log("adopted pinned TC links", 1, Duration::from_secs(20));
+    agent.wait_log("policy enforced", 1, Duration::from_secs(20));
+    assert!(
+        !agent.log().contains("TC programs attached"),
+        "{}",
+        agent.log()
+    );
+    assert!(
+        !meta_reached(&at),
+        "raw UDP reached the denied address after a restart"
+    );
+
+    // The workload no longer names the interface: its programs go.
+    std::fs::write(dir.join("egret.yaml"), config("")).expect("config");
+    agent.wait_log("TC programs detached", 1, Duration::from_secs(20));
+    assert!(
+        meta_reached(&at),
+        "without TC programs raw UDP reaches the address (the gap they close)"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

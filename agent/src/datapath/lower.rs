@@ -626,6 +626,62 @@ mod tests {
         assert_eq!(at("198.51.100.1").verdict, Verdict::Allow);
     }
 
+    #[test]
+    fn packets_without_ports_match_only_rules_without_a_port_restriction() {
+        // The TC programs decide ICMP and other port-less protocols as port 0. Rules name ports
+        // 1-65535 at most (Kubernetes ports start at 1), and "any port" is a protocol prefix
+        // without a port, so port 0 falls to the rules that name no port.
+        const ICMP: u8 = 1;
+        let allow = |rule| Decision {
+            verdict: Verdict::Allow,
+            rule,
+        };
+        let to = vec!["192.0.2.0/24".parse().unwrap()];
+        let rules = vec![EndpointRules {
+            endpoint: 1,
+            rules: vec![
+                Rule {
+                    to: to.clone(),
+                    except: Vec::new(),
+                    l4: L4::Ports {
+                        protocol: ICMP,
+                        first: 1,
+                        last: 65535,
+                    },
+                    action: allow(2),
+                },
+                Rule {
+                    to: vec!["192.0.2.10/32".parse().unwrap()],
+                    except: Vec::new(),
+                    l4: L4::Protocol(ICMP),
+                    action: allow(3),
+                },
+                Rule {
+                    to,
+                    except: Vec::new(),
+                    l4: L4::Any,
+                    action: allow(4),
+                },
+            ],
+        }];
+        let deny = Decision {
+            verdict: Verdict::Deny,
+            rule: 0,
+        };
+        let state = lower(&rules, first_match(|_| deny));
+        let at = |a: &str, port| {
+            state
+                .lookup(1, a.parse().unwrap(), ICMP, port)
+                .entry
+                .unwrap()
+                .1
+        };
+        assert_eq!(at("192.0.2.10", 0).rule, 3, "protocol rule, any port");
+        assert_eq!(at("192.0.2.11", 0).rule, 4, "any protocol");
+        assert_eq!(at("192.0.2.11", 7).rule, 2, "a port rule matches a port");
+        assert_eq!(at("198.51.100.1", 0), deny);
+    }
+
     fn arb_net() -> impl Strategy<Value = IpNet> {
         prop_oneof![
             (0u8..4, 24u8..=32).prop_map(|(host, len)| {
