@@ -1,5 +1,6 @@
 //! Developer tasks: `cargo xtask setup | test | run`. Each installs what is missing first.
 
+mod bench_tc;
 mod demo;
 mod setup;
 
@@ -32,6 +33,9 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Measures what the TC programs cost an allowed flow: iperf3 through a sandbox pod's veth
+    /// with and without them, printed as a ratio (needs root and iperf3).
+    BenchTc,
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Task::Test => setup::setup().and_then(|()| test()),
         Task::Codegen => setup::setup().and_then(|()| codegen()),
         Task::Run { once } => setup::setup().and_then(|()| demo::run(once)),
+        Task::BenchTc => setup::setup().and_then(|()| bench_tc::run()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,7 +20,21 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_prometheus()?;
+    ensure_iperf3()?;
     Ok(())
+}
+
+/// Debian's `iperf3`, for `cargo xtask bench-tc`.
+fn ensure_iperf3() -> anyhow::Result<()> {
+    if capture(Command::new("iperf3").arg("--version")).is_ok() {
+        return Ok(());
+    }
+    println!("setup: installing Debian's iperf3 package");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends", "iperf3"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("failed to install iperf3 (needs root and Debian's package archive)")
 }
 
 /// Debian's `prometheus` package: the alert tests run its `promtool`, and the end-to-end test
