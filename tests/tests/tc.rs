@@ -26,7 +26,7 @@ use egret::{
     },
     rules_file::{EndpointSpec, RulesFile},
 };
-use egret_common::RULE_MALFORMED;
+use egret_common::{RULE_MALFORMED, RULE_SOURCE_ROUTE};
 use egret_tests::{
     probe::{Attempt, Outcome},
     sandbox::{Host, Pod, Sandbox},
@@ -392,6 +392,38 @@ fn a_forged_source_address_is_dropped_and_counted() {
         &["--source", &w.pod.ipv4.to_string()],
     );
     assert_eq!(arrived(&at_b, B4, 17, None, SETTLE), 1);
+}
+
+#[test]
+fn an_ipv4_source_route_in_one_sendmsg_is_dropped() {
+    // No socket hook sees ancillary data: `sendmsg(B)` with an `IP_RETOPTS` LSRR through A
+    // passes them, and the packet's first hop is A.
+    let w = World::new();
+    let at_a = capture(&w.a);
+    let attempts = w.probe(&[
+        "srcroute",
+        &format!("{A4}:0"),
+        &format!("{B4}:9"),
+        "--kind",
+        "lsrr",
+        "--cmsg",
+    ]);
+    assert_eq!(
+        attempts.last().map(|a| a.outcome),
+        Some(Outcome::Sent),
+        "{attempts:?}"
+    );
+    assert_eq!(
+        arrived(&at_a, A4, 17, None, SETTLE),
+        0,
+        "the routed datagram reached A"
+    );
+    assert_eq!(
+        w.blocked().get(&(Some(ip(A4)), 17, RULE_SOURCE_ROUTE)),
+        Some(&1),
+        "{:?}",
+        w.blocked()
+    );
 }
 
 #[test]
