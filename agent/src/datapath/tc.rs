@@ -300,7 +300,18 @@ impl TcAttachments {
         for ifindex in gone {
             self.detach(ifindex)?;
         }
-        if desired.is_empty() {
+        // Most passes of a run loop change nothing: no map is opened then.
+        let unchanged = |ifindex: &u32, wanted: &TcEndpoint| {
+            self.written.get(ifindex) == Some(wanted)
+                && self
+                    .links
+                    .get(ifindex)
+                    .is_some_and(|fds| fds.len() == HOOKS.len())
+        };
+        if desired
+            .iter()
+            .all(|(ifindex, wanted)| unchanged(ifindex, wanted))
+        {
             return Ok(());
         }
         self.ensure_loaded()?;
