@@ -43,9 +43,12 @@ pub mod map_names {
     pub const CONNTRACK: &str = "EGRET_CONNTRACK";
     /// Allowed first fragments, whose later fragments follow their verdict (LRU, bounded).
     pub const FRAGMENTS: &str = "EGRET_FRAGMENTS";
+    /// Endpoints whose processes may not create packet-level sockets (raw, ping, SCTP): those
+    /// no TC program covers, such as workloads in the host's network namespace.
+    pub const RAW_REFUSED: &str = "EGRET_RAW_REFUSED";
 
     /// Every map the object must hold.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -62,6 +65,7 @@ pub mod map_names {
         SOURCES,
         CONNTRACK,
         FRAGMENTS,
+        RAW_REFUSED,
     ];
 }
 
@@ -74,9 +78,19 @@ pub mod program_names {
     /// `cgroup/setsockopt`: refuses source-routing options (IPv6 routing headers, IPv4 LSRR and
     /// SSRR) for endpoints' processes.
     pub const SETSOCKOPT: &str = "setsockopt";
+    /// `cgroup/sock_create`: refuses raw, ping and SCTP sockets to endpoints in
+    /// [`super::map_names::RAW_REFUSED`].
+    pub const SOCK_CREATE: &str = "sock_create";
 
     /// Every cgroup program the object must hold (attached once, at egret's cgroup).
-    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SETSOCKOPT];
+    pub const ALL: [&str; 6] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        SETSOCKOPT,
+        SOCK_CREATE,
+    ];
 
     /// TCX ingress of a workload's node-side interface: decides what the workload sends.
     pub const TC_FROM_POD: &str = "tc_from_pod";
@@ -111,6 +125,8 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 65_536;
     /// Datagrams in fragments in flight.
     pub const FRAGMENTS: u32 = 4_096;
+    /// One entry per endpoint at most.
+    pub const RAW_REFUSED: u32 = ENDPOINTS;
 }
 
 /// How many cgroup levels the kernel walks up from the caller to find its endpoint.
@@ -137,6 +153,10 @@ pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 2;
 /// not its workload's (forged), a fragment whose first fragment was not allowed, a frame that is
 /// neither IP nor ARP, or a header egret does not parse.
 pub const RULE_MALFORMED: u32 = u32::MAX - 3;
+
+/// Rule id of a refused raw, ping or SCTP socket (`sock_create`): the endpoint has no TC program
+/// to decide what such a socket sends.
+pub const RULE_RAW_SOCKET: u32 = u32::MAX - 4;
 
 /// Version of the layout of egret's pinned maps (names, key and value types, sizes). Stamped
 /// into [`map_names::META`] when the maps are created; an agent refuses pinned maps stamped

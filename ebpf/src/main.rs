@@ -9,6 +9,7 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic add, see above")]
 
+mod sock;
 mod sockopt;
 mod tc;
 

@@ -161,7 +161,9 @@ impl World {
 
     fn attach(&mut self) {
         let desired = self.desired();
-        self.tc.reconcile(&desired).expect("attach TC programs");
+        self.tc
+            .reconcile_interfaces(&desired)
+            .expect("attach TC programs");
         assert!(self.tc.interfaces().contains(&self.ifindex));
     }
 
@@ -634,7 +636,8 @@ fn pinned_tc_links_survive_an_agent_restart() {
 
     // A workload that goes takes its links along.
     let mut w = w;
-    w.tc.reconcile(&TcDesired::new()).expect("detach");
+    w.tc.reconcile_interfaces(&TcDesired::new())
+        .expect("detach");
     assert!(w.tc.interfaces().is_empty());
     let remaining = std::fs::read_dir(w.sandbox.pin_dir().join("links"))
         .expect("links dir")
@@ -748,12 +751,32 @@ fn egret_run_attaches_to_configured_interfaces_keeps_them_across_restarts_and_de
         "raw UDP reached the denied address after a restart"
     );
 
-    // The workload no longer names the interface: its programs go.
+    // The workload no longer names the interface: its programs go, and as a workload no TC
+    // program covers (as one in the host's network namespace), its processes may not create
+    // raw, ping or SCTP sockets at all.
     std::fs::write(dir.join("egret.yaml"), config("")).expect("config");
     agent.wait_log("TC programs detached", 1, Duration::from_secs(20));
-    assert!(
-        meta_reached(&at),
-        "without TC programs raw UDP reaches the address (the gap they close)"
+    for args in [
+        &["raw", "192.0.2.254:53", "--kind", "udp"][..],
+        &["raw", "192.0.2.10:9", "--kind", "sctp"],
+        &["ping", "192.0.2.254:0"],
+    ] {
+        let attempts = sandbox.probe(&pod, None, args).expect("probe");
+        assert_eq!(
+            attempts[0].outcome,
+            Outcome::Denied,
+            "{args:?}: {attempts:?}"
+        );
+    }
+    assert_eq!(
+        count(&seen(&at, SETTLE), "192.0.2.254", 17, None),
+        0,
+        "a packet reached the denied address"
     );
+    // An ordinary UDP socket is still decided by the socket hooks, not refused.
+    let attempts = sandbox
+        .probe(&pod, None, &["udp", "192.0.2.10:53"])
+        .expect("probe");
+    assert_eq!(attempts[0].outcome, Outcome::Sent);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,7 +18,7 @@ use std::{
 use aya::{
     EbpfLoader,
     maps::{Array, Map, MapData, MapError},
-    programs::{CgroupSockAddr, CgroupSockopt, ProgramInfo, loaded_programs},
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, ProgramInfo, loaded_programs},
 };
 use egret_common::{LAYOUT_VERSION, MetaValue, map_names, program_names};
 
@@ -32,6 +32,8 @@ pub(super) static EBPF_OBJECT: &[u8] =
 /// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR` and `BPF_PROG_TYPE_CGROUP_SOCKOPT` (`enum bpf_prog_type`).
 const PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 const PROG_TYPE_CGROUP_SOCKOPT: u32 = 25;
+/// `BPF_PROG_TYPE_CGROUP_SOCK`.
+const PROG_TYPE_CGROUP_SOCK: u32 = 9;
 
 /// Maps every egret program uses (`find_endpoint`, `count`, `report`): a program whose map ids
 /// lack the ids of these pins is not this pin directory's.
@@ -89,6 +91,8 @@ fn expected_kind(name: &str) -> Option<(u32, u32)> {
         program_names::SENDMSG4 => Some((14, PROG_TYPE_CGROUP_SOCK_ADDR)),
         program_names::SENDMSG6 => Some((15, PROG_TYPE_CGROUP_SOCK_ADDR)),
         program_names::SETSOCKOPT => Some((22, PROG_TYPE_CGROUP_SOCKOPT)),
+        // BPF_CGROUP_INET_SOCK_CREATE.
+        program_names::SOCK_CREATE => Some((2, PROG_TYPE_CGROUP_SOCK)),
         _ => None,
     }
 }
@@ -474,7 +478,15 @@ fn attach(layout: &PinLayout, cgroup: &Path, programs: &[&'static str]) -> Resul
             .ok_or(DatapathError::MissingProgram { name })?;
         // The link is made here rather than through aya's `attach`: aya 0.14 cannot turn a
         // sockopt link into a pinnable `FdLink`, and egret holds each link's descriptor anyway.
-        let prog_fd = if name == program_names::SETSOCKOPT {
+        let prog_fd = if name == program_names::SOCK_CREATE {
+            let program: &mut CgroupSock = program.try_into().map_err(program_err)?;
+            program.load().map_err(program_err)?;
+            program
+                .fd()
+                .map_err(program_err)?
+                .as_fd()
+                .try_clone_to_owned()
+        } else if name == program_names::SETSOCKOPT {
             let program: &mut CgroupSockopt = program.try_into().map_err(program_err)?;
             program.load().map_err(program_err)?;
             program

@@ -93,6 +93,15 @@ pub struct TcEndpoint {
 /// Node-side interface index -> its endpoint: everything the TC path needs from a source.
 pub type TcDesired = BTreeMap<u32, TcEndpoint>;
 
+/// What a source wants of the packet level: the interfaces of workloads with their own network
+/// namespace, and the endpoints no interface covers (workloads in the host's network
+/// namespace), whose processes may not create raw, ping or SCTP sockets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TcPlan {
+    pub interfaces: TcDesired,
+    pub uncovered: BTreeSet<u32>,
+}
+
 /// The interfaces of the current network namespace whose names match one of `patterns`
 /// (names or globs such as `veth-web*`), as name -> index. From `if_nameindex(3)`, which asks
 /// the kernel about the caller's namespace (unlike `/sys/class/net`, which shows the namespace
@@ -164,22 +173,25 @@ pub fn add_workload(
     }
 }
 
-/// The desired TC state of workloads given as (namespace, name, interface patterns, addresses),
-/// for those that compiled to an endpoint (`endpoints`: (namespace, name) -> endpoint id).
+/// The plan for local workloads given as (namespace, name, interface patterns, addresses), for
+/// those that compiled to an endpoint (`endpoints`: (namespace, name) -> endpoint id). A
+/// workload without `interfaces:` shares the host's network namespace: it is uncovered.
 pub fn desired_for<'a>(
     workloads: impl IntoIterator<Item = (&'a String, &'a String, &'a [String], &'a [IpAddr])>,
     endpoints: &BTreeMap<(String, String), u32>,
-) -> TcDesired {
-    let mut desired = TcDesired::new();
+) -> TcPlan {
+    let mut plan = TcPlan::default();
     for (namespace, name, patterns, addresses) in workloads {
-        if patterns.is_empty() {
+        let Some(&endpoint_id) = endpoints.get(&(namespace.clone(), name.clone())) else {
             continue;
-        }
-        if let Some(&endpoint_id) = endpoints.get(&(namespace.clone(), name.clone())) {
-            add_workload(&mut desired, endpoint_id, patterns, addresses);
+        };
+        if patterns.is_empty() {
+            plan.uncovered.insert(endpoint_id);
+        } else {
+            add_workload(&mut plan.interfaces, endpoint_id, patterns, addresses);
         }
     }
-    desired
+    plan
 }
 
 /// Which end of an interface a program is attached to.
@@ -221,6 +233,8 @@ pub struct TcAttachments {
     links: BTreeMap<u32, Vec<OwnedFd>>,
     /// What `EGRET_IFACES` and `EGRET_SOURCES` hold, as written.
     written: TcDesired,
+    /// What `EGRET_RAW_REFUSED` holds, as written.
+    refused: BTreeSet<u32>,
 }
 
 impl std::fmt::Debug for TcAttachments {
@@ -267,11 +281,13 @@ impl TcAttachments {
             tracing::info!(interfaces = ?links.keys().collect::<Vec<_>>(), "adopted pinned TC links");
         }
         let written = read_written(&layout)?;
+        let refused = read_refused(&layout)?;
         Ok(Self {
             layout,
             programs: None,
             links,
             written,
+            refused,
         })
     }
 
@@ -284,10 +300,37 @@ impl TcAttachments {
             .collect()
     }
 
+    /// Makes the kernel hold `plan`: the uncovered endpoints, then the interfaces (see
+    /// [`Self::reconcile_interfaces`]).
+    pub fn reconcile(&mut self, plan: &TcPlan) -> Result<()> {
+        let TcPlan {
+            interfaces,
+            uncovered,
+        } = plan;
+        if uncovered != &self.refused {
+            let mut refused: HashMap<MapData, u32, u32> =
+                open_map(&self.layout.maps(), map_names::RAW_REFUSED)?;
+            for id in uncovered.difference(&self.refused) {
+                refused
+                    .insert(id, 1, 0)
+                    .map_err(|source| TcError::WriteMap {
+                        name: map_names::RAW_REFUSED,
+                        entry: format!("endpoint {id}"),
+                        source,
+                    })?;
+            }
+            for id in self.refused.difference(uncovered) {
+                let _ = refused.remove(id);
+            }
+            self.refused = uncovered.clone();
+        }
+        self.reconcile_interfaces(interfaces)
+    }
+
     /// Makes the kernel hold `desired`: sources, then interfaces, are written before the
     /// programs are attached (so the first packet is decided as the workload's); interfaces
     /// that go are detached, then forgotten.
-    pub fn reconcile(&mut self, desired: &TcDesired) -> Result<()> {
+    pub fn reconcile_interfaces(&mut self, desired: &TcDesired) -> Result<()> {
         let gone: Vec<u32> = self
             .links
             .keys()
@@ -514,6 +557,15 @@ fn read_written(layout: &PinLayout) -> Result<TcDesired> {
         }
     }
     Ok(out)
+}
+
+/// What the refused-endpoints map holds (empty when it is not pinned yet).
+fn read_refused(layout: &PinLayout) -> Result<BTreeSet<u32>> {
+    if !sys::check_pin_file(&layout.map(map_names::RAW_REFUSED))? {
+        return Ok(BTreeSet::new());
+    }
+    let refused: HashMap<MapData, u32, u32> = open_map(&layout.maps(), map_names::RAW_REFUSED)?;
+    Ok(refused.keys().flatten().collect())
 }
 
 fn pinned_map_id(layout: &PinLayout, name: &'static str) -> Result<Option<u32>> {
