@@ -261,28 +261,64 @@ fn seen(socket: &OwnedFd, within: Duration) -> Vec<Seen> {
             continue;
         }
         let packet = &buf[..n as usize];
-        if packet[0] >> 4 != 4 {
-            continue;
+        if let Some(seen) = parse_seen(packet) {
+            out.push(seen);
         }
-        let ihl = usize::from(packet[0] & 0xf) * 4;
-        let offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
-        let protocol = packet[9];
-        let port = if offset != 0 || packet.len() < ihl + 4 {
-            None
-        } else if matches!(protocol, 6 | 17 | 132) {
-            Some(u16::from_be_bytes([packet[ihl + 2], packet[ihl + 3]]))
-        } else if protocol == 1 {
-            Some(u16::from(packet[ihl]))
-        } else {
-            None
-        };
-        out.push(Seen {
-            to: IpAddr::from([packet[16], packet[17], packet[18], packet[19]]),
-            protocol,
-            port,
-        });
     }
     out
+}
+
+/// Destination, protocol and port (or ICMP type) of an IPv4 or IPv6 packet.
+fn parse_seen(packet: &[u8]) -> Option<Seen> {
+    let port_at = |protocol: u8, l4: usize| {
+        if packet.len() < l4 + 4 {
+            None
+        } else if matches!(protocol, 6 | 17 | 132) {
+            Some(u16::from_be_bytes([packet[l4 + 2], packet[l4 + 3]]))
+        } else if protocol == 1 || protocol == 58 {
+            Some(u16::from(packet[l4]))
+        } else {
+            None
+        }
+    };
+    match packet.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(packet[0] & 0xf) * 4;
+            let offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
+            let protocol = packet[9];
+            Some(Seen {
+                to: IpAddr::from([packet[16], packet[17], packet[18], packet[19]]),
+                protocol,
+                port: if offset == 0 {
+                    port_at(protocol, ihl)
+                } else {
+                    None
+                },
+            })
+        }
+        6 if packet.len() >= 48 => {
+            let to: [u8; 16] = packet[24..40].try_into().ok()?;
+            let (protocol, offset, l4) = if packet[6] == 44 {
+                (
+                    packet[40],
+                    u16::from_be_bytes([packet[42], packet[43]]) >> 3,
+                    48,
+                )
+            } else {
+                (packet[6], 0, 40)
+            };
+            Some(Seen {
+                to: IpAddr::from(to),
+                protocol,
+                port: if offset == 0 {
+                    port_at(protocol, l4)
+                } else {
+                    None
+                },
+            })
+        }
+        _ => None,
+    }
 }
 
 /// How many of `packets` went to `to` over `protocol` (and to `port`, when given).
@@ -356,6 +392,63 @@ fn unconnected_ping_to_a_denied_host_is_dropped_and_to_an_allowed_host_arrives()
         arrived(&at_b, B4, 1, Some(8), SETTLE),
         1,
         "echo request to B"
+    );
+}
+
+#[test]
+fn ipv6_raw_packets_ping_and_fragments_follow_the_same_policy() {
+    let w = World::new();
+    let source = w.pod.ipv6.to_string();
+    let at_a = capture(&w.a);
+    let at_b = capture(&w.b);
+    for to in [A6, B6] {
+        w.raw("tcp-syn", &format!("[{to}]:80"), &[]);
+        w.raw("udp", &format!("[{to}]:53"), &[]);
+        w.raw("sctp", &format!("[{to}]:10"), &[]);
+        w.raw("frag-udp", &format!("[{to}]:54"), &["--source", &source]);
+        let attempts = w.probe(&["ping", &format!("[{to}]:0")]);
+        assert_eq!(attempts[0].outcome, Outcome::Sent, "{attempts:?}");
+    }
+    let at_a = seen(&at_a, SETTLE);
+    for (protocol, what) in [(6, "TCP"), (17, "UDP"), (132, "SCTP"), (58, "ICMPv6 echo")] {
+        let port = (protocol == 58).then_some(128);
+        assert_eq!(
+            count(&at_a, A6, protocol, port),
+            0,
+            "{what} reached A: {at_a:?}"
+        );
+    }
+    let blocked = w.blocked();
+    let a = Some(ip(A6));
+    assert_eq!(blocked.get(&(a, 6, 0)), Some(&1), "{blocked:?}");
+    // The raw datagram and the first fragment (its later fragment is dropped uncounted by
+    // policy: it follows the first).
+    assert!(
+        blocked.get(&(a, 17, 0)).is_some_and(|n| *n >= 2),
+        "{blocked:?}"
+    );
+    assert_eq!(blocked.get(&(a, 132, 0)), Some(&1), "{blocked:?}");
+    assert_eq!(blocked.get(&(a, 58, 0)), Some(&1), "{blocked:?}");
+
+    let at_b = seen(&at_b, SETTLE);
+    assert_eq!(count(&at_b, B6, 6, Some(80)), 1, "TCP SYN to B: {at_b:?}");
+    assert_eq!(count(&at_b, B6, 17, Some(53)), 1, "UDP to B: {at_b:?}");
+    assert_eq!(count(&at_b, B6, 132, Some(10)), 1, "SCTP to B: {at_b:?}");
+    assert_eq!(
+        count(&at_b, B6, 58, Some(128)),
+        1,
+        "echo request to B: {at_b:?}"
+    );
+    // Both fragments: the first (with the port) and the later one (without).
+    assert_eq!(
+        count(&at_b, B6, 17, Some(54)),
+        1,
+        "first fragment to B: {at_b:?}"
+    );
+    assert!(
+        at_b.iter()
+            .any(|p| p.to == ip(B6) && p.protocol == 17 && p.port.is_none()),
+        "later fragment to B: {at_b:?}"
     );
 }
 

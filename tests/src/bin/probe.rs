@@ -21,7 +21,10 @@
 //!     # one hand-built IPv4 packet, sent the way no socket hook sees: a raw socket
 //!     # (IP_HDRINCL), or an AF_PACKET frame to the broadcast MAC on eth0 (`packet-bypass`
 //!     # with PACKET_QDISC_BYPASS); `frag-udp` sends a UDP datagram as two fragments,
-//!     # `frag-later` its second fragment alone; `--source` writes that source address
+//!     # `frag-later` its second fragment alone; `--source` writes that source address.
+//!     # An IPv6 target: tcp-syn, udp, sctp from a raw socket of that protocol (the kernel
+//!     # writes the IPv6 header), or frag-udp (needs --source): two fragments with a
+//!     # fragment header, written whole
 //! egret-probe ping 192.0.2.10:0      # one echo request from an unconnected ping socket (sendto)
 //! egret-probe tcp-echo 0.0.0.0:7000  # accepts one connection, echoes one read, then exits
 //! egret-probe stream 192.0.2.11:80 --until-file PATH  # one TCP connection, a byte every 20 ms
@@ -62,7 +65,7 @@ struct Options {
     /// `srcroute`: pass the route as ancillary data of one `sendmsg`.
     cmsg: bool,
     /// `raw`: the source address written into the packet.
-    source: Option<std::net::Ipv4Addr>,
+    source: Option<std::net::IpAddr>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -217,10 +220,15 @@ fn run(args: &[String]) -> Result<(), String> {
             source_route(&o, via, target)?;
         }
         "raw" => {
-            let SocketAddr::V4(target) = o.targets[0] else {
-                return Err("raw sends IPv4 only".into());
+            let outcome = match (o.targets[0], o.source) {
+                (SocketAddr::V4(target), None) => raw::send(&o.kind, target, None),
+                (SocketAddr::V4(target), Some(std::net::IpAddr::V4(source))) => {
+                    raw::send(&o.kind, target, Some(source))
+                }
+                (SocketAddr::V6(target), source) => raw::send6(&o.kind, target, source),
+                _ => return Err("--source and the target differ in family".into()),
             };
-            report(&o.kind, o.targets[0], raw::send(&o.kind, target, o.source));
+            report(&o.kind, o.targets[0], outcome);
         }
         "ping" => report("icmp", o.targets[0], raw::ping(o.targets[0])),
         "tcp-echo" => {
@@ -632,7 +640,7 @@ fn sockaddr_in6(v6: SocketAddrV6) -> libc::sockaddr_in6 {
 mod raw {
     use std::{
         io::Write as _,
-        net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+        net::{Ipv4Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream},
         os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
         path::Path,
         time::Duration,
@@ -843,18 +851,20 @@ mod raw {
 
     /// One echo request from an unconnected ping socket (`sendto`, which runs no cgroup hook).
     pub fn ping(target: SocketAddr) -> Outcome {
-        // Ping sockets are open to the groups in this sysctl (per network namespace).
+        // Ping sockets are open to the groups in this sysctl (per network namespace; it covers
+        // ICMPv6 ping sockets too).
         let _ = std::fs::write("/proc/sys/net/ipv4/ping_group_range", "0 2147483647");
-        let SocketAddr::V4(v4) = target else {
-            return Outcome::Error;
+        let (domain, protocol, kind) = match target {
+            SocketAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_ICMP, 8u8),
+            SocketAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_ICMPV6, 128u8),
         };
-        let socket = match fd(libc::AF_INET, libc::SOCK_DGRAM, libc::IPPROTO_ICMP) {
+        let socket = match fd(domain, libc::SOCK_DGRAM, protocol) {
             Ok(socket) => socket,
             Err(err) => return Outcome::from_error(&err),
         };
-        // Type 8 (echo request); the kernel writes identifier and checksum.
-        let request = [8u8, 0, 0, 0, 0, 0, 0, 1, b'e', b'g', b'r', b'e', b't'];
-        let addr = super::sockaddr_in(v4);
+        // An echo request; the kernel writes identifier and checksum.
+        let request = [kind, 0, 0, 0, 0, 0, 0, 1, b'e', b'g', b'r', b'e', b't'];
+        let (addr, len) = super::sockaddr(target);
         // SAFETY: valid fd, buffer and address.
         let rc = unsafe {
             libc::sendto(
@@ -863,10 +873,83 @@ mod raw {
                 request.len(),
                 0,
                 (&raw const addr).cast(),
-                size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                len,
             )
         };
         outcome(rc)
+    }
+
+    /// Sends one IPv6 packet of `kind` to `target` from a raw socket.
+    pub fn send6(kind: &str, target: SocketAddrV6, source: Option<std::net::IpAddr>) -> Outcome {
+        let port = target.port();
+        let payload = b"egret-raw-payload-0123456789abcdef";
+        let (protocol, packet) = match kind {
+            "tcp-syn" => (libc::IPPROTO_TCP, tcp_syn(port)),
+            "udp" => (libc::IPPROTO_UDP, udp(port, payload)),
+            "sctp" => (libc::IPPROTO_SCTP, sctp_init(port)),
+            "frag-udp" => {
+                let Some(std::net::IpAddr::V6(src)) = source else {
+                    return Outcome::Error;
+                };
+                let datagram = udp(port, payload);
+                let first = ipv6_fragment(src, *target.ip(), 0, true, &datagram[..16]);
+                let later = ipv6_fragment(src, *target.ip(), 2, false, &datagram[16..]);
+                return send_packets6(libc::IPPROTO_RAW, target, &[first, later]);
+            }
+            _ => return Outcome::Error,
+        };
+        // The kernel's port field of a raw IPv6 socket address must be 0 (or the protocol).
+        send_packets6(
+            protocol,
+            SocketAddrV6::new(*target.ip(), 0, 0, 0),
+            &[packet],
+        )
+    }
+
+    /// An IPv6 packet holding a fragment header (next header UDP) and `payload` at `offset`
+    /// (units of 8 bytes).
+    fn ipv6_fragment(
+        src: std::net::Ipv6Addr,
+        dst: std::net::Ipv6Addr,
+        offset: u16,
+        more: bool,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let mut packet = vec![0x60, 0, 0, 0];
+        packet.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        packet.extend_from_slice(&[44, 64]);
+        packet.extend_from_slice(&src.octets());
+        packet.extend_from_slice(&dst.octets());
+        let field = (offset << 3) | u16::from(more);
+        packet.extend_from_slice(&[17, 0]);
+        packet.extend_from_slice(&field.to_be_bytes());
+        packet.extend_from_slice(&0x4242_4242u32.to_be_bytes());
+        packet.extend_from_slice(payload);
+        packet
+    }
+
+    fn send_packets6(protocol: i32, target: SocketAddrV6, packets: &[Vec<u8>]) -> Outcome {
+        let socket = match fd(libc::AF_INET6, libc::SOCK_RAW, protocol) {
+            Ok(socket) => socket,
+            Err(err) => return Outcome::from_error(&err),
+        };
+        let (addr, len) = super::sockaddr(SocketAddr::V6(SocketAddrV6::new(*target.ip(), 0, 0, 0)));
+        let mut result = Outcome::Sent;
+        for packet in packets {
+            // SAFETY: valid fd, buffer and address.
+            let rc = unsafe {
+                libc::sendto(
+                    socket.as_raw_fd(),
+                    packet.as_ptr().cast(),
+                    packet.len(),
+                    0,
+                    (&raw const addr).cast(),
+                    len,
+                )
+            };
+            result = outcome(rc);
+        }
+        result
     }
 
     /// One TCP connection writing a byte every 20 ms until `stop` exists or a write fails.
