@@ -60,6 +60,12 @@ pub enum TcError {
         #[source]
         source: MapError,
     },
+    #[error("failed to read the links directory {}", path.display())]
+    ReadLinks {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("failed to remove pin {}", path.display())]
     Unpin {
         path: PathBuf,
@@ -253,7 +259,7 @@ impl TcAttachments {
         let layout = PinLayout::new(pin_dir);
         let mut links: BTreeMap<u32, Vec<OwnedFd>> = BTreeMap::new();
         let ifaces_id = pinned_map_id(&layout, map_names::IFACES)?;
-        let entries = fs::read_dir(layout.links()).map_err(|source| TcError::Unpin {
+        let entries = fs::read_dir(layout.links()).map_err(|source| TcError::ReadLinks {
             path: layout.links(),
             source,
         })?;
