@@ -12,6 +12,7 @@ pub mod explain;
 pub mod ids;
 pub mod model;
 pub mod reference;
+pub mod services;
 pub mod synthetic;
 
 #[cfg(test)]

@@ -307,6 +307,8 @@ pub struct World {
     pub egress_policies: Vec<EgressPol>,
     /// Objects left out, with the reason.
     pub invalid: Vec<InvalidPolicy>,
+    /// Services pods connect to by address (see `policy::services`); set by the source.
+    pub services: Vec<super::services::ServiceInfo>,
     /// Indices into `pods`, per namespace.
     pods_by_namespace: BTreeMap<String, Vec<usize>>,
 }
