@@ -2,4 +2,5 @@
 //! node ([`cgroups`]), turned into the cluster state the compiler takes.
 
 pub mod cgroups;
+pub mod status;
 pub mod watch;
