@@ -3,6 +3,7 @@
 //! `docs/metrics.md` lists every metric and label.
 
 pub mod denylog;
+pub mod http;
 pub mod server;
 
 use std::{
