@@ -19,16 +19,21 @@ use std::{
     hash::{Hash as _, Hasher as _},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
+use k8s_openapi::{
+    api::core::v1::{Pod, PodIP, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::{
     datapath::{EndpointId, Verdict},
     policy::{
-        cluster::{Cluster, LoadError},
-        model::World,
+        cluster::{self, Limits, LoadError, Location, PolicyStore, Snapshot},
+        model::{ObjectKind, ObjectRef, World},
+        validate,
     },
     sys,
 };
@@ -36,21 +41,27 @@ use crate::{
 /// Errors of local mode; each names the file, and the object and field where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("failed to read config {}", path.display())]
+    /// The config file could not be read (the cause names the file and the OS error).
+    #[error("config: {source}")]
     ReadConfig {
-        path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: LoadError,
     },
     #[error("config {}: {message}", path.display())]
     Config { path: PathBuf, message: String },
+    /// A policy file, document or object was rejected.
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{}: {invalid}", path.as_deref().map_or_else(|| "<unknown file>".to_owned(), |p| p.display().to_string()))]
-    Invalid {
-        path: Option<PathBuf>,
-        invalid: crate::policy::model::InvalidPolicy,
-    },
+}
+
+impl LocalError {
+    /// The `reason` label of `egret_policies_rejected`: `config`, `unreadable` or `invalid`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ReadConfig { .. } | Self::Config { .. } => "config",
+            Self::Load(err) => err.reason(),
+        }
+    }
 }
 
 /// The config file.
@@ -67,6 +78,47 @@ pub struct Config {
     /// Where to serve Prometheus metrics; none: not served.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Size caps on reading the policy files.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// The `limits` section: how much of the policy paths is read.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsConfig {
+    /// Largest policy file read (default 3 MiB, the API server's request limit).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// Most bytes read under one policy directory (default 32 MiB).
+    #[serde(default = "default_max_directory_bytes")]
+    pub max_directory_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: default_max_file_bytes(),
+            max_directory_bytes: default_max_directory_bytes(),
+        }
+    }
+}
+
+impl From<LimitsConfig> for Limits {
+    fn from(l: LimitsConfig) -> Self {
+        Self {
+            max_file_bytes: l.max_file_bytes,
+            max_directory_bytes: l.max_directory_bytes,
+        }
+    }
+}
+
+fn default_max_file_bytes() -> u64 {
+    cluster::DEFAULT_MAX_FILE_BYTES
+}
+
+fn default_max_directory_bytes() -> u64 {
+    cluster::DEFAULT_MAX_DIRECTORY_BYTES
 }
 
 /// The `metrics` section.
@@ -111,17 +163,25 @@ fn default_namespace() -> String {
 /// Everything one load produced.
 pub struct Loaded {
     pub config: Config,
+    /// What to enforce: every valid object, and the last valid version of a rejected one.
     pub world: World,
-    /// Fingerprint of every file read, to notice edits.
+    /// Fingerprint of the config and every policy file as read for this load.
     pub fingerprint: u64,
+    /// Files, documents and objects rejected; the rest is in `world`.
+    pub rejected: Vec<LocalError>,
+    /// Objects enforced in their last valid version because the new one was rejected.
+    pub kept: Vec<(ObjectRef, Location)>,
 }
 
-/// Reads the config and its policy files.
+/// Reads the config and its policy files, and remembers what it enforced so a rejected update
+/// of an object keeps its last valid version.
 pub struct LocalSource {
     config_path: PathBuf,
     /// Command-line overrides of the config's `metrics` section.
     metrics_addr: Option<std::net::SocketAddr>,
     max_destination_series: Option<usize>,
+    /// The objects enforced from the files, and the fingerprint of the last read.
+    state: Mutex<(PolicyStore, Option<u64>)>,
 }
 
 impl LocalSource {
@@ -130,6 +190,7 @@ impl LocalSource {
             config_path,
             metrics_addr: None,
             max_destination_series: None,
+            state: Mutex::new((PolicyStore::default(), None)),
         }
     }
 
@@ -144,20 +205,66 @@ impl LocalSource {
         self
     }
 
-    /// Loads everything. `Err` holds every problem found; a caller that enforces already keeps
-    /// what it enforces.
+    /// Loads everything. `Err`: the config itself could not be read or is invalid (nothing
+    /// else was looked at). `Ok` holds every valid object and lists the rejected ones.
     pub fn load(&self) -> Result<Loaded, Vec<LocalError>> {
+        let (text, config) = self.read_config();
+        let snapshot = config
+            .as_ref()
+            .ok()
+            .map(|c| Snapshot::read(&self.policy_paths(c), c.limits.into()));
+        let fingerprint = fingerprint(&text, snapshot.as_ref());
+        self.finish(config, snapshot, fingerprint)
+    }
+
+    /// Reads the config and every policy file (bounded, never blocking) and loads them when
+    /// anything changed since the last load, including the removal of a file that could not
+    /// be read. `None`: nothing changed.
+    pub fn poll(&self) -> Option<Result<Loaded, Vec<LocalError>>> {
+        let (text, config) = self.read_config();
+        let snapshot = config
+            .as_ref()
+            .ok()
+            .map(|c| Snapshot::read(&self.policy_paths(c), c.limits.into()));
+        let fingerprint = fingerprint(&text, snapshot.as_ref());
+        let last = self.state.lock().unwrap_or_else(|e| e.into_inner()).1;
+        if last == Some(fingerprint) {
+            return None;
+        }
+        Some(self.finish(config, snapshot, fingerprint))
+    }
+
+    fn policy_paths(&self, config: &Config) -> Vec<PathBuf> {
+        let base = self.config_path.parent().unwrap_or(Path::new("."));
+        config.policies.iter().map(|p| base.join(p)).collect()
+    }
+
+    /// The config text (or why it is unreadable) and the parsed config.
+    fn read_config(&self) -> (Result<String, String>, Result<Config, Vec<LocalError>>) {
         let path = &self.config_path;
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            vec![LocalError::ReadConfig {
-                path: path.clone(),
-                source,
-            }]
-        })?;
-        let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
+        let text = match cluster::read_file(path, cluster::DEFAULT_MAX_FILE_BYTES, None) {
+            Ok(text) => text,
+            Err(source) => {
+                let message = source.to_string();
+                return (Err(message), Err(vec![LocalError::ReadConfig { source }]));
+            }
+        };
+        let config = self.parse_config(&text);
+        (Ok(text), config)
+    }
+
+    fn parse_config(&self, text: &str) -> Result<Config, Vec<LocalError>> {
+        let path = &self.config_path;
+        let mut config: Config = serde_saphyr::from_str(text).map_err(|e| {
             vec![LocalError::Config {
                 path: path.clone(),
-                message: e.to_string(),
+                message: e
+                    .to_string()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" "),
             }]
         })?;
         if let Some(address) = self.metrics_addr {
@@ -175,62 +282,140 @@ impl LocalSource {
         {
             metrics.max_destination_series = budget;
         }
-        // Taken before reading the policies: an edit during the load changes the fingerprint
-        // the next poll sees, so it is not missed.
-        let fingerprint = self.fingerprint(&config);
-        let base = path.parent().unwrap_or(Path::new("."));
-        let policy_paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
-        let (mut cluster, errors) = Cluster::load(&policy_paths);
-        let mut problems: Vec<LocalError> = errors.into_iter().map(LocalError::from).collect();
-        for w in &config.workloads {
-            let pod = json!({
-                "metadata": {"name": w.name, "namespace": w.namespace, "labels": w.labels},
-                "status": {"podIPs": w.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()}
-            });
-            match serde_json::from_value(pod) {
-                Ok(pod) => {
-                    cluster
-                        .pods
-                        .insert((w.namespace.clone(), w.name.clone()), pod);
-                }
-                Err(e) => problems.push(LocalError::Config {
-                    path: path.clone(),
-                    message: format!("workload {}/{}: {e}", w.namespace, w.name),
-                }),
-            }
-        }
-        let world = World::new(&cluster);
-        problems.extend(world.invalid.iter().map(|invalid| LocalError::Invalid {
-            path: cluster.source_of(&invalid.object).cloned(),
-            invalid: invalid.clone(),
-        }));
-        if problems.is_empty() {
-            Ok(Loaded {
-                config,
-                world,
-                fingerprint,
+        let problems: Vec<LocalError> = config
+            .workloads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| check_workload(i, w, &config.workloads).err())
+            .map(|message| LocalError::Config {
+                path: path.clone(),
+                message,
             })
+            .collect();
+        if problems.is_empty() {
+            Ok(config)
         } else {
             Err(problems)
         }
     }
 
-    /// Fingerprint of the config and policy files as they are now (cheap enough to poll).
-    pub fn fingerprint(&self, config: &Config) -> u64 {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        if let Ok(text) = std::fs::read_to_string(&self.config_path) {
-            text.hash(&mut hasher);
+    fn finish(
+        &self,
+        config: Result<Config, Vec<LocalError>>,
+        snapshot: Option<Snapshot>,
+        fingerprint: u64,
+    ) -> Result<Loaded, Vec<LocalError>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // A config that does not load is reported once per change, not once per poll.
+        state.1 = Some(fingerprint);
+        let config = config?;
+        let snapshot = snapshot.unwrap_or_default();
+        // Workloads are Pods to policy: a Pod document with a workload's namespace and name
+        // would replace it (and its addresses) silently, so it is refused, naming both.
+        let reserved: BTreeMap<ObjectRef, String> = config
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    ObjectRef::new(ObjectKind::Pod, &w.namespace, &w.name),
+                    format!(
+                        "workload {}/{} of {} (workloads[{i}])",
+                        w.namespace,
+                        w.name,
+                        self.config_path.display()
+                    ),
+                )
+            })
+            .collect();
+        let outcome = state.0.load(&snapshot, &reserved);
+        let mut cluster = outcome.cluster;
+        for w in &config.workloads {
+            cluster
+                .pods
+                .insert((w.namespace.clone(), w.name.clone()), workload_pod(w));
         }
-        let base = self.config_path.parent().unwrap_or(Path::new("."));
-        let paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
-        for file in Cluster::files(&paths) {
-            if let Ok(content) = std::fs::read(&file) {
-                file.hash(&mut hasher);
-                content.hash(&mut hasher);
-            }
-        }
-        hasher.finish()
+        let world = World::new(&cluster);
+        let mut rejected: Vec<LocalError> =
+            outcome.rejected.into_iter().map(LocalError::from).collect();
+        // Everything was validated on the way in; anything World::new still refuses is a bug
+        // worth seeing rather than a silent gap.
+        rejected.extend(world.invalid.iter().map(|invalid| LocalError::Config {
+            path: self.config_path.clone(),
+            message: invalid.to_string(),
+        }));
+        Ok(Loaded {
+            config,
+            world,
+            fingerprint,
+            rejected,
+            kept: outcome.kept,
+        })
     }
+}
+
+/// Checks one workload as its Pod would be checked, and that no other has its name.
+fn check_workload(index: usize, w: &Workload, all: &[Workload]) -> Result<(), String> {
+    let at = format!("workloads[{index}]");
+    let field = |e: validate::FieldResult<()>| {
+        e.map_err(|e| format!("workload {}/{}: {at}.{}", w.namespace, w.name, e))
+    };
+    field(validate::namespace_name("namespace", &w.namespace))?;
+    field(validate::object_name("name", &w.name))?;
+    field(validate::labels("labels", &w.labels).map(drop))?;
+    if w.cgroup.is_empty() {
+        return Err(format!(
+            "workload {}/{}: {at}.cgroup: Required value: a cgroup directory or glob",
+            w.namespace, w.name
+        ));
+    }
+    if let Some(first) = all[..index]
+        .iter()
+        .position(|o| o.namespace == w.namespace && o.name == w.name)
+    {
+        return Err(format!(
+            "workload {}/{}: {at}.name: Duplicate value: {:?}: workloads[{first}] has the same namespace and name",
+            w.namespace, w.name, w.name
+        ));
+    }
+    let v4 = w.ips.iter().filter(|ip| ip.is_ipv4()).count();
+    if v4 > 1 || w.ips.len() - v4 > 1 {
+        return Err(format!(
+            "workload {}/{}: {at}.ips: Invalid value: {:?}: may specify no more than one IP for each IP family",
+            w.namespace, w.name, w.ips
+        ));
+    }
+    Ok(())
+}
+
+/// The Pod a workload stands for.
+fn workload_pod(w: &Workload) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(w.name.clone()),
+            namespace: Some(w.namespace.clone()),
+            labels: Some(w.labels.clone()),
+            ..ObjectMeta::default()
+        },
+        status: Some(PodStatus {
+            pod_ips: Some(
+                w.ips
+                    .iter()
+                    .map(|ip| PodIP { ip: ip.to_string() })
+                    .collect(),
+            ),
+            ..PodStatus::default()
+        }),
+        ..Pod::default()
+    }
+}
+
+/// One number for the config and every policy file as read, errors included.
+fn fingerprint(config: &Result<String, String>, snapshot: Option<&Snapshot>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    config.hash(&mut hasher);
+    snapshot.map(Snapshot::fingerprint).hash(&mut hasher);
+    hasher.finish()
 }
 
 /// The cgroups of each workload as they exist now: cgroup id -> endpoint id. A workload whose
@@ -290,16 +475,16 @@ pub fn run(
             tracing::error!("{p}");
         }
         anyhow::anyhow!(
-            "{} problem(s) in the config or policies; nothing changed",
+            "{} problem(s) in the config; nothing changed",
             problems.len()
         )
     })?;
+    let rejected_at_start = rejections(&loaded.rejected, &loaded.kept);
     let compile_options = |config: &Config| crate::policy::compile::CompileOptions {
         baseline: config.baseline,
         node: None,
     };
     let mut config = loaded.config;
-    let mut fingerprint = loaded.fingerprint;
     // Metrics are served from the start (`/readyz` says when policy is written); the address is
     // read once, at start.
     let metrics = match &config.metrics {
@@ -316,6 +501,7 @@ pub fn run(
         }
         None => None,
     };
+    record_rejections(metrics.as_deref(), rejected_at_start);
     let mut pipeline =
         crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config));
     let names = std::sync::Arc::new(std::sync::Mutex::new(NameSnapshot::default()));
@@ -344,49 +530,24 @@ pub fn run(
     loop {
         std::thread::sleep(options.poll_every);
         let mut dirty = false;
-        let now = source.fingerprint(&config);
-        if now != fingerprint {
-            fingerprint = now;
-            match source.load() {
-                Ok(loaded) => {
-                    config = loaded.config;
-                    fingerprint = loaded.fingerprint;
-                    pipeline.set_world_with(loaded.world, compile_options(&config));
-                    dirty = true;
-                    if let Some(shared) = &metrics {
-                        shared
-                            .telemetry
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .rejected(&BTreeMap::new());
-                    }
-                    tracing::info!("reloaded config and policies");
-                }
-                Err(problems) => {
-                    for p in &problems {
-                        tracing::error!("{p}");
-                    }
-                    if let Some(shared) = &metrics {
-                        let mut by_reason = BTreeMap::new();
-                        for p in &problems {
-                            let reason = if matches!(p, LocalError::Invalid { .. }) {
-                                "invalid"
-                            } else {
-                                "unreadable"
-                            };
-                            *by_reason.entry(reason).or_insert(0) += 1;
-                        }
-                        shared
-                            .telemetry
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .rejected(&by_reason);
-                    }
-                    tracing::error!(
-                        problems = problems.len(),
-                        "reload rejected; the policy enforced before stays enforced"
-                    );
-                }
+        match source.poll() {
+            None => {}
+            Some(Ok(loaded)) => {
+                record_rejections(
+                    metrics.as_deref(),
+                    rejections(&loaded.rejected, &loaded.kept),
+                );
+                config = loaded.config;
+                pipeline.set_world_with(loaded.world, compile_options(&config));
+                dirty = true;
+                tracing::info!("reloaded config and policies");
+            }
+            Some(Err(problems)) => {
+                record_rejections(metrics.as_deref(), rejections(&problems, &[]));
+                tracing::error!(
+                    problems = problems.len(),
+                    "reload rejected: the config does not load; the policy enforced before stays enforced"
+                );
             }
         }
         let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
@@ -420,6 +581,54 @@ pub fn run(
             last_report = Instant::now();
             report.print(&pipeline);
         }
+    }
+}
+
+/// A load's rejections as the log, the metric and `/readyz` show them: one message each
+/// (rejected objects, then the objects that keep their last valid version), and a count per
+/// reason.
+pub struct Rejections {
+    pub messages: Vec<String>,
+    pub by_reason: BTreeMap<&'static str, usize>,
+}
+
+/// Collects what a load rejected and kept.
+pub fn rejections(rejected: &[LocalError], kept: &[(ObjectRef, Location)]) -> Rejections {
+    let mut by_reason = BTreeMap::new();
+    let mut messages = Vec::new();
+    for p in rejected {
+        *by_reason.entry(p.reason()).or_insert(0) += 1;
+        messages.push(p.to_string());
+    }
+    for (object, location) in kept {
+        messages.push(format!(
+            "{object}: keeps its last valid version, read from {location}"
+        ));
+    }
+    Rejections {
+        messages,
+        by_reason,
+    }
+}
+
+/// Logs a load's rejections and shows them in the metric and the readiness detail.
+fn record_rejections(metrics: Option<&crate::telemetry::server::Shared>, r: Rejections) {
+    for m in &r.messages {
+        tracing::error!("{m}");
+    }
+    let total: usize = r.by_reason.values().sum();
+    if total > 0 {
+        tracing::error!(
+            rejected = total,
+            "reload rejected {total} file(s) or object(s); every other object is enforced, a rejected one keeps its last valid version"
+        );
+    }
+    if let Some(shared) = metrics {
+        shared
+            .telemetry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rejected(&r.by_reason, r.messages);
     }
 }
 
