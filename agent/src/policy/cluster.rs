@@ -120,7 +120,11 @@ pub enum LoadError {
         file_type: &'static str,
     },
     #[error("{}: not read: {size} bytes is over the limit of {limit} bytes per file", path.display())]
-    FileTooLarge { path: PathBuf, size: u64, limit: u64 },
+    FileTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("{}: not read: the files under {} would exceed the limit of {limit} bytes per directory", path.display(), directory.display())]
     DirectoryTooLarge {
         path: PathBuf,
@@ -144,7 +148,9 @@ pub enum LoadError {
         field: String,
         detail: String,
     },
-    #[error("{location}: unsupported kind `{kind}` (apiVersion `{api_version}`): egret reads v1 Namespace and Pod, networking.k8s.io/v1 NetworkPolicy and egret.dev/v1alpha1 EgressPolicy")]
+    #[error(
+        "{location}: unsupported kind `{kind}` (apiVersion `{api_version}`): egret reads v1 Namespace and Pod, networking.k8s.io/v1 NetworkPolicy and egret.dev/v1alpha1 EgressPolicy"
+    )]
     UnknownKind {
         location: Location,
         kind: String,
@@ -360,6 +366,10 @@ fn file_type_name(file_type: std::fs::FileType) -> Option<&'static str> {
 /// Reads one regular file, at most `max` bytes, and at most what is left of its directory's
 /// budget. Never blocks: the type is checked before opening (`stat`) and after (`fstat`, in
 /// case the name was swapped), and the open is `O_NONBLOCK`.
+#[expect(
+    clippy::result_large_err,
+    reason = "one error per rejected file, never on a hot path; boxing would only add noise"
+)]
 pub fn read_file(
     path: &Path,
     max: u64,
@@ -439,15 +449,12 @@ fn documents(text: &str) -> Vec<(usize, usize, &str)> {
     let mut out = Vec::new();
     let mut start = 0;
     let mut first_line = 0;
-    let mut line_no = 0;
     let mut offset = 0;
     let mut explicit = false;
-    for line in text.split_inclusive('\n') {
+    for (line_no, line) in text.split_inclusive('\n').enumerate() {
         let bare = line.trim_end_matches(['\n', '\r']);
-        let separator = bare == "---"
-            || bare.starts_with("--- ")
-            || bare.starts_with("---\t")
-            || bare == "...";
+        let separator =
+            bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") || bare == "...";
         if separator {
             let body = &text[start..offset];
             if explicit || has_content(body) {
@@ -460,7 +467,6 @@ fn documents(text: &str) -> Vec<(usize, usize, &str)> {
             first_line = line_no;
         }
         offset += line.len();
-        line_no += 1;
     }
     let body = &text[start..];
     if explicit || has_content(body) {
@@ -482,7 +488,8 @@ fn yaml_options() -> serde_saphyr::Options {
     budget.max_aliases = MAX_YAML_ALIASES;
     budget.max_nodes = MAX_YAML_NODES;
     budget.max_documents = 1;
-    budget.max_reader_input_bytes = Some(usize::try_from(DEFAULT_MAX_FILE_BYTES).unwrap_or(usize::MAX));
+    budget.max_reader_input_bytes =
+        Some(usize::try_from(DEFAULT_MAX_FILE_BYTES).unwrap_or(usize::MAX));
     let mut aliases = serde_saphyr::options::AliasLimits::default();
     aliases.max_total_replayed_events = MAX_YAML_REPLAYED_EVENTS;
     let mut options = serde_saphyr::Options::default();
@@ -504,24 +511,23 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
         };
         // Leading newlines keep the parser's line numbers those of the file.
         let padded = format!("{}{body}", "\n".repeat(first_line));
-        let value = match serde_saphyr::from_str_with_options::<serde_json::Value>(
-            &padded,
-            yaml_options(),
-        ) {
-            Ok(serde_json::Value::Null) => continue,
-            Ok(value) => value,
-            Err(err) => {
-                out.push(Parsed {
-                    location: location.clone(),
-                    key: None,
-                    result: Err(LoadError::Yaml {
-                        location,
-                        message: one_line(&err.to_string()),
-                    }),
-                });
-                continue;
-            }
-        };
+        let value =
+            match serde_saphyr::from_str_with_options::<serde_json::Value>(&padded, yaml_options())
+            {
+                Ok(serde_json::Value::Null) => continue,
+                Ok(value) => value,
+                Err(err) => {
+                    out.push(Parsed {
+                        location: location.clone(),
+                        key: None,
+                        result: Err(LoadError::Yaml {
+                            location,
+                            message: one_line(&err.to_string()),
+                        }),
+                    });
+                    continue;
+                }
+            };
         let is_list = value.get("kind").and_then(|k| k.as_str()) == Some("List");
         if is_list {
             let items = match value {
@@ -546,9 +552,14 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
     out
 }
 
-/// The parser's message on one line (it may add a snippet of the input below).
+/// The parser's message on one line, without the snippet of the input it renders below
+/// (`--> <input>:4:2 | ...`): the location is already in the message.
 fn one_line(message: &str) -> String {
+    let message = message.split(" --> ").next().unwrap_or(message);
+    let message = message.split("\n -->").next().unwrap_or(message);
+    let message = message.split("\n-->").next().unwrap_or(message);
     message
+        .trim_start_matches("error: ")
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -562,6 +573,10 @@ fn string_at<'a>(value: &'a serde_json::Value, path: &[&str]) -> Option<&'a str>
         .and_then(serde_json::Value::as_str)
 }
 
+#[expect(
+    clippy::result_large_err,
+    reason = "one error per rejected document, never on a hot path; boxing would only add noise"
+)]
 fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
     let kind = string_at(&value, &["kind"]).unwrap_or_default().to_owned();
     let api_version = string_at(&value, &["apiVersion"])
@@ -626,7 +641,7 @@ fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
         let Some(key) = &key else {
             return Err(LoadError::Invalid {
                 location: location.clone(),
-                object: ObjectRef::new(object_kind, namespace, ""),
+                object: ObjectRef::new(object_kind, namespace, "<unnamed>"),
                 field: "metadata.name".into(),
                 message: "Required value: name or generateName is required".into(),
             });
@@ -750,8 +765,8 @@ impl PolicyStore {
         let mut accepted = BTreeMap::new();
         let mut kept = Vec::new();
         let keep = |key: &ObjectRef,
-                        accepted: &mut BTreeMap<ObjectRef, (Location, Object)>,
-                        kept: &mut Vec<(ObjectRef, Location)>| {
+                    accepted: &mut BTreeMap<ObjectRef, (Location, Object)>,
+                    kept: &mut Vec<(ObjectRef, Location)>| {
             if let Some((location, object)) = self.accepted.get(key) {
                 accepted.insert(key.clone(), (location.clone(), object.clone()));
                 kept.push((key.clone(), location.clone()));
@@ -807,7 +822,7 @@ impl PolicyStore {
             }
         }
         self.accepted = accepted;
-        rejected.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+        rejected.sort_by_key(sort_key);
         Outcome {
             cluster: self.cluster(),
             rejected,
@@ -1037,7 +1052,9 @@ metadata: {name: d}
     }
 
     fn namespace_doc(name: &str, team: &str) -> String {
-        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{team: {team}}}}}\n")
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{team: {team}}}}}\n"
+        )
     }
 
     fn snapshot(files: &[(&str, &str)]) -> Snapshot {
@@ -1075,7 +1092,11 @@ metadata: {name: d}
         let out = store.load(&snapshot(&[("a.yaml", &bad), ("b.yaml", &b)]), &none);
         assert_eq!(out.rejected.len(), 1);
         assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"), "kept");
-        assert_eq!(team(&out.cluster, "b").as_deref(), Some("two"), "the rest loads");
+        assert_eq!(
+            team(&out.cluster, "b").as_deref(),
+            Some("two"),
+            "the rest loads"
+        );
         assert_eq!(out.kept.len(), 1);
 
         // Unreadable now: what it held stays.
@@ -1089,7 +1110,11 @@ metadata: {name: d}
         });
         let out = store.load(&unreadable, &none);
         assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
-        assert!(out.rejected[0].to_string().contains("Input/output error"), "{}", out.rejected[0]);
+        assert!(
+            out.rejected[0].to_string().contains("Input/output error"),
+            "{}",
+            out.rejected[0]
+        );
 
         // Removed: gone.
         let out = store.load(&snapshot(&[("b.yaml", &b)]), &none);
@@ -1115,7 +1140,8 @@ metadata: {name: d}
         );
         assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
         // New duplicates: neither wins.
-        let out = PolicyStore::default().load(&snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
+        let out =
+            PolicyStore::default().load(&snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
         assert!(out.cluster.namespaces.is_empty());
     }
 }

@@ -28,7 +28,7 @@ use super::{
     model::{
         EgressPol, EgressRuleModel, Expression, FieldError, InvalidPolicy, Labels,
         NAMESPACE_NAME_LABEL, NamedPort, Namespaces, NetPol, NetPolRule, ObjectKind, ObjectRef,
-        Operator, PodInfo, Peer, PortMatch, PortSpec, Protocol, Selector, World,
+        Operator, Peer, PodInfo, PortMatch, PortSpec, Protocol, Selector, World,
     },
 };
 
@@ -404,7 +404,9 @@ fn netpol_peer(namespace: &str, peer: &NetworkPolicyPeer, at: &str) -> FieldResu
                 &format!("{at}.podSelector"),
             )?;
             let namespaces = match &peer.namespace_selector {
-                Some(sel) => Namespaces::Matching(selector(sel, &format!("{at}.namespaceSelector"))?),
+                Some(sel) => {
+                    Namespaces::Matching(selector(sel, &format!("{at}.namespaceSelector"))?)
+                }
                 None => Namespaces::Only(namespace.into()),
             };
             Ok(Peer::Pods { namespaces, pods })
@@ -443,7 +445,9 @@ pub fn network_policy(
         return Err(required("spec", "spec is required"));
     };
     let pod_selector = selector(
-        spec.pod_selector.as_ref().unwrap_or(&LabelSelector::default()),
+        spec.pod_selector
+            .as_ref()
+            .unwrap_or(&LabelSelector::default()),
         "spec.podSelector",
     )?;
     for (i, rule) in spec.ingress.iter().flatten().enumerate() {
@@ -505,8 +509,13 @@ pub fn namespace(name: &str, ns: &Namespace) -> FieldResult<Labels> {
 
 /// An IP as the API server accepts it in `status.podIP(s)` (no leading zeros, no zone).
 fn pod_ip(field: &str, ip: &str) -> FieldResult<IpAddr> {
-    ip.parse::<IpAddr>()
-        .map_err(|_| invalid(field, ip, "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"))
+    ip.parse::<IpAddr>().map_err(|_| {
+        invalid(
+            field,
+            ip,
+            "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+        )
+    })
 }
 
 /// A Pod: name, labels, addresses and the named container ports policy rules can use.
@@ -651,13 +660,20 @@ pub fn egress_policy(name: &str, ep: &EgressPolicy) -> FieldResult<EgressPol> {
             return Err(required(format!("{at}.name"), "every rule needs a name"));
         }
         if !is_dns1123_label(&rule.name) {
-            return Err(invalid(format!("{at}.name"), &rule.name, DNS1123_LABEL_RULE));
+            return Err(invalid(
+                format!("{at}.name"),
+                &rule.name,
+                DNS1123_LABEL_RULE,
+            ));
         }
         if !names.insert(rule.name.clone()) {
             return Err(duplicate(format!("{at}.name"), &rule.name));
         }
         if rule.to.is_empty() {
-            return Err(required(format!("{at}.to"), "must specify at least one peer"));
+            return Err(required(
+                format!("{at}.to"),
+                "must specify at least one peer",
+            ));
         }
         let mut to = Vec::new();
         for (j, p) in rule.to.iter().enumerate() {
@@ -759,7 +775,11 @@ impl World {
                 Ok(labels) => {
                     world.namespaces.insert(name.clone(), labels);
                 }
-                Err(e) => reject(&mut world, ObjectRef::new(ObjectKind::Namespace, "", name), e),
+                Err(e) => reject(
+                    &mut world,
+                    ObjectRef::new(ObjectKind::Namespace, "", name),
+                    e,
+                ),
             }
         }
         for ((ns, name), p) in &cluster.pods {
@@ -799,7 +819,10 @@ impl World {
             .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
         let mut by_namespace: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, pod) in world.pods.iter().enumerate() {
-            by_namespace.entry(pod.namespace.clone()).or_default().push(i);
+            by_namespace
+                .entry(pod.namespace.clone())
+                .or_default()
+                .push(i);
         }
         world.pods_by_namespace = by_namespace;
         world
@@ -903,16 +926,19 @@ mod tests {
         assert!(sel(json!({})).matches(&labels));
         assert!(sel(json!({"matchLabels": {"app": "web"}})).matches(&labels));
         assert!(!sel(json!({"matchLabels": {"app": "web", "tier": "x"}})).matches(&labels));
-        let expr = |op: &str, values: &[&str]| {
-            json!({"matchExpressions": [{"key": "app", "operator": op, "values": values}]})
-        };
+        let expr = |op: &str, values: &[&str]| json!({"matchExpressions": [{"key": "app", "operator": op, "values": values}]});
         assert!(sel(expr("In", &["db", "web"])).matches(&labels));
         assert!(!sel(expr("NotIn", &["web"])).matches(&labels));
         assert!(
-            sel(json!({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}]}))
+            sel(
+                json!({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["x"]}]})
+            )
+            .matches(&labels)
+        );
+        assert!(
+            sel(json!({"matchExpressions": [{"key": "app", "operator": "Exists"}]}))
                 .matches(&labels)
         );
-        assert!(sel(json!({"matchExpressions": [{"key": "app", "operator": "Exists"}]})).matches(&labels));
         assert!(
             !sel(json!({"matchExpressions": [{"key": "app", "operator": "DoesNotExist"}]}))
                 .matches(&labels)

@@ -126,12 +126,17 @@ mod tests {
         assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200"));
         shared.telemetry.lock().unwrap().rejected(
             &std::collections::BTreeMap::from([("invalid", 1)]),
-            vec!["p.yaml document 0: NetworkPolicy x/y: spec: Required value: spec is required".into()],
+            vec![
+                "p.yaml document 0: NetworkPolicy x/y: spec: Required value: spec is required"
+                    .into(),
+            ],
         );
         let ready = get(addr, "/readyz");
         assert!(
             ready.starts_with("HTTP/1.1 200")
-                && ready.contains("rejected 1 file(s) or object(s):\np.yaml document 0: NetworkPolicy x/y"),
+                && ready.contains(
+                    "rejected 1 file(s) or object(s):\np.yaml document 0: NetworkPolicy x/y"
+                ),
             "{ready}"
         );
         shared.telemetry.lock().unwrap().sync_failed();
