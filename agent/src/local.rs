@@ -23,7 +23,7 @@ use std::{
 };
 
 use k8s_openapi::{
-    api::core::v1::{Pod, PodIP, PodStatus},
+    api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 use serde::Deserialize;
@@ -154,6 +154,20 @@ pub struct Workload {
     /// Addresses the workload is reached at, for pod-selector peers.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// Named ports it serves, for rules that name a port (a Pod's container ports).
+    #[serde(default)]
+    pub ports: Vec<WorkloadPort>,
+}
+
+/// A named port of a workload.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadPort {
+    pub name: String,
+    pub port: i32,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -363,6 +377,19 @@ fn check_workload(index: usize, w: &Workload, all: &[Workload]) -> Result<(), St
     field(validate::namespace_name("namespace", &w.namespace))?;
     field(validate::object_name("name", &w.name))?;
     field(validate::labels("labels", &w.labels).map(drop))?;
+    // The Pod it stands for carries its ports: checked as a Pod's container ports are.
+    validate::pod(&w.namespace, &w.name, &workload_pod(w)).map_err(|e| {
+        let field = e
+            .field
+            .replace("spec.containers[0].ports", "ports")
+            .replace(".containerPort", ".port")
+            .replace("status.podIPs", "ips")
+            .replace("].ip", "]");
+        format!(
+            "workload {}/{}: {at}.{field}: {}",
+            w.namespace, w.name, e.message
+        )
+    })?;
     if w.cgroup.is_empty() {
         return Err(format!(
             "workload {}/{}: {at}.cgroup: Required value: a cgroup directory or glob",
@@ -376,13 +403,6 @@ fn check_workload(index: usize, w: &Workload, all: &[Workload]) -> Result<(), St
         return Err(format!(
             "workload {}/{}: {at}.name: Duplicate value: {:?}: workloads[{first}] has the same namespace and name",
             w.namespace, w.name, w.name
-        ));
-    }
-    let v4 = w.ips.iter().filter(|ip| ip.is_ipv4()).count();
-    if v4 > 1 || w.ips.len() - v4 > 1 {
-        return Err(format!(
-            "workload {}/{}: {at}.ips: Invalid value: {:?}: may specify no more than one IP for each IP family",
-            w.namespace, w.name, w.ips
         ));
     }
     Ok(())
@@ -406,7 +426,24 @@ fn workload_pod(w: &Workload) -> Pod {
             ),
             ..PodStatus::default()
         }),
-        ..Pod::default()
+        spec: (!w.ports.is_empty()).then(|| PodSpec {
+            containers: vec![Container {
+                name: w.name.clone(),
+                ports: Some(
+                    w.ports
+                        .iter()
+                        .map(|p| ContainerPort {
+                            name: Some(p.name.clone()),
+                            container_port: p.port,
+                            protocol: p.protocol.clone(),
+                            ..ContainerPort::default()
+                        })
+                        .collect(),
+                ),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
     }
 }
 
@@ -879,6 +916,190 @@ mod tests {
         assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("egret-local-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        dir
+    }
+
+    const CONFIG: &str = "policies: [policies]\nworkloads:\n- {name: web, namespace: shop, labels: {app: web}, cgroup: x, ips: [192.0.2.20], ports: [{name: http, port: 8080}]}\n";
+
+    fn netpol(name: &str, port: u32) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{{port: {port}}}]\n"
+        )
+    }
+
+    fn ports_of(world: &World, name: &str) -> Vec<(u16, u16)> {
+        let np = world
+            .network_policies
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("{name} is not enforced"));
+        np.rules
+            .iter()
+            .flat_map(|r| r.ports.iter().flatten())
+            .filter_map(|p| match p.port {
+                crate::policy::model::PortMatch::Range(a, b) => Some((a, b)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_rejected_object_keeps_its_last_valid_version_and_the_rest_reloads() {
+        let dir = temp_dir("reload");
+        std::fs::write(dir.join("egret.yaml"), CONFIG).unwrap();
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 80)).unwrap();
+        let source = LocalSource::new(dir.join("egret.yaml"));
+        let loaded = source.load().unwrap();
+        assert!(loaded.rejected.is_empty());
+        assert_eq!(ports_of(&loaded.world, "a"), [(80, 80)]);
+        assert!(source.poll().is_none(), "nothing changed");
+
+        // A bad update of `a` and a new valid `b` beside it.
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 70000)).unwrap();
+        std::fs::write(dir.join("policies/b.yaml"), netpol("b", 443)).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert_eq!(
+            ports_of(&loaded.world, "a"),
+            [(80, 80)],
+            "last valid version"
+        );
+        assert_eq!(
+            ports_of(&loaded.world, "b"),
+            [(443, 443)],
+            "the new file took effect"
+        );
+        let messages: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{} document 0: NetworkPolicy shop/a: spec.egress[0].ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive",
+                dir.join("policies/a.yaml").display()
+            )]
+        );
+        assert_eq!(loaded.kept.len(), 1);
+        let r = rejections(&loaded.rejected, &loaded.kept);
+        assert_eq!(r.by_reason, BTreeMap::from([("invalid", 1)]));
+        assert!(
+            r.messages[1]
+                .starts_with("NetworkPolicy shop/a: keeps its last valid version, read from ")
+        );
+
+        // A FIFO beside them neither blocks the poll nor stops the reload; its removal is
+        // noticed.
+        let fifo = dir.join("policies/zz.yaml");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(
+            loaded
+                .rejected
+                .iter()
+                .any(|e| e.to_string().contains("it is a FIFO")),
+            "{:?}",
+            loaded.rejected
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 81)).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+        assert!(loaded.kept.is_empty());
+        assert_eq!(ports_of(&loaded.world, "a"), [(81, 81)]);
+
+        // Removing a file removes what it held.
+        std::fs::remove_file(dir.join("policies/b.yaml")).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(!loaded.world.network_policies.iter().any(|n| n.name == "b"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pod_document_named_like_a_workload_is_refused_naming_both() {
+        let dir = temp_dir("workload-pod");
+        std::fs::write(dir.join("egret.yaml"), CONFIG).unwrap();
+        std::fs::write(
+            dir.join("policies/pods.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: other}}\nstatus: {podIP: 192.0.2.99}\n",
+        )
+        .unwrap();
+        let loaded = LocalSource::new(dir.join("egret.yaml")).load().unwrap();
+        let messages: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{} document 0: Pod shop/web: metadata.name: Duplicate value: \"web\": workload shop/web of {} (workloads[0]) has the same namespace and name; this document is not applied (a workload's labels, addresses and named ports are set in the config)",
+                dir.join("policies/pods.yaml").display(),
+                dir.join("egret.yaml").display()
+            )]
+        );
+        // The workload is what policy sees, with its own labels, address and named port.
+        let web = loaded.world.pod("shop", "web").unwrap();
+        assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(web.ips, ["192.0.2.20".parse::<IpAddr>().unwrap()]);
+        assert_eq!(web.ports.len(), 1);
+        assert_eq!(
+            (web.ports[0].name.as_str(), web.ports[0].number),
+            ("http", 8080)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_invalid_workload_rejects_the_config_naming_the_field() {
+        let dir = temp_dir("bad-workload");
+        let source = LocalSource::new(dir.join("egret.yaml"));
+        let cases = [
+            (
+                "- {name: Web, cgroup: x}",
+                "workloads[0].name: Invalid value: \"Web\"",
+            ),
+            (
+                "- {name: web, namespace: a_b, cgroup: x}",
+                "workloads[0].namespace: Invalid value: \"a_b\"",
+            ),
+            (
+                "- {name: web, cgroup: x, labels: {app: \"a b\"}}",
+                "workloads[0].labels[app]: Invalid value: \"a b\"",
+            ),
+            (
+                "- {name: web, cgroup: x, ports: [{name: http, port: 0}]}",
+                "workloads[0].ports[0].port: Invalid value: 0",
+            ),
+            (
+                "- {name: web, cgroup: x}\n- {name: web, cgroup: y}",
+                "workloads[1].name: Duplicate value: \"web\"",
+            ),
+            (
+                "- {name: web, cgroup: x, ips: [192.0.2.1, 192.0.2.2]}",
+                "workloads[0].ips[1]: Invalid value: \"192.0.2.2\": may specify no more than one IP for each IP family",
+            ),
+        ];
+        for (workloads, expect) in cases {
+            std::fs::write(dir.join("egret.yaml"), format!("workloads:\n{workloads}\n")).unwrap();
+            let Err(problems) = source.load() else {
+                panic!("{workloads} was accepted");
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            let message = problems[0].to_string();
+            assert!(message.contains(expect), "{workloads}: {message}");
+            assert!(
+                message.starts_with(&format!(
+                    "config {}: workload ",
+                    dir.join("egret.yaml").display()
+                )),
+                "{message}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

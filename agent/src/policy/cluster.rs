@@ -169,7 +169,7 @@ pub enum LoadError {
         object: ObjectRef,
         other: Location,
     },
-    #[error("{location}: {object}: metadata.name: Duplicate value: {:?}: {owner} has the same namespace and name; this document is not applied", object.name)]
+    #[error("{location}: {object}: metadata.name: Duplicate value: {:?}: {owner} has the same namespace and name; this document is not applied (a workload's labels, addresses and named ports are set in the config)", object.name)]
     Reserved {
         location: Location,
         object: ObjectRef,
