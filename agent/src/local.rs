@@ -20,7 +20,7 @@ use std::{
     hash::{Hash as _, Hasher as _},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Mutex, mpsc},
 };
 
 use k8s_openapi::{
@@ -36,6 +36,7 @@ use crate::{
         model::{ObjectKind, ObjectRef, World},
         validate,
     },
+    runtime::{CgroupPlan, Rejections, RuntimeOptions, SourceEvent, Update},
     sys,
 };
 
@@ -474,35 +475,31 @@ fn fingerprint(config: &Result<String, String>, snapshot: Option<&Snapshot>) -> 
 }
 
 /// The cgroups of each workload as they exist now, and the guards of workloads that fail
-/// closed: cgroup id -> role. A workload whose cgroup does not exist (yet) has none; a glob may
-/// give several. Only directories match (a pattern ending in `/*` would otherwise match the
-/// cgroup's interface files).
-pub fn resolve_cgroups(
-    config: &Config,
-    endpoints: &BTreeMap<(String, String), EndpointId>,
-    cgroup_root: &Path,
-) -> BTreeMap<u64, CgroupRole> {
-    let mut out = BTreeMap::new();
+/// closed. A workload whose cgroup does not exist (yet) has none; a glob may give several. Only
+/// directories match (a pattern ending in `/*` would otherwise match the cgroup's interface
+/// files).
+pub fn plan_cgroups(config: &Config, cgroup_root: &Path) -> CgroupPlan {
+    let mut plan = CgroupPlan::default();
     for w in &config.workloads {
-        let Some(endpoint) = endpoints.get(&(w.namespace.clone(), w.name.clone())) else {
-            continue;
-        };
         let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
             continue;
         };
+        let ids = plan
+            .workloads
+            .entry((w.namespace.clone(), w.name.clone()))
+            .or_default();
         for dir in pattern.matches() {
             match sys::cgroup_id(&dir) {
                 Ok(id) => {
-                    out.insert(id, CgroupRole::Endpoint(*endpoint));
+                    ids.insert(id);
                 }
                 Err(err) => tracing::warn!(workload = %w.name, cgroup = %dir.display(), "{err}"),
             }
         }
     }
-    // Guards: the walk below each fail-closed workload's guard directory, along its pattern.
-    // A directory on the way to a match is a guard too (a cgroup created in it is pending);
-    // one that leads to no match is unmanaged. Endpoints win over guards, guards over
-    // unmanaged, whichever workload's walk found them.
+    // Guards: the walk below each fail-closed workload's guard directory, along its pattern. A
+    // directory on the way to a match is a guard too (a cgroup created in it is pending); one
+    // that leads to no match is unmanaged.
     for w in config
         .workloads
         .iter()
@@ -516,19 +513,29 @@ pub fn resolve_cgroups(
             continue;
         }
         pattern.walk(&mut |dir, role| {
-            // Matches were resolved above; one without an endpoint (its workload did not
-            // compile) stays pending under its guard.
-            if matches!(role, CgroupRole::Endpoint(_)) {
-                return;
-            }
             let Ok(id) = sys::cgroup_id(dir) else { return };
-            let entry = out.entry(id).or_insert(role);
-            if rank(role) > rank(*entry) {
-                *entry = role;
+            match role {
+                CgroupRole::Guard => {
+                    plan.guards.insert(id);
+                }
+                CgroupRole::Unmanaged => {
+                    plan.unmanaged.insert(id);
+                }
+                // Matches are the workloads' above.
+                CgroupRole::Endpoint(_) => {}
             }
         });
     }
-    out
+    plan
+}
+
+/// [`plan_cgroups`] as roles, for the endpoints of a compile: cgroup id -> role.
+pub fn resolve_cgroups(
+    config: &Config,
+    endpoints: &BTreeMap<(String, String), EndpointId>,
+    cgroup_root: &Path,
+) -> BTreeMap<u64, CgroupRole> {
+    plan_cgroups(config, cgroup_root).roles(endpoints)
 }
 
 /// Workloads whose `pending: deny` would guard the cgroup2 root itself (every process on the
@@ -548,15 +555,6 @@ pub fn guard_problems(config: &Config, cgroup_root: &Path) -> Vec<String> {
             )
         })
         .collect()
-}
-
-/// Which role wins when two walks meet the same cgroup.
-fn rank(role: CgroupRole) -> u8 {
-    match role {
-        CgroupRole::Unmanaged => 0,
-        CgroupRole::Guard => 1,
-        CgroupRole::Endpoint(_) => 2,
-    }
 }
 
 /// The directories whose entries the run loop watches: every guard and every directory a
@@ -667,28 +665,23 @@ fn is_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
-/// How often the run loop asks the kernel whether egret's links are attached and pinned.
-const LINK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Options of `egret run` beside the config.
 pub struct RunOptions {
     /// How often to print the connections counted since the last report; `None`: never.
     pub report_every: Option<std::time::Duration>,
-    /// How often to look for edited files and new cgroups.
+    /// How often to look for edited files (new cgroups wake it at once).
     pub poll_every: std::time::Duration,
 }
 
-/// Runs local mode until the process is stopped: enforces the config, then follows edits of the
-/// config and policy files and the appearance of workload cgroups. A change that does not load
-/// is reported and leaves the enforced policy as it was.
+/// Runs local mode until the process is stopped: this source, on a thread of its own, follows
+/// the config and policy files and the workloads' cgroups, and feeds the shared runtime. A change
+/// that does not load is reported and leaves the enforced policy as it was.
 pub fn run(
-    source: &LocalSource,
+    source: LocalSource,
     datapath: crate::datapath::Datapath,
     cgroup_root: &Path,
     options: &RunOptions,
 ) -> anyhow::Result<()> {
-    use std::time::Instant;
-
     let loaded = source.load().map_err(|problems| {
         for p in &problems {
             tracing::error!("{p}");
@@ -698,12 +691,7 @@ pub fn run(
             problems.len()
         )
     })?;
-    let rejected_at_start = rejections(&loaded.rejected, &loaded.kept);
-    let compile_options = |config: &Config| crate::policy::compile::CompileOptions {
-        baseline: config.baseline,
-        node: None,
-    };
-    let mut config = loaded.config;
+    let config = loaded.config;
     let guard_problems = guard_problems(&config, cgroup_root);
     if !guard_problems.is_empty() {
         for p in &guard_problems {
@@ -714,140 +702,120 @@ pub fn run(
             guard_problems.len()
         );
     }
-    // Metrics are served from the start (`/readyz` says when policy is written); the address is
-    // read once, at start.
-    let metrics = match &config.metrics {
-        Some(m) => {
-            let shared = std::sync::Arc::new(crate::telemetry::server::Shared {
-                telemetry: std::sync::Mutex::new(crate::telemetry::Telemetry::new(
-                    m.max_destination_series,
-                )?),
-                ready: std::sync::atomic::AtomicBool::new(false),
-            });
-            let addr = crate::telemetry::server::serve(m.address, std::sync::Arc::clone(&shared))?;
-            tracing::info!(address = %addr, "serving metrics on /metrics, /healthz, /readyz");
-            Some(shared)
-        }
-        None => None,
+    let (events, receiver) = mpsc::channel();
+    // Shown once the runtime has started serving metrics.
+    let _ = events.send(SourceEvent::Rejections(rejections(
+        &loaded.rejected,
+        &loaded.kept,
+    )));
+    let first = Update {
+        world: loaded.world,
+        options: compile_options(&config),
+        cgroups: plan_cgroups(&config, cgroup_root),
+        since: None,
     };
-    record_rejections(metrics.as_deref(), rejected_at_start);
-    let mut pipeline =
-        crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config))?;
-    // New cgroups wake the loop at once; the poll is the backstop (and reads the files).
+    let runtime_options = RuntimeOptions {
+        metrics: config
+            .metrics
+            .as_ref()
+            .map(|m| (m.address, m.max_destination_series)),
+        report_every: options.report_every,
+        tick: options.poll_every,
+        health: None,
+        waiting: None,
+    };
+    // New cgroups wake the source at once; the poll is the backstop (and reads the files).
     let mut watch = crate::inotify::DirWatch::new()?;
     watch.watch_only(&watch_dirs(&config, cgroup_root));
-    let names = std::sync::Arc::new(std::sync::Mutex::new(NameSnapshot::default()));
-    match crate::datapath::EventReader::open(pipeline.datapath().pin_dir()) {
-        Ok(reader) => spawn_deny_log(reader, std::sync::Arc::clone(&names), metrics.clone())?,
-        Err(err) => tracing::warn!("no deny log: {err}"),
+    let root = cgroup_root.to_path_buf();
+    let poll_every = options.poll_every;
+    let first_plan = first.cgroups.clone();
+    std::thread::Builder::new()
+        .name("local-source".into())
+        .spawn(move || {
+            follow(
+                &source, config, &root, watch, poll_every, first_plan, &events,
+            )
+        })?;
+    crate::runtime::run(datapath, first, &receiver, runtime_options)?;
+    Ok(())
+}
+
+fn compile_options(config: &Config) -> crate::policy::compile::CompileOptions {
+    crate::policy::compile::CompileOptions {
+        baseline: config.baseline,
+        node: None,
     }
-    let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
-    let changes = pipeline.enforce(cgroups)?;
-    *names.lock().unwrap_or_else(|e| e.into_inner()) = NameSnapshot::of(pipeline.compiled());
-    if let Some(shared) = &metrics {
-        record_sync(shared, &pipeline, true);
-        shared
-            .ready
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    tracing::info!(
-        workloads = config.workloads.len(),
-        cgroups = pipeline.cgroups().len(),
-        entries = pipeline.compiled().desired.len(),
-        changes = changes.len(),
-        "policy enforced"
-    );
-    let mut report = Report::new(pipeline.datapath());
-    let mut last_report = Instant::now();
+}
+
+/// The local source's loop: reads the files at the poll's pace, and the workloads' cgroups
+/// whenever one appears or goes; sends what changed. Ends when the runtime hangs up.
+fn follow(
+    source: &LocalSource,
+    mut config: Config,
+    cgroup_root: &Path,
+    mut watch: crate::inotify::DirWatch,
+    poll_every: std::time::Duration,
+    mut plan: CgroupPlan,
+    events: &mpsc::Sender<SourceEvent>,
+) {
+    use std::time::Instant;
     let mut last_poll = Instant::now();
-    let mut last_link_check = Instant::now();
     loop {
-        let woken = watch.wait(options.poll_every.saturating_sub(last_poll.elapsed()));
-        let mut dirty = false;
+        let woken = watch.wait(poll_every.saturating_sub(last_poll.elapsed()));
+        let changed_at = Instant::now();
         // A cgroup event wakes the loop at once; the files are read at the poll's pace.
-        let polled = if woken && last_poll.elapsed() < options.poll_every {
+        let polled = if woken && last_poll.elapsed() < poll_every {
             None
         } else {
             last_poll = Instant::now();
             source.poll()
         };
-        match polled {
-            None => {}
+        let sent = match polled {
+            None => Ok(()),
             Some(Ok(loaded)) => {
-                record_rejections(
-                    metrics.as_deref(),
-                    rejections(&loaded.rejected, &loaded.kept),
-                );
-                config = loaded.config;
-                pipeline.set_world_with(loaded.world, compile_options(&config));
-                dirty = true;
                 tracing::info!("reloaded config and policies");
+                config = loaded.config;
+                plan = plan_cgroups(&config, cgroup_root);
+                events
+                    .send(SourceEvent::Rejections(rejections(
+                        &loaded.rejected,
+                        &loaded.kept,
+                    )))
+                    .and_then(|()| {
+                        events.send(SourceEvent::Update(Box::new(Update {
+                            world: loaded.world,
+                            options: compile_options(&config),
+                            cgroups: plan.clone(),
+                            since: Some(changed_at),
+                        })))
+                    })
             }
             Some(Err(problems)) => {
-                record_rejections(metrics.as_deref(), rejections(&problems, &[]));
                 tracing::error!(
                     problems = problems.len(),
                     "reload rejected: the config does not load; the policy enforced before stays enforced"
                 );
+                events.send(SourceEvent::Rejections(rejections(&problems, &[])))
             }
-        }
-        let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
+        };
+        let now = plan_cgroups(&config, cgroup_root);
         watch.watch_only(&watch_dirs(&config, cgroup_root));
-        if dirty || &cgroups != pipeline.cgroups() {
-            let result = pipeline.enforce(cgroups);
-            if let Some(shared) = &metrics {
-                record_sync(shared, &pipeline, result.is_ok());
+        let sent = sent.and_then(|()| {
+            if now == plan {
+                Ok(())
+            } else {
+                plan = now.clone();
+                events.send(SourceEvent::Cgroups(now))
             }
-            if result.is_ok() {
-                *names.lock().unwrap_or_else(|e| e.into_inner()) =
-                    NameSnapshot::of(pipeline.compiled());
-            }
-            match result {
-                Ok(changes) => tracing::info!(
-                    cgroups = pipeline.cgroups().len(),
-                    entries = pipeline.compiled().desired.len(),
-                    changes = changes.len(),
-                    "policy enforced"
-                ),
-                Err(err) => tracing::error!(
-                    "failed to enforce: {err:#}; the previous policy stays enforced"
-                ),
-            }
-        }
-        if let Some(shared) = &metrics {
-            drain(shared, &pipeline);
-        }
-        // Pins someone removed come back, and the attached-programs gauge says what the kernel
-        // reports, within a second, not only at the next policy write.
-        if last_link_check.elapsed() >= LINK_CHECK_EVERY {
-            last_link_check = Instant::now();
-            let links = pipeline.datapath().check_links();
-            if let Some(shared) = &metrics {
-                shared
-                    .telemetry
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .attached(links.attached);
-            }
-        }
-        if let Some(every) = options.report_every
-            && last_report.elapsed() >= every
-        {
-            last_report = Instant::now();
-            report.print(&pipeline);
+        });
+        if sent.is_err() {
+            return;
         }
     }
 }
 
-/// A load's rejections as the log, the metric and `/readyz` show them: one message each
-/// (rejected objects, then the objects that keep their last valid version), and a count per
-/// reason.
-pub struct Rejections {
-    pub messages: Vec<String>,
-    pub by_reason: BTreeMap<&'static str, usize>,
-}
-
-/// Collects what a load rejected and kept.
+/// What a load rejected and kept, as the runtime shows it.
 pub fn rejections(rejected: &[LocalError], kept: &[(ObjectRef, Location)]) -> Rejections {
     let mut by_reason = BTreeMap::new();
     let mut messages = Vec::new();
@@ -863,292 +831,6 @@ pub fn rejections(rejected: &[LocalError], kept: &[(ObjectRef, Location)]) -> Re
     Rejections {
         messages,
         by_reason,
-    }
-}
-
-/// Logs a load's rejections and shows them in the metric and the readiness detail.
-fn record_rejections(metrics: Option<&crate::telemetry::server::Shared>, r: Rejections) {
-    for m in &r.messages {
-        tracing::error!("{m}");
-    }
-    let total: usize = r.by_reason.values().sum();
-    if total > 0 {
-        tracing::error!(
-            rejected = total,
-            "reload rejected {total} file(s) or object(s); every other object is enforced, a rejected one keeps its last valid version"
-        );
-    }
-    if let Some(shared) = metrics {
-        shared
-            .telemetry
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .rejected(&r.by_reason, r.messages);
-    }
-}
-
-/// What the deny log needs to name a source and a rule, as of the last enforced compile: every
-/// id known, also of workloads and rules that are gone.
-#[derive(Default)]
-struct NameSnapshot {
-    workloads: BTreeMap<EndpointId, (String, String)>,
-    ids: crate::policy::ids::IdTable,
-}
-
-impl NameSnapshot {
-    fn of(compiled: &crate::policy::compile::Compiled) -> Self {
-        Self {
-            workloads: labels(compiled)
-                .into_iter()
-                .map(|(id, s)| (id, (s.namespace, s.workload)))
-                .collect(),
-            ids: compiled.ids.clone(),
-        }
-    }
-}
-
-/// Writes the deny log to stdout from a thread that sleeps in the ring buffer's `poll`.
-fn spawn_deny_log(
-    mut reader: crate::datapath::EventReader,
-    names: std::sync::Arc<std::sync::Mutex<NameSnapshot>>,
-    metrics: Option<std::sync::Arc<crate::telemetry::server::Shared>>,
-) -> std::io::Result<()> {
-    use std::io::Write as _;
-    std::thread::Builder::new()
-        .name("deny-log".into())
-        .spawn(move || {
-            let mut log = crate::telemetry::denylog::DenyLog::default();
-            let mut reported_suppressed = 0;
-            loop {
-                let events = reader.wait(std::time::Duration::from_millis(500));
-                if !events.is_empty() {
-                    let now = std::time::Instant::now();
-                    let time = rfc3339(std::time::SystemTime::now());
-                    let snapshot = names.lock().unwrap_or_else(|e| e.into_inner());
-                    let mut out = std::io::stdout().lock();
-                    for event in &events {
-                        let (namespace, workload) = snapshot
-                            .workloads
-                            .get(&event.endpoint_id)
-                            .cloned()
-                            .unwrap_or_else(|| {
-                                (String::new(), format!("endpoint-{}", event.endpoint_id))
-                            });
-                        let origin = snapshot
-                            .ids
-                            .origin(event.rule_id)
-                            .cloned()
-                            .unwrap_or(crate::policy::explain::Origin::Baseline);
-                        let names = crate::telemetry::denylog::Names {
-                            namespace,
-                            workload,
-                            policy: origin.policy_label(),
-                            rule: origin.rule_label(),
-                        };
-                        if let Some(line) = log.line(event, now, &time, &names) {
-                            let _ = writeln!(out, "{line}");
-                        }
-                    }
-                    let _ = out.flush();
-                }
-                if let Some(shared) = &metrics {
-                    let telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
-                    telemetry.deny_log(log.suppressed - reported_suppressed, reader.lost());
-                    reported_suppressed = log.suppressed;
-                }
-            }
-        })?;
-    Ok(())
-}
-
-/// `2026-11-24T10:43:00.123Z`, without a date library (civil-from-days, H. Hinnant).
-fn rfc3339(time: std::time::SystemTime) -> String {
-    let since = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Records a policy write in the health metrics.
-fn record_sync(
-    shared: &crate::telemetry::server::Shared,
-    pipeline: &crate::pipeline::Pipeline,
-    ok: bool,
-) {
-    let telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
-    if ok {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        telemetry.synced(i64::try_from(now).unwrap_or(i64::MAX));
-    } else {
-        telemetry.sync_failed();
-    }
-    telemetry.usage(&pipeline.datapath().usage());
-    telemetry.workloads(sources(pipeline.compiled()).values());
-    telemetry.attached(pipeline.datapath().check_links().attached);
-}
-
-/// Who each endpoint is, for labels.
-fn sources(
-    compiled: &crate::policy::compile::Compiled,
-) -> BTreeMap<EndpointId, crate::telemetry::Source> {
-    compiled
-        .workloads
-        .iter()
-        .map(|(id, (namespace, workload))| {
-            let source = crate::telemetry::Source {
-                namespace: namespace.clone(),
-                workload: workload.clone(),
-            };
-            (*id, source)
-        })
-        .collect()
-}
-
-/// Who every endpoint id the compiler knows is, live or gone, for labels; the pending
-/// endpoint (0) is `pending`.
-fn labels(
-    compiled: &crate::policy::compile::Compiled,
-) -> BTreeMap<EndpointId, crate::telemetry::Source> {
-    let mut out: BTreeMap<EndpointId, crate::telemetry::Source> = compiled
-        .ids
-        .endpoint_names()
-        .iter()
-        .map(|(id, name)| {
-            let source = crate::telemetry::Source {
-                namespace: name.namespace.clone(),
-                workload: name.workload.clone(),
-            };
-            (*id, source)
-        })
-        .collect();
-    out.extend(sources(compiled));
-    out.insert(
-        0,
-        crate::telemetry::Source {
-            namespace: String::new(),
-            workload: "pending".into(),
-        },
-    );
-    out
-}
-
-/// Moves what the kernel counted since the last drain into the metrics.
-fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::Pipeline) {
-    let counters = match pipeline.datapath().counters() {
-        Ok(counters) => counters,
-        Err(err) => {
-            tracing::warn!("failed to read counters: {err}");
-            return;
-        }
-    };
-    let compiled = pipeline.compiled();
-    let sources = labels(compiled);
-    shared
-        .telemetry
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain(
-            &counters,
-            |endpoint| sources.get(&endpoint).cloned(),
-            |rule| compiled.origin(rule).policy_label(),
-        );
-}
-
-/// Prints what was counted since the last report: one line per workload, destination,
-/// protocol, verdict and deciding policy.
-struct Report {
-    last: BTreeMap<(EndpointId, u32, Option<IpAddr>, u8, Verdict), u64>,
-}
-
-impl Report {
-    fn new(datapath: &crate::datapath::Datapath) -> Self {
-        let mut report = Self {
-            last: BTreeMap::new(),
-        };
-        // Counts from before this process (pinned across restarts) are not "recent".
-        report.deltas(datapath);
-        report
-    }
-
-    fn deltas(
-        &mut self,
-        datapath: &crate::datapath::Datapath,
-    ) -> Vec<(EndpointId, u32, Option<IpAddr>, u8, Verdict, u64)> {
-        let Ok(counters) = datapath.counters() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for s in counters.samples {
-            let key = (s.endpoint, s.rule, s.destination, s.protocol, s.verdict);
-            let before = self.last.insert(key, s.attempts).unwrap_or(0);
-            if s.attempts > before {
-                out.push((
-                    s.endpoint,
-                    s.rule,
-                    s.destination,
-                    s.protocol,
-                    s.verdict,
-                    s.attempts - before,
-                ));
-            }
-        }
-        out
-    }
-
-    fn print(&mut self, pipeline: &crate::pipeline::Pipeline) {
-        let deltas = self.deltas(pipeline.datapath());
-        if deltas.is_empty() {
-            return;
-        }
-        let compiled = pipeline.compiled();
-        let workloads: BTreeMap<EndpointId, String> = labels(compiled)
-            .into_iter()
-            .map(|(id, s)| (id, format!("{}/{}", s.namespace, s.workload)))
-            .collect();
-        println!(
-            "{:<20} {:<28} {:<5} {:<12} {:>8}  POLICY",
-            "WORKLOAD", "DESTINATION", "PROTO", "VERDICT", "ATTEMPTS"
-        );
-        for (endpoint, rule, destination, protocol, verdict, n) in deltas {
-            let origin = compiled.origin(rule);
-            let policy = match (origin, origin.rule_label()) {
-                (crate::policy::explain::Origin::Baseline, _) => "default".into(),
-                (crate::policy::explain::Origin::Pending, _) => "pending (not written yet)".into(),
-                (_, Some(r)) => format!("{} rule {r}", origin.policy_label()),
-                (_, None) => format!("{} (isolation)", origin.policy_label()),
-            };
-            let protocol = crate::policy::model::Protocol::from_number(protocol)
-                .map_or_else(|| protocol.to_string(), |p| p.to_string());
-            println!(
-                "{:<20} {:<28} {:<5} {:<12} {:>8}  {policy}",
-                workloads.get(&endpoint).map_or("?", String::as_str),
-                destination.map_or_else(|| "other".to_owned(), |d| d.to_string()),
-                protocol,
-                verdict.counter_label(),
-                n,
-            );
-        }
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
     }
 }
 
@@ -1251,15 +933,6 @@ mod tests {
         };
         assert_eq!(guard_problems(&config, &root).len(), 1);
         let _ = std::fs::remove_dir_all(&root);
-    }
-
-    #[test]
-    fn formats_rfc3339_utc() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_516_980_123);
-        assert_eq!(rfc3339(t), "2026-11-24T10:43:00.123Z");
-        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
     }
 
     fn temp_dir(name: &str) -> PathBuf {

@@ -290,7 +290,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .then(|| std::time::Duration::from_secs_f64(report_interval)),
                 poll_every: std::time::Duration::from_millis(200),
             };
-            egret::local::run(&source, datapath, &sys::cgroup2_mount()?, &options)?;
+            egret::local::run(source, datapath, &sys::cgroup2_mount()?, &options)?;
         }
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
