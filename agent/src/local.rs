@@ -708,12 +708,13 @@ pub fn run(
         &loaded.rejected,
         &loaded.kept,
     )));
-    let first = Update {
+    let first_plan = plan_cgroups(&config, cgroup_root);
+    let _ = events.send(SourceEvent::Update(Box::new(Update {
         world: loaded.world,
         options: compile_options(&config),
-        cgroups: plan_cgroups(&config, cgroup_root),
+        cgroups: first_plan.clone(),
         since: None,
-    };
+    })));
     let runtime_options = RuntimeOptions {
         metrics: config
             .metrics
@@ -729,7 +730,6 @@ pub fn run(
     watch.watch_only(&watch_dirs(&config, cgroup_root));
     let root = cgroup_root.to_path_buf();
     let poll_every = options.poll_every;
-    let first_plan = first.cgroups.clone();
     std::thread::Builder::new()
         .name("local-source".into())
         .spawn(move || {
@@ -737,7 +737,7 @@ pub fn run(
                 &source, config, &root, watch, poll_every, first_plan, &events,
             )
         })?;
-    crate::runtime::run(datapath, first, &receiver, runtime_options)?;
+    crate::runtime::run(datapath, &receiver, runtime_options)?;
     Ok(())
 }
 

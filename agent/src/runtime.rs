@@ -142,10 +142,10 @@ pub struct Rejections {
     pub by_reason: BTreeMap<&'static str, usize>,
 }
 
-/// Enforces `first`, then every event of `events`, until the sender hangs up.
+/// Serves metrics at once, enforces the first [`Update`] the source sends, then every event
+/// after it, until the source hangs up.
 pub fn run(
     datapath: Datapath,
-    first: Update,
     events: &mpsc::Receiver<SourceEvent>,
     options: RuntimeOptions,
 ) -> Result<(), RuntimeError> {
@@ -156,7 +156,7 @@ pub fn run(
         health,
         waiting,
     } = options;
-    // Metrics are served from the start (`/readyz` says when policy is written).
+    // Metrics, health and readiness are served from the start: `/readyz` says what it waits for.
     let shared = match metrics {
         Some((address, budget)) => {
             let mut shared = Shared::new(Telemetry::new(budget)?);
@@ -169,6 +169,14 @@ pub fn run(
             Some(shared)
         }
         None => None,
+    };
+    // Until the first state: only what the source reports about itself.
+    let first = loop {
+        match events.recv() {
+            Ok(SourceEvent::Update(update)) => break *update,
+            Ok(other) => handle_report(shared.as_deref(), other),
+            Err(mpsc::RecvError) => return Ok(()),
+        }
     };
     let Update {
         world,
@@ -236,6 +244,28 @@ pub fn run(
     }
 }
 
+/// Applies what a source reports about itself (not a state to enforce).
+fn handle_report(shared: Option<&Shared>, event: SourceEvent) {
+    match event {
+        SourceEvent::Rejections(rejections) => record_rejections(shared, rejections),
+        SourceEvent::Watch {
+            kind,
+            restarts,
+            objects,
+        } => {
+            if let Some(shared) = shared {
+                shared.telemetry().watch(kind, restarts, objects);
+            }
+        }
+        SourceEvent::Waiting(waiting) => {
+            if let Some(shared) = shared {
+                *shared.waiting.lock().unwrap_or_else(|e| e.into_inner()) = waiting;
+            }
+        }
+        SourceEvent::Update(_) | SourceEvent::Cgroups(_) => {}
+    }
+}
+
 /// The runtime's state between events.
 struct Runtime {
     pipeline: Pipeline,
@@ -269,23 +299,7 @@ impl Runtime {
                 };
             }
             SourceEvent::Cgroups(plan) => self.plan = plan,
-            SourceEvent::Rejections(rejections) => {
-                record_rejections(self.shared.as_deref(), rejections);
-            }
-            SourceEvent::Watch {
-                kind,
-                restarts,
-                objects,
-            } => {
-                if let Some(shared) = &self.shared {
-                    shared.telemetry().watch(kind, restarts, objects);
-                }
-            }
-            SourceEvent::Waiting(waiting) => {
-                if let Some(shared) = &self.shared {
-                    *shared.waiting.lock().unwrap_or_else(|e| e.into_inner()) = waiting;
-                }
-            }
+            other => handle_report(self.shared.as_deref(), other),
         }
     }
 
