@@ -10,6 +10,7 @@ pub mod local;
 pub mod pipeline;
 pub mod policy;
 pub mod rules_file;
+pub mod runtime;
 pub mod source;
 pub mod sys;
 pub mod telemetry;

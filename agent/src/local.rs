@@ -20,38 +20,50 @@ use std::{
     hash::{Hash as _, Hasher as _},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::{Mutex, mpsc},
 };
 
+use k8s_openapi::{
+    api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::{
     datapath::{CgroupRole, EndpointId, Verdict},
     policy::{
-        cluster::{Cluster, LoadError},
-        model::World,
+        cluster::{self, Limits, LoadError, Location, PolicyStore, Snapshot},
+        model::{ObjectKind, ObjectRef, World},
+        validate,
     },
+    runtime::{CgroupPlan, Rejections, RuntimeOptions, SourceEvent, Update},
     sys,
 };
 
 /// Errors of local mode; each names the file, and the object and field where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("failed to read config {}", path.display())]
+    /// The config file could not be read (the cause names the file and the OS error).
+    #[error("config: {source}")]
     ReadConfig {
-        path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: LoadError,
     },
     #[error("config {}: {message}", path.display())]
     Config { path: PathBuf, message: String },
+    /// A policy file, document or object was rejected.
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{}: {invalid}", path.as_deref().map_or_else(|| "<unknown file>".to_owned(), |p| p.display().to_string()))]
-    Invalid {
-        path: Option<PathBuf>,
-        invalid: crate::policy::model::InvalidPolicy,
-    },
+}
+
+impl LocalError {
+    /// The `reason` label of `egret_policies_rejected`: `config`, `unreadable` or `invalid`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ReadConfig { .. } | Self::Config { .. } => "config",
+            Self::Load(err) => err.reason(),
+        }
+    }
 }
 
 /// The config file.
@@ -68,6 +80,47 @@ pub struct Config {
     /// Where to serve Prometheus metrics; none: not served.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Size caps on reading the policy files.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// The `limits` section: how much of the policy paths is read.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsConfig {
+    /// Largest policy file read (default 3 MiB, the API server's request limit).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// Most bytes read under one policy directory (default 32 MiB).
+    #[serde(default = "default_max_directory_bytes")]
+    pub max_directory_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: default_max_file_bytes(),
+            max_directory_bytes: default_max_directory_bytes(),
+        }
+    }
+}
+
+impl From<LimitsConfig> for Limits {
+    fn from(l: LimitsConfig) -> Self {
+        Self {
+            max_file_bytes: l.max_file_bytes,
+            max_directory_bytes: l.max_directory_bytes,
+        }
+    }
+}
+
+fn default_max_file_bytes() -> u64 {
+    cluster::DEFAULT_MAX_FILE_BYTES
+}
+
+fn default_max_directory_bytes() -> u64 {
+    cluster::DEFAULT_MAX_DIRECTORY_BYTES
 }
 
 /// The `metrics` section.
@@ -111,6 +164,9 @@ pub struct Workload {
     /// no workload are written as unmanaged (see `docs/datapath.md`).
     #[serde(default)]
     pub pending: Pending,
+    /// Named ports it serves, for rules that name a port (a Pod's container ports).
+    #[serde(default)]
+    pub ports: Vec<WorkloadPort>,
     /// Node-side network interfaces (names or globs, e.g. `veth-web*`) whose packets are the
     /// workload's: TC programs there decide what raw sockets, ping sockets and `AF_PACKET` send,
     /// and drop source addresses other than `ips` (see `docs/datapath.md`).
@@ -127,6 +183,17 @@ pub enum Pending {
     Deny,
 }
 
+/// A named port of a workload.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadPort {
+    pub name: String,
+    pub port: i32,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default)]
+    pub protocol: Option<String>,
+}
+
 fn default_namespace() -> String {
     "default".into()
 }
@@ -134,17 +201,25 @@ fn default_namespace() -> String {
 /// Everything one load produced.
 pub struct Loaded {
     pub config: Config,
+    /// What to enforce: every valid object, and the last valid version of a rejected one.
     pub world: World,
-    /// Fingerprint of every file read, to notice edits.
+    /// Fingerprint of the config and every policy file as read for this load.
     pub fingerprint: u64,
+    /// Files, documents and objects rejected; the rest is in `world`.
+    pub rejected: Vec<LocalError>,
+    /// Objects enforced in their last valid version because the new one was rejected.
+    pub kept: Vec<(ObjectRef, Location)>,
 }
 
-/// Reads the config and its policy files.
+/// Reads the config and its policy files, and remembers what it enforced so a rejected update
+/// of an object keeps its last valid version.
 pub struct LocalSource {
     config_path: PathBuf,
     /// Command-line overrides of the config's `metrics` section.
     metrics_addr: Option<std::net::SocketAddr>,
     max_destination_series: Option<usize>,
+    /// The objects enforced from the files, and the fingerprint of the last read.
+    state: Mutex<(PolicyStore, Option<u64>)>,
 }
 
 impl LocalSource {
@@ -153,6 +228,7 @@ impl LocalSource {
             config_path,
             metrics_addr: None,
             max_destination_series: None,
+            state: Mutex::new((PolicyStore::default(), None)),
         }
     }
 
@@ -167,20 +243,66 @@ impl LocalSource {
         self
     }
 
-    /// Loads everything. `Err` holds every problem found; a caller that enforces already keeps
-    /// what it enforces.
+    /// Loads everything. `Err`: the config itself could not be read or is invalid (nothing
+    /// else was looked at). `Ok` holds every valid object and lists the rejected ones.
     pub fn load(&self) -> Result<Loaded, Vec<LocalError>> {
+        let (text, config) = self.read_config();
+        let snapshot = config
+            .as_ref()
+            .ok()
+            .map(|c| Snapshot::read(&self.policy_paths(c), c.limits.into()));
+        let fingerprint = fingerprint(&text, snapshot.as_ref());
+        self.finish(config, snapshot, fingerprint)
+    }
+
+    /// Reads the config and every policy file (bounded, never blocking) and loads them when
+    /// anything changed since the last load, including the removal of a file that could not
+    /// be read. `None`: nothing changed.
+    pub fn poll(&self) -> Option<Result<Loaded, Vec<LocalError>>> {
+        let (text, config) = self.read_config();
+        let snapshot = config
+            .as_ref()
+            .ok()
+            .map(|c| Snapshot::read(&self.policy_paths(c), c.limits.into()));
+        let fingerprint = fingerprint(&text, snapshot.as_ref());
+        let last = self.state.lock().unwrap_or_else(|e| e.into_inner()).1;
+        if last == Some(fingerprint) {
+            return None;
+        }
+        Some(self.finish(config, snapshot, fingerprint))
+    }
+
+    fn policy_paths(&self, config: &Config) -> Vec<PathBuf> {
+        let base = self.config_path.parent().unwrap_or(Path::new("."));
+        config.policies.iter().map(|p| base.join(p)).collect()
+    }
+
+    /// The config text (or why it is unreadable) and the parsed config.
+    fn read_config(&self) -> (Result<String, String>, Result<Config, Vec<LocalError>>) {
         let path = &self.config_path;
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            vec![LocalError::ReadConfig {
-                path: path.clone(),
-                source,
-            }]
-        })?;
-        let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
+        let text = match cluster::read_file(path, cluster::DEFAULT_MAX_FILE_BYTES, None) {
+            Ok(text) => text,
+            Err(source) => {
+                let message = source.to_string();
+                return (Err(message), Err(vec![LocalError::ReadConfig { source }]));
+            }
+        };
+        let config = self.parse_config(&text);
+        (Ok(text), config)
+    }
+
+    fn parse_config(&self, text: &str) -> Result<Config, Vec<LocalError>> {
+        let path = &self.config_path;
+        let mut config: Config = serde_saphyr::from_str(text).map_err(|e| {
             vec![LocalError::Config {
                 path: path.clone(),
-                message: e.to_string(),
+                message: e
+                    .to_string()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" "),
             }]
         })?;
         if let Some(address) = self.metrics_addr {
@@ -198,94 +320,198 @@ impl LocalSource {
         {
             metrics.max_destination_series = budget;
         }
-        // Taken before reading the policies: an edit during the load changes the fingerprint
-        // the next poll sees, so it is not missed.
-        let fingerprint = self.fingerprint(&config);
-        let base = path.parent().unwrap_or(Path::new("."));
-        let policy_paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
-        let (mut cluster, errors) = Cluster::load(&policy_paths);
-        let mut problems: Vec<LocalError> = errors.into_iter().map(LocalError::from).collect();
-        for w in &config.workloads {
-            let pod = json!({
-                "metadata": {"name": w.name, "namespace": w.namespace, "labels": w.labels},
-                "status": {"podIPs": w.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()}
-            });
-            match serde_json::from_value(pod) {
-                Ok(pod) => {
-                    cluster
-                        .pods
-                        .insert((w.namespace.clone(), w.name.clone()), pod);
-                }
-                Err(e) => problems.push(LocalError::Config {
-                    path: path.clone(),
-                    message: format!("workload {}/{}: {e}", w.namespace, w.name),
-                }),
-            }
-        }
-        let world = World::new(&cluster);
-        problems.extend(world.invalid.iter().map(|invalid| LocalError::Invalid {
-            path: cluster.source_of(&invalid.object).cloned(),
-            invalid: invalid.clone(),
-        }));
-        if problems.is_empty() {
-            Ok(Loaded {
-                config,
-                world,
-                fingerprint,
+        let problems: Vec<LocalError> = config
+            .workloads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| check_workload(i, w, &config.workloads).err())
+            .map(|message| LocalError::Config {
+                path: path.clone(),
+                message,
             })
+            .collect();
+        if problems.is_empty() {
+            Ok(config)
         } else {
             Err(problems)
         }
     }
 
-    /// Fingerprint of the config and policy files as they are now (cheap enough to poll).
-    pub fn fingerprint(&self, config: &Config) -> u64 {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        if let Ok(text) = std::fs::read_to_string(&self.config_path) {
-            text.hash(&mut hasher);
+    fn finish(
+        &self,
+        config: Result<Config, Vec<LocalError>>,
+        snapshot: Option<Snapshot>,
+        fingerprint: u64,
+    ) -> Result<Loaded, Vec<LocalError>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // A config that does not load is reported once per change, not once per poll.
+        state.1 = Some(fingerprint);
+        let config = config?;
+        let snapshot = snapshot.unwrap_or_default();
+        // Workloads are Pods to policy: a Pod document with a workload's namespace and name
+        // would replace it (and its addresses) silently, so it is refused, naming both.
+        let reserved: BTreeMap<ObjectRef, String> = config
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    ObjectRef::new(ObjectKind::Pod, &w.namespace, &w.name),
+                    format!(
+                        "workload {}/{} of {} (workloads[{i}])",
+                        w.namespace,
+                        w.name,
+                        self.config_path.display()
+                    ),
+                )
+            })
+            .collect();
+        let outcome = state.0.load(&snapshot, &reserved);
+        let mut cluster = outcome.cluster;
+        for w in &config.workloads {
+            cluster
+                .pods
+                .insert((w.namespace.clone(), w.name.clone()), workload_pod(w));
         }
-        let base = self.config_path.parent().unwrap_or(Path::new("."));
-        let paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
-        for file in Cluster::files(&paths) {
-            if let Ok(content) = std::fs::read(&file) {
-                file.hash(&mut hasher);
-                content.hash(&mut hasher);
-            }
-        }
-        hasher.finish()
+        let world = World::new(&cluster);
+        let mut rejected: Vec<LocalError> =
+            outcome.rejected.into_iter().map(LocalError::from).collect();
+        // Everything was validated on the way in; anything World::new still refuses is a bug
+        // worth seeing rather than a silent gap.
+        rejected.extend(world.invalid.iter().map(|invalid| LocalError::Config {
+            path: self.config_path.clone(),
+            message: invalid.to_string(),
+        }));
+        Ok(Loaded {
+            config,
+            world,
+            fingerprint,
+            rejected,
+            kept: outcome.kept,
+        })
     }
 }
 
+/// Checks one workload as its Pod would be checked, and that no other has its name.
+fn check_workload(index: usize, w: &Workload, all: &[Workload]) -> Result<(), String> {
+    let at = format!("workloads[{index}]");
+    let field = |e: validate::FieldResult<()>| {
+        e.map_err(|e| format!("workload {}/{}: {at}.{}", w.namespace, w.name, e))
+    };
+    field(validate::namespace_name("namespace", &w.namespace))?;
+    field(validate::object_name("name", &w.name))?;
+    field(validate::labels("labels", &w.labels).map(drop))?;
+    // The Pod it stands for carries its ports: checked as a Pod's container ports are.
+    validate::pod(&w.namespace, &w.name, &workload_pod(w)).map_err(|e| {
+        let field = e
+            .field
+            .replace("spec.containers[0].ports", "ports")
+            .replace(".containerPort", ".port")
+            .replace("status.podIPs", "ips")
+            .replace("].ip", "]");
+        format!(
+            "workload {}/{}: {at}.{field}: {}",
+            w.namespace, w.name, e.message
+        )
+    })?;
+    if w.cgroup.is_empty() {
+        return Err(format!(
+            "workload {}/{}: {at}.cgroup: Required value: a cgroup directory or glob",
+            w.namespace, w.name
+        ));
+    }
+    if let Some(first) = all[..index]
+        .iter()
+        .position(|o| o.namespace == w.namespace && o.name == w.name)
+    {
+        return Err(format!(
+            "workload {}/{}: {at}.name: Duplicate value: {:?}: workloads[{first}] has the same namespace and name",
+            w.namespace, w.name, w.name
+        ));
+    }
+    Ok(())
+}
+
+/// The Pod a workload stands for.
+fn workload_pod(w: &Workload) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(w.name.clone()),
+            namespace: Some(w.namespace.clone()),
+            labels: Some(w.labels.clone()),
+            ..ObjectMeta::default()
+        },
+        status: Some(PodStatus {
+            pod_ips: Some(
+                w.ips
+                    .iter()
+                    .map(|ip| PodIP { ip: ip.to_string() })
+                    .collect(),
+            ),
+            ..PodStatus::default()
+        }),
+        spec: (!w.ports.is_empty()).then(|| PodSpec {
+            containers: vec![Container {
+                name: w.name.clone(),
+                ports: Some(
+                    w.ports
+                        .iter()
+                        .map(|p| ContainerPort {
+                            name: Some(p.name.clone()),
+                            container_port: p.port,
+                            protocol: p.protocol.clone(),
+                            ..ContainerPort::default()
+                        })
+                        .collect(),
+                ),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// One number for the config and every policy file as read, errors included.
+fn fingerprint(config: &Result<String, String>, snapshot: Option<&Snapshot>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    config.hash(&mut hasher);
+    snapshot.map(Snapshot::fingerprint).hash(&mut hasher);
+    hasher.finish()
+}
+
 /// The cgroups of each workload as they exist now, and the guards of workloads that fail
-/// closed: cgroup id -> role. A workload whose cgroup does not exist (yet) has none; a glob may
-/// give several. Only directories match (a pattern ending in `/*` would otherwise match the
-/// cgroup's interface files).
-pub fn resolve_cgroups(
-    config: &Config,
-    endpoints: &BTreeMap<(String, String), EndpointId>,
-    cgroup_root: &Path,
-) -> BTreeMap<u64, CgroupRole> {
-    let mut out = BTreeMap::new();
+/// closed. A workload whose cgroup does not exist (yet) has none; a glob may give several. Only
+/// directories match (a pattern ending in `/*` would otherwise match the cgroup's interface
+/// files).
+pub fn plan_cgroups(config: &Config, cgroup_root: &Path) -> CgroupPlan {
+    let mut plan = CgroupPlan::default();
     for w in &config.workloads {
-        let Some(endpoint) = endpoints.get(&(w.namespace.clone(), w.name.clone())) else {
-            continue;
-        };
         let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
             continue;
         };
+        plan.interfaces.insert(
+            (w.namespace.clone(), w.name.clone()),
+            crate::datapath::tc::WorkloadInterfaces {
+                patterns: w.interfaces.clone(),
+                addresses: w.ips.clone(),
+            },
+        );
+        let ids = plan
+            .workloads
+            .entry((w.namespace.clone(), w.name.clone()))
+            .or_default();
         for dir in pattern.matches() {
             match sys::cgroup_id(&dir) {
                 Ok(id) => {
-                    out.insert(id, CgroupRole::Endpoint(*endpoint));
+                    ids.insert(id);
                 }
                 Err(err) => tracing::warn!(workload = %w.name, cgroup = %dir.display(), "{err}"),
             }
         }
     }
-    // Guards: the walk below each fail-closed workload's guard directory, along its pattern.
-    // A directory on the way to a match is a guard too (a cgroup created in it is pending);
-    // one that leads to no match is unmanaged. Endpoints win over guards, guards over
-    // unmanaged, whichever workload's walk found them.
+    // Guards: the walk below each fail-closed workload's guard directory, along its pattern. A
+    // directory on the way to a match is a guard too (a cgroup created in it is pending); one
+    // that leads to no match is unmanaged.
     for w in config
         .workloads
         .iter()
@@ -299,19 +525,29 @@ pub fn resolve_cgroups(
             continue;
         }
         pattern.walk(&mut |dir, role| {
-            // Matches were resolved above; one without an endpoint (its workload did not
-            // compile) stays pending under its guard.
-            if matches!(role, CgroupRole::Endpoint(_)) {
-                return;
-            }
             let Ok(id) = sys::cgroup_id(dir) else { return };
-            let entry = out.entry(id).or_insert(role);
-            if rank(role) > rank(*entry) {
-                *entry = role;
+            match role {
+                CgroupRole::Guard => {
+                    plan.guards.insert(id);
+                }
+                CgroupRole::Unmanaged => {
+                    plan.unmanaged.insert(id);
+                }
+                // Matches are the workloads' above.
+                CgroupRole::Endpoint(_) => {}
             }
         });
     }
-    out
+    plan
+}
+
+/// [`plan_cgroups`] as roles, for the endpoints of a compile: cgroup id -> role.
+pub fn resolve_cgroups(
+    config: &Config,
+    endpoints: &BTreeMap<(String, String), EndpointId>,
+    cgroup_root: &Path,
+) -> BTreeMap<u64, CgroupRole> {
+    plan_cgroups(config, cgroup_root).roles(endpoints)
 }
 
 /// Workloads whose `pending: deny` would guard the cgroup2 root itself (every process on the
@@ -331,15 +567,6 @@ pub fn guard_problems(config: &Config, cgroup_root: &Path) -> Vec<String> {
             )
         })
         .collect()
-}
-
-/// Which role wins when two walks meet the same cgroup.
-fn rank(role: CgroupRole) -> u8 {
-    match role {
-        CgroupRole::Unmanaged => 0,
-        CgroupRole::Guard => 1,
-        CgroupRole::Endpoint(_) => 2,
-    }
 }
 
 /// The directories whose entries the run loop watches: every guard and every directory a
@@ -450,42 +677,33 @@ fn is_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
-/// How often the run loop asks the kernel whether egret's links are attached and pinned.
-const LINK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Options of `egret run` beside the config.
 pub struct RunOptions {
     /// How often to print the connections counted since the last report; `None`: never.
     pub report_every: Option<std::time::Duration>,
-    /// How often to look for edited files and new cgroups.
+    /// How often to look for edited files (new cgroups wake it at once).
     pub poll_every: std::time::Duration,
 }
 
-/// Runs local mode until the process is stopped: enforces the config, then follows edits of the
-/// config and policy files and the appearance of workload cgroups. A change that does not load
-/// is reported and leaves the enforced policy as it was.
+/// Runs local mode until the process is stopped: this source, on a thread of its own, follows
+/// the config and policy files and the workloads' cgroups, and feeds the shared runtime. A change
+/// that does not load is reported and leaves the enforced policy as it was.
 pub fn run(
-    source: &LocalSource,
+    source: LocalSource,
     datapath: crate::datapath::Datapath,
     cgroup_root: &Path,
     options: &RunOptions,
 ) -> anyhow::Result<()> {
-    use std::time::Instant;
-
     let loaded = source.load().map_err(|problems| {
         for p in &problems {
             tracing::error!("{p}");
         }
         anyhow::anyhow!(
-            "{} problem(s) in the config or policies; nothing changed",
+            "{} problem(s) in the config; nothing changed",
             problems.len()
         )
     })?;
-    let compile_options = |config: &Config| crate::policy::compile::CompileOptions {
-        baseline: config.baseline,
-        node: None,
-    };
-    let mut config = loaded.config;
+    let config = loaded.config;
     let guard_problems = guard_problems(&config, cgroup_root);
     if !guard_problems.is_empty() {
         for p in &guard_problems {
@@ -496,427 +714,135 @@ pub fn run(
             guard_problems.len()
         );
     }
-    let mut fingerprint = loaded.fingerprint;
-    // Metrics are served from the start (`/readyz` says when policy is written); the address is
-    // read once, at start.
-    let metrics = match &config.metrics {
-        Some(m) => {
-            let shared = std::sync::Arc::new(crate::telemetry::server::Shared {
-                telemetry: std::sync::Mutex::new(crate::telemetry::Telemetry::new(
-                    m.max_destination_series,
-                )?),
-                ready: std::sync::atomic::AtomicBool::new(false),
-            });
-            let addr = crate::telemetry::server::serve(m.address, std::sync::Arc::clone(&shared))?;
-            tracing::info!(address = %addr, "serving metrics on /metrics, /healthz, /readyz");
-            Some(shared)
-        }
-        None => None,
+    let (events, receiver) = mpsc::channel();
+    // Shown once the runtime has started serving metrics.
+    let _ = events.send(SourceEvent::Rejections(rejections(
+        &loaded.rejected,
+        &loaded.kept,
+    )));
+    let first_plan = plan_cgroups(&config, cgroup_root);
+    let _ = events.send(SourceEvent::Update(Box::new(Update {
+        world: loaded.world,
+        options: compile_options(&config),
+        cgroups: first_plan.clone(),
+        since: None,
+    })));
+    let runtime_options = RuntimeOptions {
+        metrics: config
+            .metrics
+            .as_ref()
+            .map(|m| (m.address, m.max_destination_series)),
+        report_every: options.report_every,
+        tick: options.poll_every,
+        health: None,
+        waiting: None,
     };
-    let mut pipeline =
-        crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config))?;
-    // New cgroups wake the loop at once; the poll is the backstop (and reads the files).
+    // New cgroups wake the source at once; the poll is the backstop (and reads the files).
     let mut watch = crate::inotify::DirWatch::new()?;
     watch.watch_only(&watch_dirs(&config, cgroup_root));
-    let names = std::sync::Arc::new(std::sync::Mutex::new(NameSnapshot::default()));
-    match crate::datapath::EventReader::open(pipeline.datapath().pin_dir()) {
-        Ok(reader) => spawn_deny_log(reader, std::sync::Arc::clone(&names), metrics.clone())?,
-        Err(err) => tracing::warn!("no deny log: {err}"),
-    }
-    let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
-    let changes = pipeline.enforce(cgroups)?;
-    *names.lock().unwrap_or_else(|e| e.into_inner()) = NameSnapshot::of(pipeline.compiled());
-    if let Some(shared) = &metrics {
-        record_sync(shared, &pipeline, true);
-        shared
-            .ready
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-    tracing::info!(
-        workloads = config.workloads.len(),
-        cgroups = pipeline.cgroups().len(),
-        entries = pipeline.compiled().desired.len(),
-        changes = changes.len(),
-        "policy enforced"
-    );
-    let mut report = Report::new(pipeline.datapath());
-    let mut last_report = Instant::now();
-    let mut last_poll = Instant::now();
-    let mut last_link_check = Instant::now();
-    let mut tc = crate::datapath::tc::TcAttachments::open(pipeline.datapath().pin_dir())?;
-    loop {
-        let woken = watch.wait(options.poll_every.saturating_sub(last_poll.elapsed()));
-        let mut dirty = false;
-        let now = if woken && last_poll.elapsed() < options.poll_every {
-            // A cgroup event: the files are read at the next poll, as before.
-            fingerprint
-        } else {
-            last_poll = Instant::now();
-            source.fingerprint(&config)
-        };
-        if now != fingerprint {
-            fingerprint = now;
-            match source.load() {
-                Ok(loaded) => {
-                    config = loaded.config;
-                    fingerprint = loaded.fingerprint;
-                    pipeline.set_world_with(loaded.world, compile_options(&config));
-                    dirty = true;
-                    if let Some(shared) = &metrics {
-                        shared
-                            .telemetry
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .rejected(&BTreeMap::new());
-                    }
-                    tracing::info!("reloaded config and policies");
-                }
-                Err(problems) => {
-                    for p in &problems {
-                        tracing::error!("{p}");
-                    }
-                    if let Some(shared) = &metrics {
-                        let mut by_reason = BTreeMap::new();
-                        for p in &problems {
-                            let reason = if matches!(p, LocalError::Invalid { .. }) {
-                                "invalid"
-                            } else {
-                                "unreadable"
-                            };
-                            *by_reason.entry(reason).or_insert(0) += 1;
-                        }
-                        shared
-                            .telemetry
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .rejected(&by_reason);
-                    }
-                    tracing::error!(
-                        problems = problems.len(),
-                        "reload rejected; the policy enforced before stays enforced"
-                    );
-                }
-            }
-        }
-        let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
-        watch.watch_only(&watch_dirs(&config, cgroup_root));
-        if dirty || &cgroups != pipeline.cgroups() {
-            let result = pipeline.enforce(cgroups);
-            if let Some(shared) = &metrics {
-                record_sync(shared, &pipeline, result.is_ok());
-            }
-            if result.is_ok() {
-                *names.lock().unwrap_or_else(|e| e.into_inner()) =
-                    NameSnapshot::of(pipeline.compiled());
-            }
-            match result {
-                Ok(changes) => tracing::info!(
-                    cgroups = pipeline.cgroups().len(),
-                    entries = pipeline.compiled().desired.len(),
-                    changes = changes.len(),
-                    "policy enforced"
-                ),
-                Err(err) => tracing::error!(
-                    "failed to enforce: {err:#}; the previous policy stays enforced"
-                ),
-            }
-        }
-        if let Err(err) = tc.reconcile(&crate::datapath::tc::desired_for(
-            config
-                .workloads
-                .iter()
-                .map(|w| (&w.namespace, &w.name, &w.interfaces[..], &w.ips[..])),
-            &pipeline.compiled().endpoints,
-        )) {
-            tracing::error!("failed to attach TC programs: {err:#}");
-        }
-        if let Some(shared) = &metrics {
-            drain(shared, &pipeline);
-        }
-        // Pins someone removed come back, and the attached-programs gauge says what the kernel
-        // reports, within a second, not only at the next policy write.
-        if last_link_check.elapsed() >= LINK_CHECK_EVERY {
-            last_link_check = Instant::now();
-            let links = pipeline.datapath().check_links();
-            if let Some(shared) = &metrics {
-                shared
-                    .telemetry
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .attached(links.attached);
-            }
-        }
-        if let Some(every) = options.report_every
-            && last_report.elapsed() >= every
-        {
-            last_report = Instant::now();
-            report.print(&pipeline);
-        }
-    }
-}
-
-/// What the deny log needs to name a source and a rule, as of the last enforced compile: every
-/// id known, also of workloads and rules that are gone.
-#[derive(Default)]
-struct NameSnapshot {
-    workloads: BTreeMap<EndpointId, (String, String)>,
-    ids: crate::policy::ids::IdTable,
-}
-
-impl NameSnapshot {
-    fn of(compiled: &crate::policy::compile::Compiled) -> Self {
-        Self {
-            workloads: labels(compiled)
-                .into_iter()
-                .map(|(id, s)| (id, (s.namespace, s.workload)))
-                .collect(),
-            ids: compiled.ids.clone(),
-        }
-    }
-}
-
-/// Writes the deny log to stdout from a thread that sleeps in the ring buffer's `poll`.
-fn spawn_deny_log(
-    mut reader: crate::datapath::EventReader,
-    names: std::sync::Arc<std::sync::Mutex<NameSnapshot>>,
-    metrics: Option<std::sync::Arc<crate::telemetry::server::Shared>>,
-) -> std::io::Result<()> {
-    use std::io::Write as _;
+    let root = cgroup_root.to_path_buf();
+    let poll_every = options.poll_every;
     std::thread::Builder::new()
-        .name("deny-log".into())
+        .name("local-source".into())
         .spawn(move || {
-            let mut log = crate::telemetry::denylog::DenyLog::default();
-            let mut reported_suppressed = 0;
-            loop {
-                let events = reader.wait(std::time::Duration::from_millis(500));
-                if !events.is_empty() {
-                    let now = std::time::Instant::now();
-                    let time = rfc3339(std::time::SystemTime::now());
-                    let snapshot = names.lock().unwrap_or_else(|e| e.into_inner());
-                    let mut out = std::io::stdout().lock();
-                    for event in &events {
-                        let (namespace, workload) = snapshot
-                            .workloads
-                            .get(&event.endpoint_id)
-                            .cloned()
-                            .unwrap_or_else(|| {
-                                (String::new(), format!("endpoint-{}", event.endpoint_id))
-                            });
-                        let origin = snapshot
-                            .ids
-                            .origin(event.rule_id)
-                            .cloned()
-                            .unwrap_or(crate::policy::explain::Origin::Baseline);
-                        let names = crate::telemetry::denylog::Names {
-                            namespace,
-                            workload,
-                            policy: origin.policy_label(),
-                            rule: origin.rule_label(),
-                        };
-                        if let Some(line) = log.line(event, now, &time, &names) {
-                            let _ = writeln!(out, "{line}");
-                        }
-                    }
-                    let _ = out.flush();
-                }
-                if let Some(shared) = &metrics {
-                    let telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
-                    telemetry.deny_log(log.suppressed - reported_suppressed, reader.lost());
-                    reported_suppressed = log.suppressed;
-                }
-            }
+            follow(
+                &source, config, &root, watch, poll_every, first_plan, &events,
+            )
         })?;
+    crate::runtime::run(datapath, &receiver, runtime_options)?;
     Ok(())
 }
 
-/// `2026-11-24T10:43:00.123Z`, without a date library (civil-from-days, H. Hinnant).
-fn rfc3339(time: std::time::SystemTime) -> String {
-    let since = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let secs = since.as_secs();
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
+fn compile_options(config: &Config) -> crate::policy::compile::CompileOptions {
+    crate::policy::compile::CompileOptions {
+        baseline: config.baseline,
+        node: None,
+    }
 }
 
-/// Records a policy write in the health metrics.
-fn record_sync(
-    shared: &crate::telemetry::server::Shared,
-    pipeline: &crate::pipeline::Pipeline,
-    ok: bool,
+/// The local source's loop: reads the files at the poll's pace, and the workloads' cgroups
+/// whenever one appears or goes; sends what changed. Ends when the runtime hangs up.
+fn follow(
+    source: &LocalSource,
+    mut config: Config,
+    cgroup_root: &Path,
+    mut watch: crate::inotify::DirWatch,
+    poll_every: std::time::Duration,
+    mut plan: CgroupPlan,
+    events: &mpsc::Sender<SourceEvent>,
 ) {
-    let telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
-    if ok {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        telemetry.synced(i64::try_from(now).unwrap_or(i64::MAX));
-    } else {
-        telemetry.sync_failed();
-    }
-    telemetry.usage(&pipeline.datapath().usage());
-    telemetry.workloads(sources(pipeline.compiled()).values());
-    telemetry.attached(pipeline.datapath().check_links().attached);
-}
-
-/// Who each endpoint is, for labels.
-fn sources(
-    compiled: &crate::policy::compile::Compiled,
-) -> BTreeMap<EndpointId, crate::telemetry::Source> {
-    compiled
-        .workloads
-        .iter()
-        .map(|(id, (namespace, workload))| {
-            let source = crate::telemetry::Source {
-                namespace: namespace.clone(),
-                workload: workload.clone(),
-            };
-            (*id, source)
-        })
-        .collect()
-}
-
-/// Who every endpoint id the compiler knows is, live or gone, for labels; the pending
-/// endpoint (0) is `pending`.
-fn labels(
-    compiled: &crate::policy::compile::Compiled,
-) -> BTreeMap<EndpointId, crate::telemetry::Source> {
-    let mut out: BTreeMap<EndpointId, crate::telemetry::Source> = compiled
-        .ids
-        .endpoint_names()
-        .iter()
-        .map(|(id, name)| {
-            let source = crate::telemetry::Source {
-                namespace: name.namespace.clone(),
-                workload: name.workload.clone(),
-            };
-            (*id, source)
-        })
-        .collect();
-    out.extend(sources(compiled));
-    out.insert(
-        0,
-        crate::telemetry::Source {
-            namespace: String::new(),
-            workload: "pending".into(),
-        },
-    );
-    out
-}
-
-/// Moves what the kernel counted since the last drain into the metrics.
-fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::Pipeline) {
-    let counters = match pipeline.datapath().counters() {
-        Ok(counters) => counters,
-        Err(err) => {
-            tracing::warn!("failed to read counters: {err}");
-            return;
-        }
-    };
-    let compiled = pipeline.compiled();
-    let sources = labels(compiled);
-    shared
-        .telemetry
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain(
-            &counters,
-            |endpoint| sources.get(&endpoint).cloned(),
-            |rule| compiled.origin(rule).policy_label(),
-        );
-}
-
-/// Prints what was counted since the last report: one line per workload, destination,
-/// protocol, verdict and deciding policy.
-struct Report {
-    last: BTreeMap<(EndpointId, u32, Option<IpAddr>, u8, Verdict), u64>,
-}
-
-impl Report {
-    fn new(datapath: &crate::datapath::Datapath) -> Self {
-        let mut report = Self {
-            last: BTreeMap::new(),
+    use std::time::Instant;
+    let mut last_poll = Instant::now();
+    loop {
+        let woken = watch.wait(poll_every.saturating_sub(last_poll.elapsed()));
+        let changed_at = Instant::now();
+        // A cgroup event wakes the loop at once; the files are read at the poll's pace.
+        let polled = if woken && last_poll.elapsed() < poll_every {
+            None
+        } else {
+            last_poll = Instant::now();
+            source.poll()
         };
-        // Counts from before this process (pinned across restarts) are not "recent".
-        report.deltas(datapath);
-        report
-    }
-
-    fn deltas(
-        &mut self,
-        datapath: &crate::datapath::Datapath,
-    ) -> Vec<(EndpointId, u32, Option<IpAddr>, u8, Verdict, u64)> {
-        let Ok(counters) = datapath.counters() else {
-            return Vec::new();
-        };
-        let mut out = Vec::new();
-        for s in counters.samples {
-            let key = (s.endpoint, s.rule, s.destination, s.protocol, s.verdict);
-            let before = self.last.insert(key, s.attempts).unwrap_or(0);
-            if s.attempts > before {
-                out.push((
-                    s.endpoint,
-                    s.rule,
-                    s.destination,
-                    s.protocol,
-                    s.verdict,
-                    s.attempts - before,
-                ));
+        let sent = match polled {
+            None => Ok(()),
+            Some(Ok(loaded)) => {
+                tracing::info!("reloaded config and policies");
+                config = loaded.config;
+                plan = plan_cgroups(&config, cgroup_root);
+                events
+                    .send(SourceEvent::Rejections(rejections(
+                        &loaded.rejected,
+                        &loaded.kept,
+                    )))
+                    .and_then(|()| {
+                        events.send(SourceEvent::Update(Box::new(Update {
+                            world: loaded.world,
+                            options: compile_options(&config),
+                            cgroups: plan.clone(),
+                            since: Some(changed_at),
+                        })))
+                    })
             }
-        }
-        out
-    }
-
-    fn print(&mut self, pipeline: &crate::pipeline::Pipeline) {
-        let deltas = self.deltas(pipeline.datapath());
-        if deltas.is_empty() {
+            Some(Err(problems)) => {
+                tracing::error!(
+                    problems = problems.len(),
+                    "reload rejected: the config does not load; the policy enforced before stays enforced"
+                );
+                events.send(SourceEvent::Rejections(rejections(&problems, &[])))
+            }
+        };
+        let now = plan_cgroups(&config, cgroup_root);
+        watch.watch_only(&watch_dirs(&config, cgroup_root));
+        let sent = sent.and_then(|()| {
+            if now == plan {
+                Ok(())
+            } else {
+                plan = now.clone();
+                events.send(SourceEvent::Cgroups(now))
+            }
+        });
+        if sent.is_err() {
             return;
         }
-        let compiled = pipeline.compiled();
-        let workloads: BTreeMap<EndpointId, String> = labels(compiled)
-            .into_iter()
-            .map(|(id, s)| (id, format!("{}/{}", s.namespace, s.workload)))
-            .collect();
-        println!(
-            "{:<20} {:<28} {:<5} {:<12} {:>8}  POLICY",
-            "WORKLOAD", "DESTINATION", "PROTO", "VERDICT", "ATTEMPTS"
-        );
-        for (endpoint, rule, destination, protocol, verdict, n) in deltas {
-            let origin = compiled.origin(rule);
-            let policy = match (origin, origin.rule_label()) {
-                (crate::policy::explain::Origin::Baseline, _) => "default".into(),
-                (crate::policy::explain::Origin::Pending, _) => "pending (not written yet)".into(),
-                (_, Some(r)) => format!("{} rule {r}", origin.policy_label()),
-                (_, None) => format!("{} (isolation)", origin.policy_label()),
-            };
-            let protocol = crate::policy::model::Protocol::from_number(protocol)
-                .map_or_else(|| protocol.to_string(), |p| p.to_string());
-            println!(
-                "{:<20} {:<28} {:<5} {:<12} {:>8}  {policy}",
-                workloads.get(&endpoint).map_or("?", String::as_str),
-                destination.map_or_else(|| "other".to_owned(), |d| d.to_string()),
-                protocol,
-                verdict.counter_label(),
-                n,
-            );
-        }
-        use std::io::Write as _;
-        let _ = std::io::stdout().flush();
+    }
+}
+
+/// What a load rejected and kept, as the runtime shows it.
+pub fn rejections(rejected: &[LocalError], kept: &[(ObjectRef, Location)]) -> Rejections {
+    let mut by_reason = BTreeMap::new();
+    let mut messages = Vec::new();
+    for p in rejected {
+        *by_reason.entry(p.reason()).or_insert(0) += 1;
+        messages.push(p.to_string());
+    }
+    for (object, location) in kept {
+        messages.push(format!(
+            "{object}: keeps its last valid version, read from {location}"
+        ));
+    }
+    Rejections {
+        messages,
+        by_reason,
     }
 }
 
@@ -934,6 +860,7 @@ mod tests {
             cgroup: cgroup.into(),
             ips: Vec::new(),
             pending,
+            ports: Vec::new(),
         }
     }
 
@@ -1015,18 +942,194 @@ mod tests {
             policies: Vec::new(),
             workloads: vec![workload("svc-*", Pending::Deny)],
             metrics: None,
+            limits: Default::default(),
         };
         assert_eq!(guard_problems(&config, &root).len(), 1);
         let _ = std::fs::remove_dir_all(&root);
     }
 
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("egret-local-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        dir
+    }
+
+    const CONFIG: &str = "policies: [policies]\nworkloads:\n- {name: web, namespace: shop, labels: {app: web}, cgroup: x, ips: [192.0.2.20], ports: [{name: http, port: 8080}]}\n";
+
+    fn netpol(name: &str, port: u32) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{{port: {port}}}]\n"
+        )
+    }
+
+    fn ports_of(world: &World, name: &str) -> Vec<(u16, u16)> {
+        let np = world
+            .network_policies
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("{name} is not enforced"));
+        np.rules
+            .iter()
+            .flat_map(|r| r.ports.iter().flatten())
+            .filter_map(|p| match p.port {
+                crate::policy::model::PortMatch::Range(a, b) => Some((a, b)),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn formats_rfc3339_utc() {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_516_980_123);
-        assert_eq!(rfc3339(t), "2026-11-24T10:43:00.123Z");
-        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    fn a_rejected_object_keeps_its_last_valid_version_and_the_rest_reloads() {
+        let dir = temp_dir("reload");
+        std::fs::write(dir.join("egret.yaml"), CONFIG).unwrap();
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 80)).unwrap();
+        let source = LocalSource::new(dir.join("egret.yaml"));
+        let loaded = source.load().unwrap();
+        assert!(loaded.rejected.is_empty());
+        assert_eq!(ports_of(&loaded.world, "a"), [(80, 80)]);
+        assert!(source.poll().is_none(), "nothing changed");
+
+        // A bad update of `a` and a new valid `b` beside it.
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 70000)).unwrap();
+        std::fs::write(dir.join("policies/b.yaml"), netpol("b", 443)).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert_eq!(
+            ports_of(&loaded.world, "a"),
+            [(80, 80)],
+            "last valid version"
+        );
+        assert_eq!(
+            ports_of(&loaded.world, "b"),
+            [(443, 443)],
+            "the new file took effect"
+        );
+        let messages: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{} document 0: NetworkPolicy shop/a: spec.egress[0].ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive",
+                dir.join("policies/a.yaml").display()
+            )]
+        );
+        assert_eq!(loaded.kept.len(), 1);
+        let r = rejections(&loaded.rejected, &loaded.kept);
+        assert_eq!(r.by_reason, BTreeMap::from([("invalid", 1)]));
+        assert!(
+            r.messages[1]
+                .starts_with("NetworkPolicy shop/a: keeps its last valid version, read from ")
+        );
+
+        // A FIFO beside them neither blocks the poll nor stops the reload; its removal is
+        // noticed.
+        let fifo = dir.join("policies/zz.yaml");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(
+            loaded
+                .rejected
+                .iter()
+                .any(|e| e.to_string().contains("it is a FIFO")),
+            "{:?}",
+            loaded.rejected
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 81)).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+        assert!(loaded.kept.is_empty());
+        assert_eq!(ports_of(&loaded.world, "a"), [(81, 81)]);
+
+        // Removing a file removes what it held.
+        std::fs::remove_file(dir.join("policies/b.yaml")).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(!loaded.world.network_policies.iter().any(|n| n.name == "b"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pod_document_named_like_a_workload_is_refused_naming_both() {
+        let dir = temp_dir("workload-pod");
+        std::fs::write(dir.join("egret.yaml"), CONFIG).unwrap();
+        std::fs::write(
+            dir.join("policies/pods.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: other}}\nstatus: {podIP: 192.0.2.99}\n",
+        )
+        .unwrap();
+        let loaded = LocalSource::new(dir.join("egret.yaml")).load().unwrap();
+        let messages: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{} document 0: Pod shop/web: metadata.name: Duplicate value: \"web\": workload shop/web of {} (workloads[0]) has the same namespace and name; this document is not applied (a workload's labels, addresses and named ports are set in the config)",
+                dir.join("policies/pods.yaml").display(),
+                dir.join("egret.yaml").display()
+            )]
+        );
+        // The workload is what policy sees, with its own labels, address and named port.
+        let web = loaded.world.pod("shop", "web").unwrap();
+        assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(web.ips, ["192.0.2.20".parse::<IpAddr>().unwrap()]);
+        assert_eq!(web.ports.len(), 1);
+        assert_eq!(
+            (web.ports[0].name.as_str(), web.ports[0].number),
+            ("http", 8080)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_invalid_workload_rejects_the_config_naming_the_field() {
+        let dir = temp_dir("bad-workload");
+        let source = LocalSource::new(dir.join("egret.yaml"));
+        let cases = [
+            (
+                "- {name: Web, cgroup: x}",
+                "workloads[0].name: Invalid value: \"Web\"",
+            ),
+            (
+                "- {name: web, namespace: a_b, cgroup: x}",
+                "workloads[0].namespace: Invalid value: \"a_b\"",
+            ),
+            (
+                "- {name: web, cgroup: x, labels: {app: \"a b\"}}",
+                "workloads[0].labels[app]: Invalid value: \"a b\"",
+            ),
+            (
+                "- {name: web, cgroup: x, ports: [{name: http, port: 0}]}",
+                "workloads[0].ports[0].port: Invalid value: 0",
+            ),
+            (
+                "- {name: web, cgroup: x}\n- {name: web, cgroup: y}",
+                "workloads[1].name: Duplicate value: \"web\"",
+            ),
+            (
+                "- {name: web, cgroup: x, ips: [192.0.2.1, 192.0.2.2]}",
+                "workloads[0].ips[1]: Invalid value: \"192.0.2.2\": may specify no more than one IP for each IP family",
+            ),
+        ];
+        for (workloads, expect) in cases {
+            std::fs::write(dir.join("egret.yaml"), format!("workloads:\n{workloads}\n")).unwrap();
+            let Err(problems) = source.load() else {
+                panic!("{workloads} was accepted");
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            let message = problems[0].to_string();
+            assert!(message.contains(expect), "{workloads}: {message}");
+            assert!(
+                message.starts_with(&format!(
+                    "config {}: workload ",
+                    dir.join("egret.yaml").display()
+                )),
+                "{message}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

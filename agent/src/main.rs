@@ -55,8 +55,15 @@ enum Command {
     /// compiled datapath entries, as the kernel would.
     Explain {
         /// YAML file or directory (multi-document files and `kind: List` work); repeatable.
-        #[arg(short = 'f', long = "file", required = true)]
+        #[arg(short = 'f', long = "file", required_unless_present_any = ["kubeconfig", "cluster"])]
         files: Vec<PathBuf>,
+        /// Read the objects from the cluster this kubeconfig names, not from files.
+        #[arg(long, conflicts_with = "files")]
+        kubeconfig: Option<PathBuf>,
+        /// Read the objects from the cluster kube finds (`$KUBECONFIG`, `~/.kube/config` or
+        /// in-cluster), not from files.
+        #[arg(long, conflicts_with_all = ["files", "kubeconfig"])]
+        cluster: bool,
         /// Source pod, `namespace/name`.
         #[arg(long, required_unless_present = "probes")]
         from: Option<String>,
@@ -78,6 +85,12 @@ enum Command {
         baseline: Baseline,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Largest policy file read, in bytes (as `limits.maxFileBytes` of `egret run`).
+        #[arg(long, default_value_t = egret::policy::cluster::DEFAULT_MAX_FILE_BYTES)]
+        max_file_bytes: u64,
+        /// Most bytes read under one directory (as `limits.maxDirectoryBytes`).
+        #[arg(long, default_value_t = egret::policy::cluster::DEFAULT_MAX_DIRECTORY_BYTES)]
+        max_directory_bytes: u64,
     },
     /// Local mode: enforces the YAML policies of a config on local cgroups, follows edits of the
     /// config and policy files (a broken edit is reported and changes nothing) and cgroups that
@@ -100,6 +113,40 @@ enum Command {
         /// the config's `metrics.maxDestinationSeries`; default 1000).
         #[arg(long)]
         max_destination_series: Option<usize>,
+    },
+    /// Runs the node agent: enforces the cluster's NetworkPolicies and EgressPolicies for the
+    /// pods on this node (a DaemonSet runs one per node), serves metrics, writes EgressPolicy
+    /// status.
+    Agent {
+        /// kubeconfig file; default: `$KUBECONFIG`, `~/.kube/config`, else the in-cluster
+        /// service account.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// This node's name (the downward API's `spec.nodeName`): only its pods are enforced.
+        #[arg(long, env = "NODE_NAME")]
+        node_name: String,
+        /// The agent's namespace, where the status Lease lives.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "egret-system")]
+        namespace: String,
+        /// cgroup v2 directory to attach to (default: the cgroup2 root).
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// The cgroup2 mount, where the kubelet's pod cgroups are (default: found in
+        /// /proc/self/mountinfo).
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+        /// Verdict for pods no NetworkPolicy isolates (`deny`: REGISTRY_ONLY-style).
+        #[arg(long, value_enum, default_value_t = Baseline::Allow)]
+        baseline: Baseline,
+        /// What a process in a pod cgroup egret does not know yet gets.
+        #[arg(long, value_enum, default_value_t = egret::source::kubernetes::UnknownPods::Allow)]
+        unknown_pods: egret::source::kubernetes::UnknownPods,
+        /// Where to serve /metrics, /healthz and /readyz.
+        #[arg(long, default_value = "0.0.0.0:9091")]
+        metrics_addr: std::net::SocketAddr,
+        /// Destination IPs with their own metric series; the rest count as "other".
+        #[arg(long, default_value_t = 1000)]
+        max_destination_series: usize,
     },
     /// Prints the EgressPolicy CustomResourceDefinition (`egret crd | kubectl apply -f -`).
     Crd,
@@ -181,6 +228,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Explain {
             files,
+            kubeconfig,
+            cluster: from_cluster,
             from,
             to,
             port,
@@ -188,14 +237,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             probes,
             baseline,
             output,
+            max_file_bytes,
+            max_directory_bytes,
         } => {
-            let (cluster, errors) = Cluster::load(&files);
-            for err in &errors {
-                tracing::warn!("{err}");
-            }
-            let world = World::new(&cluster);
+            let limits = egret::policy::cluster::Limits {
+                max_file_bytes,
+                max_directory_bytes,
+            };
+            let world = if kubeconfig.is_some() || from_cluster {
+                // The same objects the agent watches, listed once, through the same conversion.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let client = egret::source::kubernetes::client(kubeconfig.as_deref()).await?;
+                    let objects = egret::source::kubernetes::list(&client).await?;
+                    anyhow::Ok(egret::source::kubernetes::world(&objects))
+                })?
+            } else {
+                // The same messages, at the same level, as `egret run` logs for the same files.
+                let (cluster, errors) = Cluster::load(&files, limits);
+                for err in &errors {
+                    tracing::error!("{err}");
+                }
+                World::new(&cluster)
+            };
             for invalid in &world.invalid {
-                tracing::warn!("rejected: {invalid}");
+                tracing::error!("{invalid}");
             }
             let options = CompileOptions {
                 baseline: match baseline {
@@ -277,8 +345,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .then(|| std::time::Duration::from_secs_f64(report_interval)),
                 poll_every: std::time::Duration::from_millis(200),
             };
-            egret::local::run(&source, datapath, &sys::cgroup2_mount()?, &options)?;
+            egret::local::run(source, datapath, &sys::cgroup2_mount()?, &options)?;
         }
+        Command::Agent {
+            kubeconfig,
+            node_name,
+            namespace,
+            cgroup,
+            cgroup_root,
+            baseline,
+            unknown_pods,
+            metrics_addr,
+            max_destination_series,
+        } => agent(
+            pin_dir,
+            kubeconfig,
+            egret::source::kubernetes::AgentOptions {
+                identity: egret::source::kubernetes::identity(&node_name),
+                node: node_name,
+                namespace,
+                baseline: match baseline {
+                    Baseline::Allow => Verdict::Allow,
+                    Baseline::Deny => Verdict::Deny,
+                },
+                unknown_pods,
+                cgroup_root: match cgroup_root {
+                    Some(root) => root,
+                    None => sys::cgroup2_mount()?,
+                },
+            },
+            cgroup,
+            (metrics_addr, max_destination_series),
+        )?,
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
             let datapath = open(pin_dir, None)?;
@@ -304,6 +402,50 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing::info!(pin_dir = %pin_dir.display(), "detached");
         }
     }
+    Ok(())
+}
+
+/// `egret agent`: the Kubernetes source on a tokio runtime, feeding the shared runtime on this
+/// thread.
+fn agent(
+    pin_dir: PathBuf,
+    kubeconfig: Option<PathBuf>,
+    options: egret::source::kubernetes::AgentOptions,
+    cgroup: Option<PathBuf>,
+    metrics: (std::net::SocketAddr, usize),
+) -> anyhow::Result<()> {
+    if options.node.is_empty() {
+        anyhow::bail!("--node-name (or NODE_NAME) must name this node");
+    }
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let client = tokio.block_on(egret::source::kubernetes::client(kubeconfig.as_deref()))?;
+    // Attached before any watch lists: what the pins enforce stays enforced meanwhile.
+    let datapath = open(pin_dir, Some(cgroup))?;
+    report_mode(&datapath);
+    let watches = {
+        let _inside = tokio.enter();
+        egret::source::kubernetes::watch::Watches::start(&client)
+    };
+    let health = egret::source::kubernetes::health_check(std::sync::Arc::clone(watches.health()));
+    let (events, receiver) = std::sync::mpsc::channel();
+    tracing::info!(node = %options.node, "watching the cluster");
+    tokio.spawn(egret::source::kubernetes::run(
+        watches, client, options, events,
+    ));
+    egret::runtime::run(
+        datapath,
+        &receiver,
+        egret::runtime::RuntimeOptions {
+            metrics: Some(metrics),
+            report_every: None,
+            tick: std::time::Duration::from_millis(200),
+            health: Some(health),
+            waiting: Some("waiting for the initial list of every watch".into()),
+        },
+    )?;
     Ok(())
 }
 

@@ -170,6 +170,17 @@ fn scrape(agent: &EgretRun) -> String {
     }
 }
 
+fn scrape_until(agent: &EgretRun, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = scrape(agent);
+        if metrics.contains(needle) || Instant::now() > deadline {
+            return metrics;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_restart_with_workloads_and_policies_changed_keeps_every_counts_labels() {
     let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
@@ -237,7 +248,8 @@ fn a_restart_with_workloads_and_policies_changed_keeps_every_counts_labels() {
         connect(&sandbox, &aaa, None, "192.0.2.10:80"),
         Outcome::Denied
     );
-    let metrics = scrape(&agent);
+    // Counters are drained into the metrics a few times a second: wait for the new block.
+    let metrics = scrape_until(&agent, "policy=\"NetworkPolicy bars/aaa-first\"");
     let _ = std::fs::remove_dir_all(&dir);
 
     let blocked = |workload: &str, policy: &str| {

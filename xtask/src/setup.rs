@@ -1,6 +1,7 @@
 //! Installs what building egret needs and the machine lacks, idempotently: the nightly's
 //! `rust-src` (the BPF target builds `core` from source) and bpf-linker 0.13 built against the
-//! nightly's own LLVM. A machine that has both pays a few `--version` calls.
+//! nightly's own LLVM, Debian's prometheus and cargo-fuzz. A machine that has them pays a few
+//! `--version` calls.
 
 use std::{
     os::unix::fs::symlink,
@@ -20,8 +21,19 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_prometheus()?;
+    ensure_cargo_fuzz()?;
     ensure_iperf3()?;
     Ok(())
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (and its bounded run in `cargo xtask test`).
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if capture(Command::new("cargo").args(["fuzz", "--version"])).is_ok() {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz (the policy-input fuzz target runs under it)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+        .context("failed to install cargo-fuzz")
 }
 
 /// Debian's `iperf3`, for `cargo xtask bench-tc`.

@@ -179,25 +179,47 @@ pub fn add_workload(
     }
 }
 
-/// The plan for local workloads given as (namespace, name, interface patterns, addresses), for
-/// those that compiled to an endpoint (`endpoints`: (namespace, name) -> endpoint id). A
-/// workload without `interfaces:` shares the host's network namespace: it is uncovered.
-pub fn desired_for<'a>(
-    workloads: impl IntoIterator<Item = (&'a String, &'a String, &'a [String], &'a [IpAddr])>,
+/// What a source says about one workload's packet level: the node-side interfaces it sends
+/// through (names or globs), and the addresses it sends from. No patterns: the workload shares
+/// the host's network namespace, and no TC program can cover it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadInterfaces {
+    pub patterns: Vec<String>,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The plan for the workloads a source describes ((namespace, name) -> interfaces), for those
+/// that compiled to an endpoint (`endpoints`: (namespace, name) -> endpoint id). A workload
+/// described without patterns is uncovered; one not described at all (a source that says
+/// nothing about interfaces) is neither attached nor refused.
+pub fn plan_for(
+    workloads: &BTreeMap<(String, String), WorkloadInterfaces>,
     endpoints: &BTreeMap<(String, String), u32>,
 ) -> TcPlan {
     let mut plan = TcPlan::default();
-    for (namespace, name, patterns, addresses) in workloads {
-        let Some(&endpoint_id) = endpoints.get(&(namespace.clone(), name.clone())) else {
+    for (key, w) in workloads {
+        let Some(&endpoint_id) = endpoints.get(key) else {
             continue;
         };
-        if patterns.is_empty() {
+        if w.patterns.is_empty() {
             plan.uncovered.insert(endpoint_id);
         } else {
-            add_workload(&mut plan.interfaces, endpoint_id, patterns, addresses);
+            add_workload(&mut plan.interfaces, endpoint_id, &w.patterns, &w.addresses);
         }
     }
     plan
+}
+
+/// [`TcAttachments::reconcile`] for a run loop: a failure is logged, and the next pass tries
+/// again.
+pub fn reconcile_logged(
+    tc: &mut TcAttachments,
+    workloads: &BTreeMap<(String, String), WorkloadInterfaces>,
+    endpoints: &BTreeMap<(String, String), u32>,
+) {
+    if let Err(err) = tc.reconcile(&plan_for(workloads, endpoints)) {
+        tracing::error!("failed to attach TC programs: {err}");
+    }
 }
 
 /// Which end of an interface a program is attached to.

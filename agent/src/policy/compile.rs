@@ -20,9 +20,10 @@ use super::{
     explain::Origin,
     ids::{EndpointName, IdTable},
     model::{Peer, PodInfo, PortMatch, PortSpec, World},
+    services::{ServiceInfo, ServiceVerdict, decide_port},
 };
 use crate::datapath::{
-    Decision, DesiredState, EndpointId, RuleId, Verdict,
+    ClassId, Decision, DesiredState, EndpointId, PolicyMatch, PortPrefix, RuleId, Verdict,
     lower::{AddrSet, L4, LowerMemo, SetEndpoint, SetRule, lower_sets_with},
 };
 
@@ -55,7 +56,13 @@ pub enum Action {
     NetworkPolicy {
         id: RuleId,
     },
+    /// Matches nothing: gives a Service address a class of its own (see `apply_services`).
+    ClassMarker,
 }
+
+/// The endpoint id that holds the class markers while lowering; no cgroup ever maps to it and
+/// its entries are dropped before the state is returned.
+const CLASS_HOLDER: EndpointId = u32::MAX;
 
 /// The compiler's output.
 #[derive(Clone, Debug)]
@@ -338,11 +345,40 @@ impl Compiler {
             });
         }
 
+        // Every Service address gets a class of its own, so that its entries can differ from
+        // those of the addresses around it.
+        let mut service_addresses: Vec<IpNet> = world
+            .services
+            .iter()
+            .flat_map(|s| s.addresses.iter().map(|a| IpNet::from(*a)))
+            .collect();
+        service_addresses.sort();
+        service_addresses.dedup();
+        if !service_addresses.is_empty() {
+            let rules = service_addresses
+                .iter()
+                .map(|net| SetRule {
+                    set: expander.set(vec![*net], Vec::new()),
+                    l4: L4::Any,
+                    action: Action::ClassMarker,
+                })
+                .collect();
+            lists.push(SetEndpoint {
+                endpoint: CLASS_HOLDER,
+                rules,
+            });
+        }
+
         let baseline = options.baseline;
-        let desired = lower_sets_with(memo, &expander.sets, &lists, |endpoint, matching| {
+        let mut desired = lower_sets_with(memo, &expander.sets, &lists, |endpoint, matching| {
             let isolation = contexts.get(&endpoint).and_then(|c| c.isolation);
             decide(matching.iter().map(|a| **a), isolation, baseline)
         });
+        if !service_addresses.is_empty() {
+            desired.policy.retain(|m, _| m.endpoint != CLASS_HOLDER);
+            let ids: Vec<EndpointId> = endpoints.values().copied().collect();
+            apply_services(&mut desired, &world.services, &ids, origins);
+        }
         Compiled {
             desired,
             endpoints,
@@ -351,6 +387,100 @@ impl Compiler {
             baseline,
         }
     }
+}
+
+/// Rewrites, for every endpoint, the entries of each Service address's class: each exposed port
+/// decided by the Service's ready endpoints (`policy::services`), every other port denied.
+fn apply_services(
+    desired: &mut DesiredState,
+    services: &[ServiceInfo],
+    endpoints: &[EndpointId],
+    ids: &mut IdTable,
+) {
+    let direct = |desired: &DesiredState, endpoint, address, protocol, port| {
+        desired
+            .lookup(endpoint, address, protocol, port)
+            .entry
+            .map_or(
+                Decision {
+                    verdict: Verdict::Allow,
+                    rule: RULE_DEFAULT,
+                },
+                |(_, decision)| decision,
+            )
+    };
+    // Worked out against the entries as lowered, then written: a Service's endpoints are
+    // decided as direct connections, never through another Service's entries.
+    let mut rewrites: BTreeMap<(EndpointId, ClassId), Vec<(PolicyMatch, Decision)>> =
+        BTreeMap::new();
+    for &endpoint in endpoints {
+        for service in services {
+            let no_port = Decision {
+                verdict: Verdict::Deny,
+                rule: ids.rule(&Origin::ServiceNoPort {
+                    namespace: service.namespace.clone(),
+                    name: service.name.clone(),
+                }),
+            };
+            for &address in &service.addresses {
+                let class = desired.class_of(address);
+                let entries = rewrites.entry((endpoint, class)).or_default();
+                entries.push((
+                    PolicyMatch {
+                        endpoint,
+                        class: Some(class),
+                        protocol: None,
+                        port: None,
+                    },
+                    no_port,
+                ));
+                for port in &service.ports {
+                    let verdict = decide_port(port, |a, protocol, p| {
+                        direct(desired, endpoint, a, protocol, p)
+                    });
+                    let decision = match verdict {
+                        ServiceVerdict::ByAddress => {
+                            direct(desired, endpoint, address, port.protocol, port.port)
+                        }
+                        ServiceVerdict::Agreed(decision) => decision,
+                        ServiceVerdict::Disagree { allowed, denied } => Decision {
+                            verdict: Verdict::Deny,
+                            rule: ids.rule(&Origin::ServiceEndpointsDisagree {
+                                namespace: service.namespace.clone(),
+                                name: service.name.clone(),
+                                allowed: socket(allowed),
+                                denied: socket(denied),
+                            }),
+                        },
+                    };
+                    entries.push((
+                        PolicyMatch {
+                            endpoint,
+                            class: Some(class),
+                            protocol: Some(port.protocol),
+                            port: Some(PortPrefix {
+                                port: port.port,
+                                bits: 16,
+                            }),
+                        },
+                        decision,
+                    ));
+                }
+            }
+        }
+    }
+    desired.policy.retain(|m, _| {
+        !m.class
+            .is_some_and(|c| rewrites.contains_key(&(m.endpoint, c)))
+    });
+    for entries in rewrites.into_values() {
+        desired.policy.extend(entries);
+    }
+}
+
+/// `10.0.0.5:53` or `[2001:db8::5]:53`.
+fn socket((address, port): (std::net::IpAddr, u16)) -> String {
+    std::net::SocketAddr::from((address, port)).to_string()
 }
 
 fn egress_origin(policy: &str, rule: &str, action: RuleAction) -> Origin {
@@ -411,6 +541,7 @@ fn evaluate(
             Action::NetworkPolicy { id } => {
                 network_policy_allow.get_or_insert(id);
             }
+            Action::ClassMarker => {}
         }
     }
     match (isolation, network_policy_allow) {

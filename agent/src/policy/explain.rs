@@ -37,6 +37,16 @@ pub enum Origin {
     /// The process's cgroup is below a guard and no endpoint yet: denied until the agent
     /// writes its policy (the datapath's `RULE_PENDING`; no compiled rule has it).
     Pending,
+    /// A connection to a Service address on a port the Service does not expose.
+    ServiceNoPort { namespace: String, name: String },
+    /// A connection to a Service port whose ready endpoints the policy does not treat alike:
+    /// denied. Names one allowed and one denied endpoint (`address:port`).
+    ServiceEndpointsDisagree {
+        namespace: String,
+        name: String,
+        allowed: String,
+        denied: String,
+    },
 }
 
 impl Origin {
@@ -46,6 +56,8 @@ impl Origin {
         match self {
             Self::EgressRule { rule, .. } => Some(rule.clone()),
             Self::NetworkPolicyRule { rule, .. } => Some(format!("egress[{rule}]")),
+            Self::ServiceNoPort { .. } => Some("no-such-port".into()),
+            Self::ServiceEndpointsDisagree { .. } => Some("endpoints-disagree".into()),
             Self::Baseline | Self::Isolation { .. } | Self::Pending => None,
         }
     }
@@ -56,6 +68,10 @@ impl Origin {
         match self {
             Self::Baseline => "default".into(),
             Self::Pending => "pending".into(),
+            Self::ServiceNoPort { namespace, name }
+            | Self::ServiceEndpointsDisagree {
+                namespace, name, ..
+            } => format!("Service {namespace}/{name}"),
             Self::EgressRule { policy, .. } => format!("EgressPolicy {policy}"),
             Self::NetworkPolicyRule {
                 namespace, name, ..
@@ -144,6 +160,27 @@ impl Answer {
                 rule: None,
                 reason: format!(
                     "NetworkPolicy {namespace}/{name} isolates the pod for egress and no NetworkPolicy rule allows {to}"
+                ),
+            },
+            Origin::ServiceNoPort { namespace, name } => Self {
+                verdict,
+                policy: None,
+                rule: origin.rule_label(),
+                reason: format!(
+                    "{to} is an address of Service {namespace}/{name}, which exposes no such port: denied (nothing would answer)"
+                ),
+            },
+            Origin::ServiceEndpointsDisagree {
+                namespace,
+                name,
+                allowed,
+                denied,
+            } => Self {
+                verdict,
+                policy: None,
+                rule: origin.rule_label(),
+                reason: format!(
+                    "{to} is Service {namespace}/{name}, whose ready endpoints the policy does not treat alike (endpoint {allowed} allowed, endpoint {denied} denied): denied"
                 ),
             },
             Origin::Pending => Self {

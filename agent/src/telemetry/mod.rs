@@ -3,6 +3,7 @@
 //! `docs/metrics.md` lists every metric and label.
 
 pub mod denylog;
+pub mod http;
 pub mod server;
 
 use std::{
@@ -11,7 +12,8 @@ use std::{
 };
 
 use prometheus::{
-    Encoder as _, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::datapath::{Counters, EndpointId, MapUsage, RuleId, Verdict};
@@ -53,6 +55,14 @@ pub struct Telemetry {
     programs_attached: IntGauge,
     deny_log_suppressed: IntCounter,
     events_lost: IntGauge,
+    compile_seconds: Histogram,
+    enforce_latency_seconds: Histogram,
+    watch_restarts: IntCounterVec,
+    watched_objects: IntGaugeVec,
+    /// Watch restarts already counted, per kind (the source reports totals).
+    seen_restarts: HashMap<String, u64>,
+    /// Messages of the last load's rejections, for `/readyz`.
+    rejections: Vec<String>,
     /// At most this many destination IPs get their own series.
     budget: usize,
     destinations: HashSet<IpAddr>,
@@ -95,7 +105,36 @@ impl Telemetry {
             register(name, Box::new(g.clone()))?;
             Ok::<_, TelemetryError>(g)
         };
+        let histogram = |name: &'static str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .map_err(|source| TelemetryError::Register { name, source })?;
+            register(name, Box::new(h.clone()))?;
+            Ok::<_, TelemetryError>(h)
+        };
+        let latency_buckets = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ];
         Ok(Self {
+            compile_seconds: histogram(
+                "egret_policy_compile_seconds",
+                "Time to compile the cluster state into datapath entries.",
+                latency_buckets.clone(),
+            )?,
+            enforce_latency_seconds: histogram(
+                "egret_policy_enforce_latency_seconds",
+                "From the first API event (or file change) a policy write includes to the end of that write: debounce, compile and map writes.",
+                latency_buckets,
+            )?,
+            watch_restarts: counter_vec(
+                "egret_watch_restarts_total",
+                "Kubernetes watches that failed and backed off before resuming or re-listing, by kind.",
+                &["kind"],
+            )?,
+            watched_objects: gauge_vec(
+                "egret_watched_objects",
+                "Objects in each Kubernetes watch's store, by kind.",
+                &["kind"],
+            )?,
             connections: counter_vec(
                 "egret_egress_connections_total",
                 "Outbound connection attempts (connect, or one datagram) by verdict: blocked (BlackHole), passthrough (allowed) or audit (allowed; an Audit policy would deny).",
@@ -128,7 +167,7 @@ impl Telemetry {
             )?,
             rejected: gauge_vec(
                 "egret_policies_rejected",
-                "Objects left out of the last load, by reason (unreadable: not YAML or wrong shape; invalid: failed validation).",
+                "Files and objects rejected by the last load, by reason (config: the config file does not load, nothing was reloaded; unreadable: a file or document could not be read, parsed or decoded; invalid: an object failed validation or is a duplicate). A rejected object keeps its last valid version; every other object is enforced.",
                 &["reason"],
             )?,
             map_entries: gauge_vec("egret_map_entries", "Entries in each kernel map.", &["map"])?,
@@ -158,7 +197,33 @@ impl Telemetry {
             destinations: HashSet::new(),
             seen: HashMap::new(),
             seen_lost: [0; 3],
+            seen_restarts: HashMap::new(),
+            rejections: Vec::new(),
         })
+    }
+
+    /// Records one compile's duration.
+    pub fn compiled(&self, seconds: f64) {
+        self.compile_seconds.observe(seconds);
+    }
+
+    /// Records a policy write that took effect `seconds` after the change it includes.
+    pub fn enforced_after(&self, seconds: f64) {
+        self.enforce_latency_seconds.observe(seconds);
+    }
+
+    /// Records a watch's state: its restarts so far (a total) and the objects in its store.
+    pub fn watch(&mut self, kind: &str, restarts: u64, objects: usize) {
+        let seen = self.seen_restarts.entry(kind.to_owned()).or_default();
+        if restarts > *seen {
+            self.watch_restarts
+                .with_label_values(&[kind])
+                .inc_by(restarts - *seen);
+            *seen = restarts;
+        }
+        self.watched_objects
+            .with_label_values(&[kind])
+            .set(i64::try_from(objects).unwrap_or(i64::MAX));
     }
 
     /// Adds what the kernel counted since the last drain. `source` names the endpoint and
@@ -250,12 +315,19 @@ impl Telemetry {
         self.sync_errors.inc();
     }
 
-    /// Objects left out of the last load, by reason.
-    pub fn rejected(&self, by_reason: &BTreeMap<&'static str, usize>) {
-        for reason in ["unreadable", "invalid"] {
+    /// Files and objects rejected by the last load, by reason, and their messages for the
+    /// readiness detail.
+    pub fn rejected(&mut self, by_reason: &BTreeMap<&'static str, usize>, messages: Vec<String>) {
+        for reason in ["config", "unreadable", "invalid"] {
             let n = by_reason.get(reason).copied().unwrap_or(0);
             self.rejected.with_label_values(&[reason]).set(n as i64);
         }
+        self.rejections = messages;
+    }
+
+    /// What the last load rejected (and which objects keep their last valid version).
+    pub fn rejections(&self) -> &[String] {
+        &self.rejections
     }
 
     /// Map fill.

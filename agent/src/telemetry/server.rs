@@ -1,97 +1,117 @@
-//! A minimal HTTP/1.1 server for `/metrics`, `/healthz` and `/readyz`. Scrapes are rare and
-//! small, so one thread answering one request per connection is enough, and pulls in no
-//! async runtime.
+//! What `/metrics`, `/healthz` and `/readyz` answer, from the state a run loop shares; the HTTP
+//! side is [`super::http`].
 
 use std::{
-    io::{self, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    io,
+    net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
-use super::Telemetry;
+use super::{Telemetry, http::Endpoints};
+
+/// A check of the process's own loops (the Kubernetes watches): `Err` says which died.
+pub type HealthCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
 
 /// What the server answers from.
 pub struct Shared {
     pub telemetry: Mutex<Telemetry>,
-    /// Set after the first successful policy write: `/readyz` answers 200 from then on.
+    /// Set after the first successful policy write: `/readyz` answers 200 from then on, unless
+    /// `waiting` says what else it waits for.
     pub ready: AtomicBool,
+    /// What readiness still waits for besides the first write (a watch's initial list).
+    pub waiting: Mutex<Option<String>>,
+    /// `None`: the process has no loop that can die on its own.
+    pub health: Option<HealthCheck>,
 }
 
-/// Listens on `addr` and answers in a background thread; returns the bound address (useful
+impl Shared {
+    pub fn new(telemetry: Telemetry) -> Self {
+        Self {
+            telemetry: Mutex::new(telemetry),
+            ready: AtomicBool::new(false),
+            waiting: Mutex::new(None),
+            health: None,
+        }
+    }
+
+    /// The telemetry, also after a thread panicked holding it (counters stay usable).
+    pub fn telemetry(&self) -> std::sync::MutexGuard<'_, Telemetry> {
+        self.telemetry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Endpoints for Shared {
+    fn metrics(&self) -> String {
+        self.telemetry().encode()
+    }
+
+    fn health(&self) -> Result<String, String> {
+        match &self.health {
+            Some(check) => check()
+                .map(|()| "ok\n".into())
+                .map_err(|e| format!("{e}\n")),
+            None => Ok("ok\n".into()),
+        }
+    }
+
+    fn readiness(&self) -> Result<String, String> {
+        if let Some(waiting) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            return Err(format!("not ready: {waiting}\n"));
+        }
+        if !self.ready.load(Ordering::SeqCst) {
+            return Err("no policy written yet\n".into());
+        }
+        // Ready: policy is enforced. Rejected files and objects are the detail: the rest is
+        // enforced and a rejected object keeps its last valid version.
+        let telemetry = self.telemetry();
+        let rejections = telemetry.rejections();
+        Ok(if rejections.is_empty() {
+            "ready\n".to_owned()
+        } else {
+            format!(
+                "ready; the last load rejected {} file(s) or object(s):\n{}\n",
+                rejections
+                    .iter()
+                    .filter(|m| !m.contains("keeps its last valid version"))
+                    .count(),
+                rejections.join("\n")
+            )
+        })
+    }
+}
+
+/// Listens on `addr` and answers on a thread of its own; returns the bound address (useful
 /// with port 0).
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let local = listener.local_addr()?;
-    std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(err) = answer(stream, &shared) {
-                    tracing::debug!("metrics request: {err}");
-                }
-            }
-        })?;
-    Ok(local)
-}
-
-fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    let mut request = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let n = stream.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&buf[..n]);
-    }
-    let line = String::from_utf8_lossy(&request);
-    let mut words = line.split_whitespace();
-    let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let (status, content_type, body) = match (method, path.split('?').next().unwrap_or("")) {
-        ("GET", "/metrics") => {
-            let text = shared
-                .telemetry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .encode();
-            ("200 OK", "text/plain; version=0.0.4", text)
-        }
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") if shared.ready.load(Ordering::SeqCst) => {
-            ("200 OK", "text/plain", "ready\n".to_owned())
-        }
-        ("GET", "/readyz") => (
-            "503 Service Unavailable",
-            "text/plain",
-            "no policy written yet\n".to_owned(),
-        ),
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_owned(),
-        ),
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    stream.flush()
+    super::http::serve_on_thread(addr, shared)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        io::{Read as _, Write as _},
+        net::TcpStream,
+    };
+
     use super::*;
 
     fn get(addr: SocketAddr, path: &str) -> String {
         let mut s = TcpStream::connect(addr).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -99,21 +119,59 @@ mod tests {
 
     #[test]
     fn serves_metrics_health_and_readiness() {
-        let shared = Arc::new(Shared {
-            telemetry: Mutex::new(Telemetry::new(10).unwrap()),
-            ready: AtomicBool::new(false),
-        });
+        let mut shared = Shared::new(Telemetry::new(10).unwrap());
+        let alive = Arc::new(AtomicBool::new(true));
+        let check = Arc::clone(&alive);
+        shared.health = Some(Box::new(move || {
+            if check.load(Ordering::SeqCst) {
+                Ok(())
+            } else {
+                Err("watch of Pod ended".into())
+            }
+        }));
+        *shared.waiting.lock().unwrap() = Some("watch of Pod has not listed".into());
+        let shared = Arc::new(shared);
         let addr = serve("127.0.0.1:0".parse().unwrap(), Arc::clone(&shared)).unwrap();
         assert!(get(addr, "/healthz").starts_with("HTTP/1.1 200"));
-        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 503"));
+        let waiting = get(addr, "/readyz");
+        assert!(
+            waiting.starts_with("HTTP/1.1 503") && waiting.contains("Pod has not listed"),
+            "{waiting}"
+        );
+        *shared.waiting.lock().unwrap() = None;
+        assert!(
+            get(addr, "/readyz").starts_with("HTTP/1.1 503"),
+            "no write yet"
+        );
         shared.ready.store(true, Ordering::SeqCst);
         assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200"));
-        shared.telemetry.lock().unwrap().sync_failed();
+        shared.telemetry().rejected(
+            &std::collections::BTreeMap::from([("invalid", 1)]),
+            vec![
+                "p.yaml document 0: NetworkPolicy x/y: spec: Required value: spec is required"
+                    .into(),
+            ],
+        );
+        let ready = get(addr, "/readyz");
+        assert!(
+            ready.starts_with("HTTP/1.1 200")
+                && ready.contains(
+                    "rejected 1 file(s) or object(s):\np.yaml document 0: NetworkPolicy x/y"
+                ),
+            "{ready}"
+        );
+        shared.telemetry().sync_failed();
         let metrics = get(addr, "/metrics");
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
         assert!(
             metrics.contains("egret_policy_sync_errors_total 1"),
             "{metrics}"
+        );
+        alive.store(false, Ordering::SeqCst);
+        let health = get(addr, "/healthz");
+        assert!(
+            health.starts_with("HTTP/1.1 503") && health.contains("Pod ended"),
+            "{health}"
         );
         assert!(get(addr, "/nope").starts_with("HTTP/1.1 404"));
     }
