@@ -1,6 +1,7 @@
 //! Installs what building egret needs and the machine lacks, idempotently: the nightly's
-//! `rust-src` (the BPF target builds `core` from source) and bpf-linker 0.13 built against the
-//! nightly's own LLVM. A machine that has both pays a few `--version` calls.
+//! `rust-src` (the BPF target builds `core` from source), bpf-linker 0.13 built against the
+//! nightly's own LLVM, and Debian's prometheus and kubectl packages for the tests. A machine
+//! that has them pays a few `--version` calls.
 
 use std::{
     os::unix::fs::symlink,
@@ -20,7 +21,21 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_prometheus()?;
+    ensure_kubectl()?;
     Ok(())
+}
+
+/// Debian's `kubectl` package: the test API server's tests drive the real kubectl against it.
+fn ensure_kubectl() -> anyhow::Result<()> {
+    if capture(Command::new("kubectl").args(["version", "--client"])).is_ok() {
+        return Ok(());
+    }
+    println!("setup: installing Debian's kubectl package");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends", "kubectl"])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("failed to install kubectl (needs root and Debian's package archive)")
 }
 
 /// Debian's `prometheus` package: the alert tests run its `promtool`, and the end-to-end test

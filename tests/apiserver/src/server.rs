@@ -1,0 +1,1020 @@
+//! The HTTP side: routes of the real server (`/api/v1/namespaces/{ns}/pods/{name}/status`,
+//! `/apis/{group}/{version}/...`, `/watch/` paths and `?watch=true`), the verbs on them, watch
+//! streams with bookmarks and 410s, the request log, and the test hooks under `/egret-test/`.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
+use hyper::body::{Frame, Incoming};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::{
+    discovery,
+    patch::PatchKind,
+    resource::ResourceType,
+    selector::{FieldSelector, LabelSelector},
+    status::ApiError,
+    store::{EventType, Store, WatchEvent},
+    table,
+};
+
+/// Largest request body accepted (the real server's limit is 3 MiB per object).
+const MAX_BODY: usize = 16 << 20;
+
+/// Tunables of a server.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How often a watch that asked for bookmarks gets one (the real server sends them about
+    /// once a minute).
+    pub bookmark_interval: Duration,
+    /// Events kept for watches to resume from; older versions get 410 Gone.
+    pub history_limit: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            bookmark_interval: Duration::from_secs(60),
+            history_limit: 100_000,
+        }
+    }
+}
+
+/// One API request as RBAC sees it: the verb, the resource and its coordinates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RequestRecord {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete` or `deletecollection`
+    /// for resource requests; the lowercase HTTP method for others (discovery, OpenAPI).
+    pub verb: String,
+    /// API group (`""` for the core group).
+    pub api_group: String,
+    /// Plural resource (`pods`), empty for a non-resource request.
+    pub resource: String,
+    /// `status` for the status subresource, else empty.
+    pub subresource: String,
+    /// Namespace, empty for cluster-scoped and all-namespace requests.
+    pub namespace: String,
+    /// Object name, empty for collections.
+    pub name: String,
+    /// The client's `User-Agent`.
+    pub user_agent: String,
+    /// The request path, the `nonResourceURL` of a non-resource request.
+    pub path: String,
+    /// The query string, as sent (`limit=500&continue=...`).
+    pub query: String,
+    /// HTTP status answered.
+    pub code: u16,
+}
+
+/// Shared by every connection.
+pub(crate) struct State {
+    pub(crate) store: Mutex<Store>,
+    pub(crate) requests: Mutex<Vec<RequestRecord>>,
+    /// Bumped to end every open watch.
+    pub(crate) drop_watches: watch::Sender<u64>,
+    /// While true, new watches wait before they start (so a test can make writes and compact
+    /// while clients reconnect).
+    pub(crate) hold_watches: watch::Sender<bool>,
+    pub(crate) config: Config,
+    pub(crate) address: String,
+}
+
+/// A poisoned lock only means another request panicked; the data is still consistent
+/// enough for a test server, and one failed test should not cascade into all.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl State {
+    pub(crate) fn new(config: Config, address: String) -> Self {
+        let (events, _) = broadcast::channel(65_536);
+        Self {
+            store: Mutex::new(Store::new(config.history_limit, events)),
+            requests: Mutex::new(Vec::new()),
+            drop_watches: watch::channel(0).0,
+            hold_watches: watch::channel(false).0,
+            config,
+            address,
+        }
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+fn json_response(code: u16, value: &Value) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
+    *response.status_mut() =
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(e.code, &e.to_status())
+}
+
+/// The parts of a request the handlers read.
+struct Call {
+    method: Method,
+    path: String,
+    raw_query: String,
+    query: HashMap<String, String>,
+    accept: String,
+    content_type: String,
+    user_agent: String,
+    body: Bytes,
+}
+
+impl Call {
+    fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        matches!(self.param(name), Some("true" | "1"))
+    }
+
+    fn dry_run(&self) -> bool {
+        self.param("dryRun") == Some("All")
+    }
+
+    fn wants_table(&self) -> bool {
+        self.accept.contains("as=Table")
+    }
+
+    /// The body as JSON (or YAML, which JSON is a subset of); protobuf is refused with 415,
+    /// which is what a server without the protobuf codec for a kind answers.
+    fn body_value(&self) -> Result<Value, ApiError> {
+        if self.content_type.contains("protobuf") {
+            return Err(ApiError::unsupported_media_type(&self.content_type));
+        }
+        if self.body.is_empty() {
+            return Ok(Value::Null);
+        }
+        if self.content_type.contains("yaml") {
+            return serde_yaml::from_slice(&self.body)
+                .map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")));
+        }
+        serde_json::from_slice(&self.body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// Serves one HTTP request.
+pub(crate) async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return error_response(&ApiError::bad_request(format!(
+                "failed to read the body: {e}"
+            )));
+        }
+    };
+    let header = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let call = Call {
+        method: parts.method.clone(),
+        path: parts.uri.path().to_owned(),
+        raw_query: parts.uri.query().unwrap_or_default().to_owned(),
+        query: form_urlencoded::parse(parts.uri.query().unwrap_or_default().as_bytes())
+            .into_owned()
+            .collect(),
+        accept: header(header::ACCEPT),
+        content_type: header(header::CONTENT_TYPE),
+        user_agent: header(header::USER_AGENT),
+        body,
+    };
+    if let Some(hook) = call.path.strip_prefix("/egret-test/") {
+        return admin(&state, hook, &call);
+    }
+    let (response, record) = route(&state, &call).await;
+    debug!(
+        method = %call.method,
+        path = %call.path,
+        query = ?parts.uri.query(),
+        code = response.status().as_u16(),
+        "request"
+    );
+    lock(&state.requests).push(RequestRecord {
+        code: response.status().as_u16(),
+        ..record
+    });
+    response
+}
+
+/// The test hooks: request log, dropping watches, compaction, holding watches, seeding.
+fn admin(state: &Arc<State>, hook: &str, call: &Call) -> Response<Body> {
+    match (&call.method, hook) {
+        (&Method::GET, "requests") => {
+            let requests = lock(&state.requests).clone();
+            json_response(200, &serde_json::to_value(requests).unwrap_or_default())
+        }
+        (&Method::DELETE, "requests") => {
+            lock(&state.requests).clear();
+            json_response(200, &json!({}))
+        }
+        (&Method::POST, "drop-watches") => {
+            state.drop_watches.send_modify(|g| *g += 1);
+            json_response(200, &json!({}))
+        }
+        (&Method::POST, "compact") => {
+            let mut store = lock(&state.store);
+            store.compact();
+            json_response(
+                200,
+                &json!({"resourceVersion": store.resource_version().to_string()}),
+            )
+        }
+        (&Method::POST, "hold-watches") => {
+            let hold = call.param("hold") != Some("false");
+            state.hold_watches.send_replace(hold);
+            json_response(200, &json!({"hold": hold}))
+        }
+        (&Method::POST, "seed") => {
+            let text = String::from_utf8_lossy(&call.body);
+            match crate::seed(&mut lock(&state.store), &text) {
+                Ok(objects) => json_response(200, &json!({"objects": objects.len()})),
+                Err(e) => error_response(&e),
+            }
+        }
+        _ => error_response(&ApiError::no_route(&call.path)),
+    }
+}
+
+/// A non-resource request's log entry.
+fn non_resource(call: &Call) -> RequestRecord {
+    RequestRecord {
+        verb: call.method.as_str().to_lowercase(),
+        api_group: String::new(),
+        resource: String::new(),
+        subresource: String::new(),
+        namespace: String::new(),
+        name: String::new(),
+        user_agent: call.user_agent.clone(),
+        path: call.path.clone(),
+        query: call.raw_query.clone(),
+        code: 0,
+    }
+}
+
+async fn route(state: &Arc<State>, call: &Call) -> (Response<Body>, RequestRecord) {
+    let segments: Vec<&str> = call.path.split('/').filter(|s| !s.is_empty()).collect();
+    let record = non_resource(call);
+    let found = |v: Option<Value>| match v {
+        Some(v) => json_response(200, &v),
+        None => error_response(&ApiError::no_route(&call.path)),
+    };
+    if call.method != Method::GET
+        && !matches!(
+            segments.as_slice(),
+            ["api", _, _, ..] | ["apis", _, _, _, ..]
+        )
+    {
+        return (
+            error_response(&ApiError::method_not_allowed(call.method.as_str())),
+            record,
+        );
+    }
+    let response = match segments.as_slice() {
+        ["version"] => json_response(200, &discovery::version()),
+        ["healthz" | "readyz" | "livez"] => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"ok")).boxed_unsync());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain"),
+            );
+            r
+        }
+        ["api"] => json_response(200, &discovery::core_versions(&state.address)),
+        ["apis"] => json_response(200, &discovery::group_list(lock(&state.store).types())),
+        ["apis", group] => found(discovery::group(lock(&state.store).types(), group)),
+        ["api", version] => found(discovery::resource_list(
+            lock(&state.store).types(),
+            "",
+            version,
+        )),
+        ["apis", group, version] => found(discovery::resource_list(
+            lock(&state.store).types(),
+            group,
+            version,
+        )),
+        ["openapi", "v3"] => {
+            let store = lock(&state.store);
+            json_response(
+                200,
+                &discovery::openapi_index(store.types(), store.types_generation()),
+            )
+        }
+        ["openapi", "v3", rest @ ..] => found(discovery::openapi_document(
+            lock(&state.store).types(),
+            &rest.join("/"),
+        )),
+        ["api", version, rest @ ..] => return resource(state, call, "", version, rest).await,
+        ["apis", group, version, rest @ ..] => {
+            return resource(state, call, group, version, rest).await;
+        }
+        _ => error_response(&ApiError::no_route(&call.path)),
+    };
+    (response, record)
+}
+
+/// A resource URL, parsed.
+struct Target {
+    t: ResourceType,
+    version: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    subresource: Option<String>,
+    watch_path: bool,
+}
+
+impl Target {
+    fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or_default()
+    }
+
+    /// The object as the requested version presents it.
+    fn present(&self, mut obj: Value) -> Value {
+        if obj.is_object() {
+            obj["apiVersion"] = json!(self.t.api_version(&self.version));
+        }
+        obj
+    }
+}
+
+fn parse_target(store: &Store, group: &str, version: &str, rest: &[&str]) -> Option<Target> {
+    let (watch_path, rest) = match rest {
+        ["watch", rest @ ..] => (true, rest),
+        _ => (false, rest),
+    };
+    let (namespace, rest): (Option<String>, Vec<&str>) = match rest {
+        ["namespaces", ns, plural, tail @ ..]
+            if store
+                .find_type(group, version, plural)
+                .is_some_and(|t| t.namespaced) =>
+        {
+            let rest = std::iter::once(*plural)
+                .chain(tail.iter().copied())
+                .collect();
+            (Some((*ns).to_owned()), rest)
+        }
+        _ => (None, rest.to_vec()),
+    };
+    let (plural, name, subresource) = match rest.as_slice() {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some((*name).to_owned()), None),
+        [plural, name, sub] => (*plural, Some((*name).to_owned()), Some((*sub).to_owned())),
+        _ => return None,
+    };
+    let t = store.find_type(group, version, plural)?;
+    if namespace.is_some() && !t.namespaced {
+        return None;
+    }
+    if subresource
+        .as_deref()
+        .is_some_and(|s| s != "status" || !t.status)
+    {
+        return None;
+    }
+    Some(Target {
+        t,
+        version: version.to_owned(),
+        namespace,
+        name,
+        subresource,
+        watch_path,
+    })
+}
+
+async fn resource(
+    state: &Arc<State>,
+    call: &Call,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> (Response<Body>, RequestRecord) {
+    let mut record = non_resource(call);
+    let target = parse_target(&lock(&state.store), group, version, rest);
+    let Some(target) = target else {
+        return (error_response(&ApiError::no_route(&call.path)), record);
+    };
+    let watching = target.watch_path || call.flag("watch");
+    let verb = match (&call.method, target.name.is_some()) {
+        (&Method::GET, _) if watching => "watch",
+        (&Method::GET, true) => "get",
+        (&Method::GET, false) => "list",
+        (&Method::POST, false) => "create",
+        (&Method::PUT, true) => "update",
+        (&Method::PATCH, true) => "patch",
+        (&Method::DELETE, true) => "delete",
+        (&Method::DELETE, false) => "deletecollection",
+        _ => {
+            return (
+                error_response(&ApiError::method_not_allowed(call.method.as_str())),
+                record,
+            );
+        }
+    };
+    record = RequestRecord {
+        verb: verb.to_owned(),
+        api_group: target.t.group.clone(),
+        resource: target.t.plural.clone(),
+        subresource: target.subresource.clone().unwrap_or_default(),
+        namespace: target.namespace().to_owned(),
+        name: target.name.clone().unwrap_or_default(),
+        ..record
+    };
+    let result = match verb {
+        "watch" => return (start_watch(state, call, &target).await, record),
+        "get" => lock(&state.store)
+            .get(
+                &target.t,
+                target.namespace(),
+                target.name.as_deref().unwrap_or_default(),
+            )
+            .map(|o| (200, respond_object(call, &target, o))),
+        "list" => list(state, call, &target).map(|v| (200, v)),
+        "create" => create(state, call, &target).map(|v| (201, v)),
+        "update" => update(state, call, &target).map(|v| (200, v)),
+        "patch" => patch(state, call, &target),
+        "delete" => delete(state, call, &target).map(|v| (200, v)),
+        _ => delete_collection(state, call, &target).map(|v| (200, v)),
+    };
+    let response = match result {
+        Ok((code, v)) => json_response(code, &v),
+        Err(e) => error_response(&e),
+    };
+    (response, record)
+}
+
+/// One object, as a table when kubectl asks for one.
+fn respond_object(call: &Call, target: &Target, obj: Value) -> Value {
+    let obj = target.present(obj);
+    if call.wants_table() {
+        let rv = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion")});
+        table::table(
+            &[obj],
+            rv,
+            call.param("includeObject").unwrap_or("Metadata"),
+        )
+    } else {
+        obj
+    }
+}
+
+fn selectors(call: &Call, t: &ResourceType) -> Result<(LabelSelector, FieldSelector), ApiError> {
+    let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or_default())
+        .map_err(ApiError::bad_request)?;
+    let fields = FieldSelector::parse(
+        call.param("fieldSelector").unwrap_or_default(),
+        t.field_labels(),
+    )
+    .map_err(ApiError::bad_request)?;
+    Ok((labels, fields))
+}
+
+/// Encodes a continue token: the list's version and the last key served, hex-encoded.
+fn encode_continue(rv: u64, namespace: &str, name: &str) -> String {
+    format!("{rv}\0{namespace}\0{name}")
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn decode_continue(token: &str) -> Option<(u64, String, String)> {
+    let bytes: Option<Vec<u8>> = (0..token.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(token.get(i..i + 2)?, 16).ok())
+        .collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let mut parts = text.split('\0');
+    let rv = parts.next()?.parse().ok()?;
+    Some((rv, parts.next()?.to_owned(), parts.next()?.to_owned()))
+}
+
+fn key_of(obj: &Value) -> (String, String) {
+    let s = |f: &str| {
+        obj.pointer(f)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    (s("/metadata/namespace"), s("/metadata/name"))
+}
+
+/// A list, paginated with `limit` and `continue` as the real server does.
+fn list(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiError> {
+    let (labels, fields) = selectors(call, &target.t)?;
+    let limit: usize = call
+        .param("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    let store = lock(&state.store);
+    let (rv, after) = match call.param("continue") {
+        Some(token) => {
+            let (rv, ns, name) = decode_continue(token)
+                .ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
+            if rv < store.oldest() {
+                return Err(ApiError::expired(
+                    "The provided continue parameter is too old to display a consistent list result. \
+                     You can start a new list without the continue parameter.",
+                ));
+            }
+            (rv, Some((ns, name)))
+        }
+        None => (store.resource_version(), None),
+    };
+    let mut items: Vec<Value> = store
+        .list(&target.t, target.namespace.as_deref())
+        .into_iter()
+        .filter(|o| after.as_ref().is_none_or(|a| key_of(o) > *a))
+        .filter(|o| labels.matches(o) && fields.matches(o))
+        .map(|o| target.present(o))
+        .collect();
+    drop(store);
+    let mut metadata = json!({"resourceVersion": rv.to_string()});
+    if limit > 0 && items.len() > limit {
+        let remaining = items.len() - limit;
+        items.truncate(limit);
+        let (ns, name) = items.last().map(key_of).unwrap_or_default();
+        metadata["continue"] = json!(encode_continue(rv, &ns, &name));
+        metadata["remainingItemCount"] = json!(remaining);
+    }
+    if call.wants_table() {
+        return Ok(table::table(
+            &items,
+            metadata,
+            call.param("includeObject").unwrap_or("Metadata"),
+        ));
+    }
+    Ok(json!({
+        "kind": format!("{}List", target.t.kind),
+        "apiVersion": target.t.api_version(&target.version),
+        "metadata": metadata,
+        "items": items,
+    }))
+}
+
+fn create(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiError> {
+    if target.subresource.is_some() {
+        return Err(ApiError::method_not_allowed("POST"));
+    }
+    if target.t.namespaced && target.namespace.is_none() {
+        return Err(ApiError::no_route(&call.path));
+    }
+    let body = call.body_value()?;
+    lock(&state.store)
+        .create(&target.t, target.namespace.as_deref(), body, call.dry_run())
+        .map(|o| target.present(o))
+}
+
+fn update(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiError> {
+    let body = call.body_value()?;
+    lock(&state.store)
+        .update(
+            &target.t,
+            target.namespace(),
+            target.name.as_deref().unwrap_or_default(),
+            body,
+            target.subresource.as_deref(),
+            call.dry_run(),
+        )
+        .map(|o| target.present(o))
+}
+
+fn patch(state: &Arc<State>, call: &Call, target: &Target) -> Result<(u16, Value), ApiError> {
+    let kind = PatchKind::from_content_type(&call.content_type)
+        .ok_or_else(|| ApiError::unsupported_media_type(&call.content_type))?;
+    let body: Value = match kind {
+        PatchKind::Apply => {
+            if call.param("fieldManager").is_none() {
+                return Err(ApiError::bad_request(
+                    "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch",
+                ));
+            }
+            serde_yaml::from_slice(&call.body)
+                .map_err(|e| ApiError::bad_request(format!("invalid apply body: {e}")))?
+        }
+        _ => serde_json::from_slice(&call.body)
+            .map_err(|e| ApiError::bad_request(format!("invalid patch body: {e}")))?,
+    };
+    let name = target.name.as_deref().unwrap_or_default();
+    let mut store = lock(&state.store);
+    let existed = store.get(&target.t, target.namespace(), name).is_ok();
+    let obj = store.patch(
+        &target.t,
+        target.namespace(),
+        name,
+        kind,
+        &body,
+        target.subresource.as_deref(),
+        call.dry_run(),
+    )?;
+    Ok((if existed { 200 } else { 201 }, target.present(obj)))
+}
+
+/// `DeleteOptions` from the body (or none).
+fn delete_options(call: &Call) -> Result<Value, ApiError> {
+    call.body_value()
+}
+
+fn delete(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiError> {
+    if target.subresource.is_some() {
+        return Err(ApiError::method_not_allowed("DELETE"));
+    }
+    let options = delete_options(call)?;
+    let dry_run = call.dry_run()
+        || options
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|d| d.iter().any(|v| v == "All"));
+    lock(&state.store)
+        .delete(
+            &target.t,
+            target.namespace(),
+            target.name.as_deref().unwrap_or_default(),
+            options.get("preconditions"),
+            dry_run,
+        )
+        .map(|o| target.present(o))
+}
+
+fn delete_collection(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiError> {
+    let (labels, fields) = selectors(call, &target.t)?;
+    let mut store = lock(&state.store);
+    let mut deleted = Vec::new();
+    for obj in store.list(&target.t, target.namespace.as_deref()) {
+        if labels.matches(&obj) && fields.matches(&obj) {
+            let (ns, name) = key_of(&obj);
+            deleted.push(target.present(store.delete(
+                &target.t,
+                &ns,
+                &name,
+                None,
+                call.dry_run(),
+            )?));
+        }
+    }
+    Ok(json!({
+        "kind": format!("{}List", target.t.kind),
+        "apiVersion": target.t.api_version(&target.version),
+        "metadata": {"resourceVersion": store.resource_version().to_string()},
+        "items": deleted,
+    }))
+}
+
+/// What one watch selects and how it shows objects.
+struct WatchFilter {
+    target: Target,
+    labels: LabelSelector,
+    fields: FieldSelector,
+    table: Option<String>,
+}
+
+impl WatchFilter {
+    fn matches(&self, obj: &Value) -> bool {
+        let (ns, name) = key_of(obj);
+        self.target.namespace.as_ref().is_none_or(|n| *n == ns)
+            && self.target.name.as_ref().is_none_or(|n| *n == name)
+            && self.labels.matches(obj)
+            && self.fields.matches(obj)
+    }
+
+    fn line(&self, event_type: &str, obj: Value) -> Bytes {
+        let obj = self.target.present(obj);
+        let object = match &self.table {
+            Some(include) => table::table(std::slice::from_ref(&obj), json!({}), include),
+            None => obj,
+        };
+        let mut line =
+            serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+
+    /// The event this watch sends for a change, if any: an object that stops matching the
+    /// selectors is DELETED for it, one that starts matching is ADDED.
+    fn render(&self, event: &WatchEvent) -> Option<Bytes> {
+        if event.group != self.target.t.group || event.plural != self.target.t.plural {
+            return None;
+        }
+        let now = self.matches(&event.object);
+        let before = event.old.as_ref().is_some_and(|o| self.matches(o));
+        let event_type = match (event.event_type, before, now) {
+            (EventType::Added | EventType::Deleted, _, false) => return None,
+            (EventType::Added, _, true) => "ADDED",
+            (EventType::Deleted, _, true) => "DELETED",
+            (EventType::Modified, true, true) => "MODIFIED",
+            (EventType::Modified, false, true) => "ADDED",
+            (EventType::Modified, true, false) => "DELETED",
+            (EventType::Modified, false, false) => return None,
+        };
+        Some(self.line(event_type, event.object.clone()))
+    }
+
+    fn bookmark(&self, rv: u64, initial_events_end: bool) -> Bytes {
+        let mut metadata = json!({"resourceVersion": rv.to_string()});
+        if initial_events_end {
+            metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        }
+        let obj = json!({
+            "kind": self.target.t.kind,
+            "apiVersion": self.target.t.api_version(&self.target.version),
+            "metadata": metadata,
+        });
+        let mut line =
+            serde_json::to_vec(&json!({"type": "BOOKMARK", "object": obj})).unwrap_or_default();
+        line.push(b'\n');
+        Bytes::from(line)
+    }
+}
+
+fn error_line(e: &ApiError) -> Bytes {
+    let mut line =
+        serde_json::to_vec(&json!({"type": "ERROR", "object": e.to_status()})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Starts a watch: a streamed 200 whose lines are watch events, as the real server sends
+/// them (a too-old resourceVersion is an ERROR event carrying a 410 `Status`).
+async fn start_watch(state: &Arc<State>, call: &Call, target: &Target) -> Response<Body> {
+    let (labels, fields) = match selectors(call, &target.t) {
+        Ok(s) => s,
+        Err(e) => return error_response(&e),
+    };
+    let mut target = Target {
+        t: target.t.clone(),
+        version: target.version.clone(),
+        namespace: target.namespace.clone(),
+        name: target.name.clone(),
+        subresource: None,
+        watch_path: true,
+    };
+    if target.name.is_none() {
+        target.name = fields.name().map(str::to_owned);
+    }
+    let filter = WatchFilter {
+        target,
+        labels,
+        fields,
+        table: call
+            .wants_table()
+            .then(|| call.param("includeObject").unwrap_or("Metadata").to_owned()),
+    };
+    let bookmarks = call.flag("allowWatchBookmarks");
+    let send_initial = call.flag("sendInitialEvents");
+    let timeout = call
+        .param("timeoutSeconds")
+        .and_then(|t| t.parse().ok())
+        .map_or(Duration::from_secs(1800), Duration::from_secs);
+    let from: Option<u64> = match call.param("resourceVersion") {
+        None | Some("0") => None,
+        Some(v) => match v.parse() {
+            Ok(v) => Some(v),
+            Err(_) => {
+                return error_response(&ApiError::bad_request(format!(
+                    "invalid resourceVersion {v:?}"
+                )));
+            }
+        },
+    };
+
+    // Wait while a test holds new watches back.
+    let mut hold = state.hold_watches.subscribe();
+    while *hold.borrow_and_update() {
+        if hold.changed().await.is_err() {
+            break;
+        }
+    }
+
+    let (tx, rx) = mpsc::channel::<Bytes>(1024);
+    let drop_rx = state.drop_watches.subscribe();
+    let start = {
+        let store = lock(&state.store);
+        let events = store.subscribe();
+        let current = store.resource_version();
+        match from.filter(|_| !send_initial) {
+            Some(rv) => match store.history_since(rv) {
+                Ok(backlog) => Ok((backlog, Vec::new(), rv, events)),
+                Err(e) => Err(e),
+            },
+            None => {
+                let initial = store
+                    .list(&filter.target.t, filter.target.namespace.as_deref())
+                    .into_iter()
+                    .filter(|o| filter.matches(o))
+                    .collect();
+                Ok((Vec::new(), initial, current, events))
+            }
+        }
+    };
+    let config = state.config.clone();
+    let store_state = Arc::clone(state);
+    match start {
+        Err(e) => {
+            // The real server answers 200 and reports the expiry as the stream's only event.
+            let _ = tx.try_send(error_line(&e));
+        }
+        Ok((backlog, initial, rv, events)) => {
+            tokio::spawn(async move {
+                let w = Watch {
+                    filter,
+                    tx,
+                    events,
+                    drop_rx,
+                    state: store_state,
+                    last_rv: rv,
+                };
+                w.run(
+                    backlog,
+                    initial,
+                    send_initial && bookmarks,
+                    bookmarks,
+                    timeout,
+                    config,
+                )
+                .await;
+            });
+        }
+    }
+    let stream = tokio_stream_from(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+    let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A receiver as a stream (what `tokio-stream`'s wrapper does, without the dependency).
+fn tokio_stream_from(rx: mpsc::Receiver<Bytes>) -> impl futures_util::Stream<Item = Bytes> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
+}
+
+/// One open watch.
+struct Watch {
+    filter: WatchFilter,
+    tx: mpsc::Sender<Bytes>,
+    events: broadcast::Receiver<Arc<WatchEvent>>,
+    drop_rx: watch::Receiver<u64>,
+    state: Arc<State>,
+    last_rv: u64,
+}
+
+impl Watch {
+    /// Sends an event if it is new to this watch; false when the client is gone.
+    async fn deliver(&mut self, event: &WatchEvent) -> bool {
+        if event.rv <= self.last_rv {
+            return true;
+        }
+        self.last_rv = event.rv;
+        match self.filter.render(event) {
+            Some(line) => self.tx.send(line).await.is_ok(),
+            None => true,
+        }
+    }
+
+    async fn run(
+        mut self,
+        backlog: Vec<Arc<WatchEvent>>,
+        initial: Vec<Value>,
+        initial_events_end: bool,
+        bookmarks: bool,
+        timeout: Duration,
+        config: Config,
+    ) {
+        for obj in initial {
+            if self.tx.send(self.filter.line("ADDED", obj)).await.is_err() {
+                return;
+            }
+        }
+        if initial_events_end
+            && self
+                .tx
+                .send(self.filter.bookmark(self.last_rv, true))
+                .await
+                .is_err()
+        {
+            return;
+        }
+        for event in backlog {
+            if !self.deliver(&event).await {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut ticks = tokio::time::interval(config.bookmark_interval);
+        ticks.reset();
+        loop {
+            tokio::select! {
+                () = &mut deadline => return,
+                _ = self.drop_rx.changed() => return,
+                () = self.tx.closed() => return,
+                received = self.events.recv() => match received {
+                    Ok(event) => {
+                        if !self.deliver(&event).await {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.expire().await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = ticks.tick(), if bookmarks => {
+                    if !self.bookmark().await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A watch too slow to keep up is ended with 410, as the real server ends it, and the
+    /// client re-lists.
+    async fn expire(&mut self) {
+        warn!(resource = %self.filter.target.t.plural, "watch fell behind; ending it with 410");
+        let e = ApiError::expired(format!("too old resource version: {}", self.last_rv));
+        let _ = self.tx.send(error_line(&e)).await;
+    }
+
+    /// Sends a BOOKMARK at the store's current version, after every event up to it.
+    async fn bookmark(&mut self) -> bool {
+        // Events are broadcast under the store lock, so all up to `current` are queued now.
+        let current = lock(&self.state.store).resource_version();
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => {
+                    if !self.deliver(&event).await {
+                        return false;
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                    self.expire().await;
+                    return false;
+                }
+                Err(broadcast::error::TryRecvError::Closed) => return false,
+            }
+        }
+        self.last_rv = self.last_rv.max(current);
+        self.tx
+            .send(self.filter.bookmark(self.last_rv, false))
+            .await
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::object_rv;
+
+    #[test]
+    fn continue_tokens_round_trip() {
+        let token = encode_continue(42, "shop", "web-1");
+        assert!(token.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_eq!(
+            decode_continue(&token),
+            Some((42, "shop".to_owned(), "web-1".to_owned()))
+        );
+        assert_eq!(decode_continue("zz"), None);
+    }
+
+    #[test]
+    fn object_rv_reads_the_version() {
+        assert_eq!(
+            object_rv(&json!({"metadata": {"resourceVersion": "17"}})),
+            17
+        );
+    }
+}
