@@ -225,6 +225,20 @@ fn kubectl_apply_get_label_patch_delete() {
         "payments"
     );
     assert_eq!(kubectl.names(&["pods", "-A", "-l", "tier=back"]), ["api"]);
+    let requests = server.requests();
+    let label = requests
+        .iter()
+        .rfind(|r| r.verb == "patch")
+        .expect("label is logged as a patch");
+    assert_eq!(
+        (
+            label.resource.as_str(),
+            label.namespace.as_str(),
+            label.name.as_str()
+        ),
+        ("pods", "shop", "api")
+    );
+    assert!(label.user_agent.starts_with("kubectl"), "{label:?}");
 
     // patch: strategic (containers merge by name) and merge.
     let before = pod("web").expect("web");
