@@ -161,6 +161,12 @@ impl Call {
         self.accept.contains("as=Table")
     }
 
+    /// `Accept: ...;as=PartialObjectMetadata[List]`: kube-rs's metadata watchers ask for
+    /// objects reduced to their metadata.
+    fn metadata_only(&self) -> bool {
+        self.accept.contains("as=PartialObjectMetadata")
+    }
+
     /// The body as JSON (or YAML, which JSON is a subset of); protobuf is refused with 415,
     /// which is what a server without the protobuf codec for a kind answers.
     fn body_value(&self) -> Result<Value, ApiError> {
@@ -450,6 +456,15 @@ async fn resource(
         name: target.name.clone().unwrap_or_default(),
         ..record
     };
+    // A list or watch pinned to one name by `fieldSelector=metadata.name=` is authorized as a
+    // request for that name, as the real server's RequestInfo resolves it.
+    if record.name.is_empty()
+        && matches!(verb, "list" | "watch")
+        && let Ok((_, fields)) = selectors(call, &target.t)
+        && let Some(name) = fields.name()
+    {
+        record.name = name.to_owned();
+    }
     let result = match verb {
         "watch" => return (start_watch(state, call, &target).await, record),
         "get" => lock(&state.store)
@@ -473,9 +488,21 @@ async fn resource(
     (response, record)
 }
 
-/// One object, as a table when kubectl asks for one.
+/// An object reduced to its metadata, as `PartialObjectMetadata`.
+fn partial(obj: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata").cloned().unwrap_or(json!({})),
+    })
+}
+
+/// One object, as a table when kubectl asks for one, or only its metadata.
 fn respond_object(call: &Call, target: &Target, obj: Value) -> Value {
     let obj = target.present(obj);
+    if call.metadata_only() {
+        return partial(&obj);
+    }
     if call.wants_table() {
         let rv = json!({"resourceVersion": obj.pointer("/metadata/resourceVersion")});
         table::table(
@@ -550,21 +577,32 @@ fn list(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiEr
         }
         None => (store.resource_version(), None),
     };
-    let mut items: Vec<Value> = store
-        .list(&target.t, target.namespace.as_deref())
-        .into_iter()
-        .filter(|o| after.as_ref().is_none_or(|a| key_of(o) > *a))
+    let mut items = Vec::new();
+    let mut remaining = 0usize;
+    for obj in store
+        .range(&target.t, target.namespace.as_deref(), after.as_ref())
         .filter(|o| labels.matches(o) && fields.matches(o))
-        .map(|o| target.present(o))
-        .collect();
+    {
+        if limit == 0 || items.len() < limit {
+            items.push(target.present(obj.clone()));
+        } else {
+            remaining += 1;
+        }
+    }
     drop(store);
     let mut metadata = json!({"resourceVersion": rv.to_string()});
-    if limit > 0 && items.len() > limit {
-        let remaining = items.len() - limit;
-        items.truncate(limit);
+    if remaining > 0 {
         let (ns, name) = items.last().map(key_of).unwrap_or_default();
         metadata["continue"] = json!(encode_continue(rv, &ns, &name));
         metadata["remainingItemCount"] = json!(remaining);
+    }
+    if call.metadata_only() {
+        return Ok(json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": metadata,
+            "items": items.iter().map(partial).collect::<Vec<_>>(),
+        }));
     }
     if call.wants_table() {
         return Ok(table::table(
@@ -695,6 +733,7 @@ struct WatchFilter {
     labels: LabelSelector,
     fields: FieldSelector,
     table: Option<String>,
+    metadata_only: bool,
 }
 
 impl WatchFilter {
@@ -709,6 +748,7 @@ impl WatchFilter {
     fn line(&self, event_type: &str, obj: Value) -> Bytes {
         let obj = self.target.present(obj);
         let object = match &self.table {
+            _ if self.metadata_only => partial(&obj),
             Some(include) => table::table(std::slice::from_ref(&obj), json!({}), include),
             None => obj,
         };
@@ -787,6 +827,7 @@ async fn start_watch(state: &Arc<State>, call: &Call, target: &Target) -> Respon
         table: call
             .wants_table()
             .then(|| call.param("includeObject").unwrap_or("Metadata").to_owned()),
+        metadata_only: call.metadata_only(),
     };
     let bookmarks = call.flag("allowWatchBookmarks");
     let send_initial = call.flag("sendInitialEvents");

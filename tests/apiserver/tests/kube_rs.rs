@@ -25,6 +25,7 @@ use kube::{
         WatchEvent, WatchParams,
     },
     config::{KubeConfigOptions, Kubeconfig},
+    core::PartialObjectMeta,
     runtime::{WatchStreamExt as _, reflector, reflector::Store, watcher},
 };
 use serde_json::{Value, json};
@@ -509,4 +510,63 @@ async fn leases_events_and_custom_resource_status() {
         ),
         ("egret.dev", "egresspolicies", "p")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_lists_and_metadata_watchers() {
+    let server = start(Duration::from_secs(60));
+    seed_pods(&server, 4);
+    let client = client(&server).await;
+    let api: Api<Pod> = Api::all(client.clone());
+
+    // A streaming list: the initial state arrives over the watch, ended by the bookmark
+    // annotated `k8s.io/initial-events-end`; no list call at all.
+    let (reader, writer) = reflector::store();
+    let config = watcher::Config::default().streaming_lists();
+    tokio::spawn(
+        reflector(writer, watcher(api.clone(), config).default_backoff()).for_each(|_| async {}),
+    );
+    within("the streamed initial state", reader.wait_until_ready())
+        .await
+        .expect("store ready");
+    assert_eq!(cached(&reader), stored(&server));
+    assert!(pod_requests(&server, "list").is_empty());
+    let first = &pod_requests(&server, "watch")[0];
+    assert!(first.query.contains("sendInitialEvents=true"), "{first:?}");
+
+    // A metadata watcher gets PartialObjectMetadata and follows label changes.
+    let (meta, writer) = reflector::store::<PartialObjectMeta<Pod>>();
+    let metadata_api: Api<PartialObjectMeta<Pod>> = Api::all(client.clone());
+    tokio::spawn(
+        reflector(
+            writer,
+            watcher(metadata_api, watcher::Config::default()).default_backoff(),
+        )
+        .for_each(|_| async {}),
+    );
+    within("the metadata list", meta.wait_until_ready())
+        .await
+        .expect("store ready");
+    assert_eq!(meta.state().len(), 4);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    pods.patch(
+        "pod-00",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "relabelled"}}})),
+    )
+    .await
+    .expect("patch");
+    eventually("the label change in both stores", || {
+        cached(&reader) == stored(&server)
+            && meta.state().iter().any(|p| {
+                p.metadata.name.as_deref() == Some("pod-00")
+                    && p.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get("app"))
+                        .map(String::as_str)
+                        == Some("relabelled")
+            })
+    })
+    .await;
 }
