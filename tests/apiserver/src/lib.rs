@@ -8,6 +8,7 @@
 pub mod discovery;
 pub mod patch;
 pub mod resource;
+pub mod schema;
 pub mod selector;
 mod server;
 pub mod status;
@@ -26,7 +27,7 @@ use serde_json::Value;
 pub use server::{Config, RequestRecord};
 use server::{State, lock};
 pub use status::ApiError;
-use store::Store;
+use store::{Store, WriteOptions};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
@@ -349,9 +350,9 @@ pub(crate) fn seed(store: &mut Store, yaml: &str) -> Result<Vec<Value>, ApiError
                 if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
                     m.remove("resourceVersion");
                 }
-                store.update(&t, &namespace, &name, body, None, false)?
+                store.update(&t, &namespace, &name, body, None, WriteOptions::default())?
             }
-            Err(_) => store.create(&t, ns, doc.clone(), false)?,
+            Err(_) => store.create(&t, ns, doc.clone(), WriteOptions::default())?,
         };
         if t.status
             && let Some(status) = doc.get("status")
@@ -363,7 +364,14 @@ pub(crate) fn seed(store: &mut Store, yaml: &str) -> Result<Vec<Value>, ApiError
                 .and_then(Value::as_str)
                 .unwrap_or_default()
                 .to_owned();
-            stored = store.update(&t, &namespace, &name, body, Some("status"), false)?;
+            stored = store.update(
+                &t,
+                &namespace,
+                &name,
+                body,
+                Some("status"),
+                WriteOptions::default(),
+            )?;
         }
         out.push(stored);
     }

@@ -25,7 +25,7 @@ use crate::{
     resource::ResourceType,
     selector::{FieldSelector, LabelSelector},
     status::ApiError,
-    store::{EventType, Store, WatchEvent},
+    store::{EventType, Store, WatchEvent, WriteOptions},
     table,
 };
 
@@ -155,6 +155,13 @@ impl Call {
 
     fn dry_run(&self) -> bool {
         self.param("dryRun") == Some("All")
+    }
+
+    fn write_options(&self) -> WriteOptions {
+        WriteOptions {
+            dry_run: self.dry_run(),
+            strict: self.param("fieldValidation") == Some("Strict"),
+        }
     }
 
     fn wants_table(&self) -> bool {
@@ -628,7 +635,12 @@ fn create(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, Api
     }
     let body = call.body_value()?;
     lock(&state.store)
-        .create(&target.t, target.namespace.as_deref(), body, call.dry_run())
+        .create(
+            &target.t,
+            target.namespace.as_deref(),
+            body,
+            call.write_options(),
+        )
         .map(|o| target.present(o))
 }
 
@@ -641,7 +653,7 @@ fn update(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, Api
             target.name.as_deref().unwrap_or_default(),
             body,
             target.subresource.as_deref(),
-            call.dry_run(),
+            call.write_options(),
         )
         .map(|o| target.present(o))
 }
@@ -672,7 +684,7 @@ fn patch(state: &Arc<State>, call: &Call, target: &Target) -> Result<(u16, Value
         kind,
         &body,
         target.subresource.as_deref(),
-        call.dry_run(),
+        call.write_options(),
     )?;
     Ok((if existed { 200 } else { 201 }, target.present(obj)))
 }

@@ -91,16 +91,50 @@ impl ApiError {
         )
     }
 
-    /// 422 for an object that fails validation.
+    /// 422 for an object that fails validation, named by kind as the real server names it
+    /// (`EgressPolicy.egret.dev "p" is invalid: spec.mode: Unsupported value: ...`).
     pub fn invalid(resource: &ResourceType, name: &str, message: &str) -> Self {
+        Self::invalid_fields(resource, name, &[message.to_owned()])
+    }
+
+    /// 422 listing every `field: message` violation, each also as a `details.causes` entry
+    /// (kubectl prints the causes).
+    pub fn invalid_fields(resource: &ResourceType, name: &str, errors: &[String]) -> Self {
+        let kind = if resource.group.is_empty() {
+            resource.kind.clone()
+        } else {
+            format!("{}.{}", resource.kind, resource.group)
+        };
+        let causes: Vec<Value> = errors
+            .iter()
+            .map(|e| {
+                let (field, message) = e.split_once(": ").unwrap_or(("", e));
+                let reason = if message.starts_with("Required value") {
+                    "FieldValueRequired"
+                } else if message.starts_with("Unsupported value") {
+                    "FieldValueNotSupported"
+                } else if message.starts_with("Too many") {
+                    "FieldValueTooMany"
+                } else {
+                    "FieldValueInvalid"
+                };
+                json!({"reason": reason, "message": message, "field": field})
+            })
+            .collect();
+        let mut details = details(resource, name);
+        if let Some(d) = &mut details {
+            d["kind"] = json!(resource.kind);
+            d["causes"] = json!(causes);
+        }
+        let message = match errors {
+            [one] => one.clone(),
+            many => format!("[{}]", many.join(", ")),
+        };
         Self {
             code: 422,
             reason: "Invalid",
-            message: format!(
-                "{} \"{name}\" is invalid: {message}",
-                resource.qualified_name()
-            ),
-            details: details(resource, name),
+            message: format!("{kind} \"{name}\" is invalid: {message}"),
+            details,
         }
     }
 

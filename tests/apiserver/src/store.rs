@@ -14,6 +14,7 @@ use tokio::sync::broadcast;
 use crate::{
     patch::{self, PatchKind},
     resource::{self, ResourceType},
+    schema,
     status::ApiError,
 };
 
@@ -58,6 +59,16 @@ pub struct WatchEvent {
 }
 
 type ObjectKey = (String, String);
+
+/// How a write is made, from the request's query.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteOptions {
+    /// `dryRun=All`: checked and answered, not stored.
+    pub dry_run: bool,
+    /// `fieldValidation=Strict`: a custom resource with fields its schema does not know is
+    /// refused instead of pruned.
+    pub strict: bool,
+}
 
 /// The in-memory "etcd".
 pub struct Store {
@@ -177,7 +188,7 @@ impl Store {
         for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
             let obj = json!({"metadata": {"name": ns}});
             // A fresh store holds none of these names, so creation cannot fail.
-            let _ = store.create(&namespaces, None, obj, false);
+            let _ = store.create(&namespaces, None, obj, WriteOptions::default());
         }
         store
     }
@@ -367,7 +378,7 @@ impl Store {
         t: &ResourceType,
         url_namespace: Option<&str>,
         mut obj: Value,
-        dry_run: bool,
+        opts: WriteOptions,
     ) -> Result<Value, ApiError> {
         if !obj.is_object() {
             return Err(ApiError::bad_request(
@@ -432,7 +443,8 @@ impl Store {
         m.remove("resourceVersion");
         m.remove("selfLink");
         let declared = self.apply_defaults(t, &mut obj)?;
-        if dry_run {
+        self.check_custom(t, &name, &mut obj, opts)?;
+        if opts.dry_run {
             return Ok(obj);
         }
         if let Some(declared) = declared {
@@ -538,6 +550,58 @@ impl Store {
         obj["status"] = json!({"loadBalancer": {}});
     }
 
+    /// Applies the CRD's schema to a custom resource: prune (or refuse, under
+    /// `fieldValidation=Strict`) unknown fields, fill in defaults, validate.
+    fn check_custom(
+        &self,
+        t: &ResourceType,
+        name: &str,
+        obj: &mut Value,
+        opts: WriteOptions,
+    ) -> Result<(), ApiError> {
+        if !t.custom {
+            return Ok(());
+        }
+        let crd_name = format!("{}.{}", t.plural, t.group);
+        let schema = self
+            .objects
+            .get(&(
+                "apiextensions.k8s.io".to_owned(),
+                "customresourcedefinitions".to_owned(),
+            ))
+            .and_then(|b| b.get(&(String::new(), crd_name)))
+            .and_then(|crd| crd.pointer("/spec/versions"))
+            .and_then(Value::as_array)
+            .and_then(|versions| {
+                versions
+                    .iter()
+                    .find(|v| v.get("name").and_then(Value::as_str) == Some(t.storage_version()))
+            })
+            .and_then(|v| v.pointer("/schema/openAPIV3Schema"));
+        let Some(schema) = schema else {
+            return Ok(());
+        };
+        let outcome = schema::apply(schema, obj);
+        if opts.strict && !outcome.pruned.is_empty() {
+            let fields: Vec<String> = outcome
+                .pruned
+                .iter()
+                .map(|f| format!("unknown field \"{f}\""))
+                .collect();
+            return Err(ApiError::bad_request(format!(
+                "{kind} in version \"{version}\" cannot be handled as a {kind}: strict decoding error: {}",
+                fields.join(", "),
+                kind = t.kind,
+                version = t.storage_version(),
+            )));
+        }
+        if outcome.errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError::invalid_fields(t, name, &outcome.errors))
+        }
+    }
+
     fn register(&mut self, declared: ResourceType) {
         self.types
             .retain(|o| !(o.custom && o.group == declared.group && o.plural == declared.plural));
@@ -553,7 +617,7 @@ impl Store {
         name: &str,
         obj: Value,
         subresource: Option<&str>,
-        dry_run: bool,
+        opts: WriteOptions,
     ) -> Result<Value, ApiError> {
         let old = self.get(t, namespace, name)?;
         if !obj.is_object() {
@@ -588,7 +652,7 @@ impl Store {
             ));
         }
         let new = self.merge_subresource(t, &old, obj, subresource);
-        self.write(t, namespace, name, old, new, dry_run)
+        self.write(t, namespace, name, old, new, opts)
     }
 
     /// The object a write to `subresource` (or to the main resource) makes of `old`.
@@ -640,7 +704,7 @@ impl Store {
         name: &str,
         old: Value,
         mut new: Value,
-        dry_run: bool,
+        opts: WriteOptions,
     ) -> Result<Value, ApiError> {
         new["kind"] = json!(t.kind);
         new["apiVersion"] = json!(t.api_version(t.storage_version()));
@@ -679,7 +743,8 @@ impl Store {
             } else {
                 None
             };
-        if new == old || dry_run {
+        self.check_custom(t, name, &mut new, opts)?;
+        if new == old || opts.dry_run {
             return Ok(new);
         }
         let finalizing = new.pointer("/metadata/deletionTimestamp").is_some()
@@ -710,7 +775,7 @@ impl Store {
         kind: PatchKind,
         body: &Value,
         subresource: Option<&str>,
-        dry_run: bool,
+        opts: WriteOptions,
     ) -> Result<Value, ApiError> {
         let old = match self.get(t, namespace, name) {
             Ok(old) => old,
@@ -721,7 +786,7 @@ impl Store {
                 }
                 meta(&mut obj).insert("name".into(), json!(name));
                 let ns = t.namespaced.then_some(namespace);
-                return self.create(t, ns, obj, dry_run);
+                return self.create(t, ns, obj, opts);
             }
             Err(e) => return Err(e),
         };
@@ -755,7 +820,7 @@ impl Store {
             ));
         }
         let new = self.merge_subresource(t, &old, doc, subresource);
-        self.write(t, namespace, name, old, new, dry_run)
+        self.write(t, namespace, name, old, new, opts)
     }
 
     /// Removes an object for good, with its contents (a namespace's objects, a CRD's
@@ -852,6 +917,11 @@ impl Store {
 mod tests {
     use super::*;
 
+    const W: WriteOptions = WriteOptions {
+        dry_run: false,
+        strict: false,
+    };
+
     fn store() -> Store {
         Store::new(1000, broadcast::channel(16).0)
     }
@@ -876,7 +946,7 @@ mod tests {
                 &pods,
                 Some("default"),
                 json!({"metadata": {"name": "a"}}),
-                false,
+                W,
             )
             .expect("create");
         let b = s
@@ -884,7 +954,7 @@ mod tests {
                 &leases,
                 Some("default"),
                 json!({"metadata": {"name": "l"}}),
-                false,
+                W,
             )
             .expect("create");
         assert_eq!(object_rv(&a), start + 1);
@@ -897,17 +967,12 @@ mod tests {
                 &pods,
                 Some("default"),
                 json!({"metadata": {"name": "a"}}),
-                false,
+                W,
             )
             .expect_err("exists");
         assert_eq!((err.code, err.reason), (409, "AlreadyExists"));
         let err = s
-            .create(
-                &pods,
-                Some("nope"),
-                json!({"metadata": {"name": "a"}}),
-                false,
-            )
+            .create(&pods, Some("nope"), json!({"metadata": {"name": "a"}}), W)
             .expect_err("no namespace");
         assert_eq!((err.code, err.reason), (404, "NotFound"));
     }
@@ -921,23 +986,23 @@ mod tests {
                 &pods,
                 Some("default"),
                 json!({"metadata": {"name": "a"}, "spec": {"x": 1}}),
-                false,
+                W,
             )
             .expect("create");
         let mut changed = a.clone();
         changed["spec"]["x"] = json!(2);
         let b = s
-            .update(&pods, "default", "a", changed.clone(), None, false)
+            .update(&pods, "default", "a", changed.clone(), None, W)
             .expect("update");
         assert_eq!(object_rv(&b), object_rv(&a) + 1);
         assert_eq!(b["metadata"]["generation"], 2);
         // `changed` still carries a's version: stale.
         let err = s
-            .update(&pods, "default", "a", changed, None, false)
+            .update(&pods, "default", "a", changed, None, W)
             .expect_err("stale");
         assert_eq!((err.code, err.reason), (409, "Conflict"));
         let same = s
-            .update(&pods, "default", "a", b.clone(), None, false)
+            .update(&pods, "default", "a", b.clone(), None, W)
             .expect("no-op");
         assert_eq!(object_rv(&same), object_rv(&b));
     }
@@ -952,7 +1017,7 @@ mod tests {
                 Some("default"),
                 json!({"metadata": {"name": "a"}, "spec": {"x": 1},
                                                     "status": {"podIP": "10.0.0.1"}}),
-                false,
+                W,
             )
             .expect("create");
         // Create drops the status, as for real pods.
@@ -961,7 +1026,7 @@ mod tests {
         st["status"] = json!({"podIP": "10.0.0.2"});
         st["spec"]["x"] = json!(99);
         let b = s
-            .update(&pods, "default", "a", st, Some("status"), false)
+            .update(&pods, "default", "a", st, Some("status"), W)
             .expect("status");
         assert_eq!(b["status"]["podIP"], "10.0.0.2");
         assert_eq!(b["spec"]["x"], 1, "status write changed the spec");
@@ -973,7 +1038,7 @@ mod tests {
         main["status"] = json!({"podIP": "1.1.1.1"});
         main["metadata"]["labels"] = json!({"a": "b"});
         let c = s
-            .update(&pods, "default", "a", main, None, false)
+            .update(&pods, "default", "a", main, None, W)
             .expect("update");
         assert_eq!(
             c["status"]["podIP"], "10.0.0.2",
@@ -995,7 +1060,7 @@ mod tests {
             &pods,
             Some("default"),
             json!({"metadata": {"name": "a"}}),
-            false,
+            W,
         )
         .expect("create");
         s.delete(&pods, "default", "a", None, false)
@@ -1024,7 +1089,7 @@ mod tests {
                 &pods,
                 Some("default"),
                 json!({"metadata": {"name": name}}),
-                false,
+                W,
             )
             .expect("create");
         }
@@ -1041,7 +1106,7 @@ mod tests {
                 &cms,
                 Some("default"),
                 json!({"metadata": {"name": "a", "finalizers": ["x/y"]}}),
-                false,
+                W,
             )
             .expect("create");
         let err = s
@@ -1066,7 +1131,7 @@ mod tests {
             PatchKind::Merge,
             &json!({"metadata": {"finalizers": null}}),
             None,
-            false,
+            W,
         )
         .expect("patch");
         assert_eq!(s.get(&cms, "default", "a").expect_err("gone").code, 404);

@@ -186,6 +186,53 @@ fn kubectl_apply_get_label_patch_delete() {
     assert_eq!(egp["metadata"]["generation"], 1);
     assert!(egp["metadata"].get("namespace").is_none(), "cluster-scoped");
     assert_eq!(kubectl.names(&["egp"]), ["block-metadata"]);
+    assert_eq!(egp["spec"]["mode"], "Enforce", "the CRD schema's default");
+
+    // The CRD schema: kubectl's fieldValidation=Strict refuses unknown fields, --validate=false
+    // prunes them, and values outside the schema are 422 with the fields named.
+    let unknown = EGRESS_POLICY
+        .replace("block-metadata", "unknown-field")
+        .replace("priority: 10", "priority: 10\n  surprise: 1");
+    let path = dir.path().join("unknown.yaml");
+    std::fs::write(&path, &unknown).expect("write");
+    let path = path.to_str().expect("utf-8 path");
+    let err = kubectl.fail(&["apply", "-f", path]);
+    assert!(
+        err.contains(r#"strict decoding error: unknown field "spec.surprise""#),
+        "{err}"
+    );
+    kubectl.run(&["apply", "--validate=false", "-f", path]);
+    let pruned = server
+        .object("egret.dev", "egresspolicies", "", "unknown-field")
+        .expect("stored without the unknown field");
+    assert!(pruned["spec"].get("surprise").is_none(), "{pruned}");
+    kubectl.run(&["delete", "egp", "unknown-field"]);
+    let invalid = EGRESS_POLICY
+        .replace("block-metadata", "invalid")
+        .replace("priority: 10", "priority: 5000\n  mode: Loud");
+    std::fs::write(dir.path().join("invalid.yaml"), invalid).expect("write");
+    let err = kubectl.fail(&[
+        "apply",
+        "-f",
+        dir.path()
+            .join("invalid.yaml")
+            .to_str()
+            .expect("utf-8 path"),
+    ]);
+    assert!(
+        err.contains(r#"The EgressPolicy "invalid" is invalid"#),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#"spec.mode: Unsupported value: "Loud""#),
+        "{err}"
+    );
+    assert!(err.contains("spec.priority: Invalid value: 5000"), "{err}");
+    assert!(
+        server
+            .object("egret.dev", "egresspolicies", "", "invalid")
+            .is_none()
+    );
 
     // get with label and field selectors.
     assert_eq!(
