@@ -25,7 +25,7 @@ use crate::{
     resource::ResourceType,
     selector::{FieldSelector, LabelSelector},
     status::ApiError,
-    store::{EventType, Store, WatchEvent, WriteOptions},
+    store::{EventType, Store, WatchEvent, WriteOptions, object_key},
     table,
 };
 
@@ -446,7 +446,10 @@ async fn resource(
         (&Method::PUT, true) => "update",
         (&Method::PATCH, true) => "patch",
         (&Method::DELETE, true) => "delete",
-        (&Method::DELETE, false) => "deletecollection",
+        // The all-namespaces path of a namespaced kind serves only list and watch.
+        (&Method::DELETE, false) if !target.t.namespaced || target.namespace.is_some() => {
+            "deletecollection"
+        }
         _ => {
             return (
                 error_response(&ApiError::method_not_allowed(call.method.as_str())),
@@ -552,16 +555,6 @@ fn decode_continue(token: &str) -> Option<(u64, String, String)> {
     Some((rv, parts.next()?.to_owned(), parts.next()?.to_owned()))
 }
 
-fn key_of(obj: &Value) -> (String, String) {
-    let s = |f: &str| {
-        obj.pointer(f)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    (s("/metadata/namespace"), s("/metadata/name"))
-}
-
 /// A list, paginated with `limit` and `continue` as the real server does.
 fn list(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiError> {
     let (labels, fields) = selectors(call, &target.t)?;
@@ -587,11 +580,12 @@ fn list(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiEr
     let mut items = Vec::new();
     let mut remaining = 0usize;
     for obj in store
-        .range(&target.t, target.namespace.as_deref(), after.as_ref())
+        .range_at(&target.t, target.namespace.as_deref(), after.as_ref(), rv)
+        .into_iter()
         .filter(|o| labels.matches(o) && fields.matches(o))
     {
         if limit == 0 || items.len() < limit {
-            items.push(target.present(obj.clone()));
+            items.push(target.present(obj.into_owned()));
         } else {
             remaining += 1;
         }
@@ -599,7 +593,7 @@ fn list(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiEr
     drop(store);
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if remaining > 0 {
-        let (ns, name) = items.last().map(key_of).unwrap_or_default();
+        let (ns, name) = items.last().map(object_key).unwrap_or_default();
         metadata["continue"] = json!(encode_continue(rv, &ns, &name));
         metadata["remainingItemCount"] = json!(remaining);
     }
@@ -721,7 +715,7 @@ fn delete_collection(state: &Arc<State>, call: &Call, target: &Target) -> Result
     let mut deleted = Vec::new();
     for obj in store.list(&target.t, target.namespace.as_deref()) {
         if labels.matches(&obj) && fields.matches(&obj) {
-            let (ns, name) = key_of(&obj);
+            let (ns, name) = object_key(&obj);
             deleted.push(target.present(store.delete(
                 &target.t,
                 &ns,
@@ -750,7 +744,7 @@ struct WatchFilter {
 
 impl WatchFilter {
     fn matches(&self, obj: &Value) -> bool {
-        let (ns, name) = key_of(obj);
+        let (ns, name) = object_key(obj);
         self.target.namespace.as_ref().is_none_or(|n| *n == ns)
             && self.target.name.as_ref().is_none_or(|n| *n == name)
             && self.labels.matches(obj)

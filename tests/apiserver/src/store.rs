@@ -2,6 +2,7 @@
 //! the history of changes watches replay from and the server-set metadata of each write.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap, VecDeque},
     hash::{BuildHasher, Hasher},
     sync::Arc,
@@ -101,6 +102,12 @@ fn meta(obj: &mut Value) -> &mut Map<String, Value> {
 
 fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj.get("metadata")?.get(field)?.as_str()
+}
+
+/// The store key of an object: (namespace, name).
+pub fn object_key(obj: &Value) -> ObjectKey {
+    let field = |f: &str| meta_str(obj, f).unwrap_or_default().to_owned();
+    (field("namespace"), field("name"))
 }
 
 /// The object's resourceVersion as a number.
@@ -309,6 +316,45 @@ impl Store {
             .map(|(_, v)| v)
     }
 
+    /// Like [`Self::range`], but as the objects stood at version `rv`: changes since are rolled
+    /// back from the history, so the pages of one list show one snapshot, as etcd serves
+    /// them. The caller makes sure the history reaches back to `rv`.
+    pub fn range_at<'a>(
+        &'a self,
+        t: &ResourceType,
+        namespace: Option<&'a str>,
+        after: Option<&ObjectKey>,
+        rv: u64,
+    ) -> Vec<Cow<'a, Value>> {
+        let mut rolled_back: BTreeMap<ObjectKey, Option<Value>> = BTreeMap::new();
+        for event in self.history.iter().rev().take_while(|e| e.rv > rv) {
+            if event.group == t.group && event.plural == t.plural {
+                let before = match event.event_type {
+                    EventType::Added => None,
+                    EventType::Modified | EventType::Deleted => event.old.clone(),
+                };
+                rolled_back.insert(object_key(&event.object), before);
+            }
+        }
+        if rolled_back.is_empty() {
+            return self.range(t, namespace, after).map(Cow::Borrowed).collect();
+        }
+        let mut view: BTreeMap<ObjectKey, Cow<'a, Value>> = self
+            .range(t, namespace, after)
+            .map(|v| (object_key(v), Cow::Borrowed(v)))
+            .collect();
+        for (key, before) in rolled_back {
+            if after.is_some_and(|a| key <= *a) || namespace.is_some_and(|n| n != key.0) {
+                continue;
+            }
+            match before {
+                Some(v) => view.insert(key, Cow::Owned(v)),
+                None => view.remove(&key),
+            };
+        }
+        view.into_values().collect()
+    }
+
     /// Records a change: bumps the version, stores or removes the object, keeps the event
     /// for watches and broadcasts it.
     fn commit(
@@ -317,7 +363,6 @@ impl Store {
         key: ObjectKey,
         event_type: EventType,
         mut object: Value,
-        old: Option<Value>,
     ) -> Value {
         self.rv += 1;
         meta(&mut object).insert("resourceVersion".into(), json!(self.rv.to_string()));
@@ -325,11 +370,13 @@ impl Store {
             .objects
             .entry((t.group.clone(), t.plural.clone()))
             .or_default();
-        if event_type == EventType::Deleted {
-            bucket.remove(&key);
+        // The stored object before the change: watches compare it with their selectors, and
+        // a continued list rolls back to it.
+        let old = if event_type == EventType::Deleted {
+            bucket.remove(&key)
         } else {
-            bucket.insert(key, object.clone());
-        }
+            bucket.insert(key, object.clone())
+        };
         let event = Arc::new(WatchEvent {
             rv: self.rv,
             group: t.group.clone(),
@@ -450,7 +497,7 @@ impl Store {
         if let Some(declared) = declared {
             self.register(declared);
         }
-        Ok(self.commit(t, key, EventType::Added, obj, None))
+        Ok(self.commit(t, key, EventType::Added, obj))
     }
 
     /// Fields the real server fills in on create; for a CRD, the type it declares.
@@ -473,7 +520,7 @@ impl Store {
             ("", "pods") => {
                 obj["status"] = json!({"phase": "Pending"});
             }
-            ("", "services") => self.default_service(obj),
+            ("", "services") => self.default_service(t, obj)?,
             ("apiextensions.k8s.io", "customresourcedefinitions") => {
                 let declared =
                     resource::from_crd(obj).map_err(|m| ApiError::invalid(t, &name, &m))?;
@@ -509,11 +556,22 @@ impl Store {
     }
 
     /// A ClusterIP from 10.96.0.0/16 unless one is given (or the Service is headless or an
-    /// ExternalName), and the port defaults.
-    fn default_service(&mut self, obj: &mut Value) {
+    /// ExternalName), and the port defaults. A given ClusterIP another Service holds is
+    /// refused, as the real allocator refuses it.
+    fn default_service(&mut self, t: &ResourceType, obj: &mut Value) -> Result<(), ApiError> {
         if !obj.get("spec").is_some_and(Value::is_object) {
             obj["spec"] = json!({});
         }
+        let used: Vec<String> = self
+            .bucket(t)
+            .map(|b| {
+                b.values()
+                    .filter_map(|s| s.pointer("/spec/clusterIP").and_then(Value::as_str))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let name = meta_str(obj, "name").unwrap_or_default().to_owned();
         let spec = &mut obj["spec"];
         let kind = spec
             .get("type")
@@ -523,12 +581,27 @@ impl Store {
         spec["type"] = json!(kind);
         if kind != "ExternalName" {
             let ip = match spec.get("clusterIP").and_then(Value::as_str) {
-                Some(ip) if !ip.is_empty() => ip.to_owned(),
-                _ => {
-                    let n = self.next_ip;
-                    self.next_ip += 1;
-                    format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff)
+                Some("None") => "None".to_owned(),
+                Some(ip) if !ip.is_empty() => {
+                    if used.iter().any(|u| u == ip) {
+                        return Err(ApiError::invalid(
+                            t,
+                            &name,
+                            &format!(
+                                "spec.clusterIPs: Invalid value: [\"{ip}\"]: failed to allocate IP {ip}: provided IP is already allocated"
+                            ),
+                        ));
+                    }
+                    ip.to_owned()
                 }
+                _ => loop {
+                    let n = self.next_ip;
+                    self.next_ip = self.next_ip % 65_533 + 1;
+                    let ip = format!("10.96.{}.{}", (n >> 8) & 0xff, n & 0xff);
+                    if !used.contains(&ip) {
+                        break ip;
+                    }
+                },
             };
             spec["clusterIP"] = json!(ip);
             if !spec.get("clusterIPs").is_some_and(Value::is_array) {
@@ -548,6 +621,7 @@ impl Store {
             }
         }
         obj["status"] = json!({"loadBalancer": {}});
+        Ok(())
     }
 
     /// Applies the CRD's schema to a custom resource: prune (or refuse, under
@@ -759,7 +833,7 @@ impl Store {
         if finalizing {
             return Ok(self.remove(t, key, new));
         }
-        Ok(self.commit(t, key, EventType::Modified, new, Some(old)))
+        Ok(self.commit(t, key, EventType::Modified, new))
     }
 
     /// Patches an object, as PATCH does; server-side apply creates a missing one.
@@ -836,7 +910,7 @@ impl Store {
             for inner in namespaced {
                 for obj in self.list(&inner, Some(&key.1)) {
                     let name = meta_str(&obj, "name").unwrap_or_default().to_owned();
-                    self.commit(&inner, (key.1.clone(), name), EventType::Deleted, obj, None);
+                    self.commit(&inner, (key.1.clone(), name), EventType::Deleted, obj);
                 }
             }
         }
@@ -853,7 +927,7 @@ impl Store {
                 for obj in self.list(&served, None) {
                     let ns = meta_str(&obj, "namespace").unwrap_or_default().to_owned();
                     let name = meta_str(&obj, "name").unwrap_or_default().to_owned();
-                    self.commit(&served, (ns, name), EventType::Deleted, obj, None);
+                    self.commit(&served, (ns, name), EventType::Deleted, obj);
                 }
             }
             self.types.retain(|o| {
@@ -861,7 +935,7 @@ impl Store {
             });
             self.types_generation += 1;
         }
-        self.commit(t, key, EventType::Deleted, object, None)
+        self.commit(t, key, EventType::Deleted, object)
     }
 
     /// Deletes an object, as DELETE does: preconditions (`uid`, `resourceVersion`) are
@@ -907,7 +981,7 @@ impl Store {
             let m = meta(&mut new);
             m.insert("deletionTimestamp".into(), json!(now_rfc3339()));
             m.insert("deletionGracePeriodSeconds".into(), json!(0));
-            return Ok(self.commit(t, key, EventType::Modified, new, Some(old)));
+            return Ok(self.commit(t, key, EventType::Modified, new));
         }
         Ok(self.remove(t, key, old))
     }
@@ -1135,6 +1209,59 @@ mod tests {
         )
         .expect("patch");
         assert_eq!(s.get(&cms, "default", "a").expect_err("gone").code, 404);
+    }
+
+    #[test]
+    fn services_get_free_cluster_ips() {
+        let mut s = store();
+        let svc = ty(&s, "", "services");
+        let fixed = s
+            .create(
+                &svc,
+                Some("default"),
+                json!({"metadata": {"name": "dns"},
+                "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 53, "protocol": "UDP"}]}}),
+                W,
+            )
+            .expect("create");
+        assert_eq!(fixed["spec"]["ports"][0]["targetPort"], 53);
+        let auto = s
+            .create(
+                &svc,
+                Some("default"),
+                json!({"metadata": {"name": "web"}}),
+                W,
+            )
+            .expect("create");
+        assert_eq!(
+            auto["spec"]["clusterIP"], "10.96.0.2",
+            "skips the address dns holds"
+        );
+        assert_eq!(auto["spec"]["type"], "ClusterIP");
+        let err = s
+            .create(
+                &svc,
+                Some("default"),
+                json!({"metadata": {"name": "dup"},
+                "spec": {"clusterIP": "10.96.0.2"}}),
+                W,
+            )
+            .expect_err("taken");
+        assert_eq!((err.code, err.reason), (422, "Invalid"));
+        assert!(
+            err.message.contains("provided IP is already allocated"),
+            "{}",
+            err.message
+        );
+        let headless = s
+            .create(
+                &svc,
+                Some("default"),
+                json!({"metadata": {"name": "h"}, "spec": {"clusterIP": "None"}}),
+                W,
+            )
+            .expect("create");
+        assert_eq!(headless["spec"]["clusterIP"], "None");
     }
 
     #[test]

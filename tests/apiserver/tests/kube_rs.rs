@@ -21,8 +21,8 @@ use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod, events::v1::Event
 use kube::{
     Api, Client,
     api::{
-        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
-        WatchEvent, WatchParams,
+        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+        PostParams, WatchEvent, WatchParams,
     },
     config::{KubeConfigOptions, Kubeconfig},
     core::PartialObjectMeta,
@@ -569,4 +569,61 @@ async fn streaming_lists_and_metadata_watchers() {
             })
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_follow_continue_tokens_until_compaction_expires_them() {
+    let server = start(Duration::from_secs(60));
+    seed_pods(&server, 5);
+    let client = client(&server).await;
+    let pods: Api<Pod> = Api::namespaced(client, "shop");
+    let first = pods
+        .list(&ListParams::default().limit(2))
+        .await
+        .expect("page 1");
+    assert_eq!(first.items.len(), 2);
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    let token = first.metadata.continue_.clone().expect("continue token");
+    // Changes between pages do not show: every page is read at the first page's version.
+    pods.create(&PostParams::default(), &pod("zz-late", json!({})))
+        .await
+        .expect("create");
+    pods.delete("pod-04", &DeleteParams::default())
+        .await
+        .expect("delete");
+    pods.patch(
+        "pod-02",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"app": "changed"}}})),
+    )
+    .await
+    .expect("patch");
+    let second = pods
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .expect("page 2");
+    let names: Vec<String> = second
+        .items
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
+    assert_eq!(names, ["pod-02", "pod-03"]);
+    assert_eq!(
+        second.metadata.resource_version,
+        first.metadata.resource_version
+    );
+    server.compact();
+    match pods
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(
+                (status.code, status.reason.as_str()),
+                (410, "Expired"),
+                "{status:?}"
+            );
+        }
+        other => panic!("continue after compaction: {other:?}"),
+    }
 }
