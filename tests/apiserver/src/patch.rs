@@ -165,9 +165,15 @@ pub fn json_patch(doc: &mut Value, patch: &Value) -> Result<(), String> {
 /// The `patchMergeKey` of a list field in the built-in types: lists with one merge by it,
 /// lists without are replaced whole (the `atomic` default). `ports` is keyed by
 /// `containerPort` in containers and by `port` in Services.
-fn merge_key(field: &str, items: &[Value]) -> Option<&'static str> {
+fn merge_key(field: &str, items: &[Value], merge: Merge<'_>) -> Option<&'static str> {
     let has = |key: &str| items.iter().all(|i| i.get(key).is_some());
+    if merge.custom {
+        // Custom resources have no patch metadata: every list is atomic.
+        return None;
+    }
     let key = match field {
+        // EndpointSlice ports are atomic.
+        "ports" if merge.kind == "EndpointSlice" => return None,
         "containers"
         | "initContainers"
         | "ephemeralContainers"
@@ -199,11 +205,31 @@ fn merges_primitives(field: &str) -> bool {
 /// with the merge keys of the built-in types and the directives kubectl sends: `$patch`
 /// (`replace`, `delete`), `$retainKeys`, `$setElementOrder/<list>` and
 /// `$deleteFromPrimitiveList/<list>`.
-pub fn strategic(target: &mut Value, patch: &Value) -> Result<(), String> {
-    strategic_object(target, patch, true)
+pub fn strategic(target: &mut Value, patch: &Value, kind: &str) -> Result<(), String> {
+    strategic_object(
+        target,
+        patch,
+        Merge {
+            null_deletes: true,
+            kind,
+            custom: false,
+        },
+    )
 }
 
-fn strategic_object(target: &mut Value, patch: &Value, null_deletes: bool) -> Result<(), String> {
+/// How a strategic merge treats what it meets.
+#[derive(Clone, Copy, Debug)]
+struct Merge<'a> {
+    /// `null` removes a field (a patch) or is ignored (an applied configuration).
+    null_deletes: bool,
+    /// The object's kind, for the few list fields whose strategy depends on it.
+    kind: &'a str,
+    /// A custom resource: no merge keys, lists are replaced.
+    custom: bool,
+}
+
+fn strategic_object(target: &mut Value, patch: &Value, merge: Merge<'_>) -> Result<(), String> {
+    let null_deletes = merge.null_deletes;
     let Value::Object(patch) = patch else {
         *target = patch.clone();
         return Ok(());
@@ -252,14 +278,14 @@ fn strategic_object(target: &mut Value, patch: &Value, null_deletes: bool) -> Re
         match value {
             Value::Array(items) => {
                 let current = target.remove(key);
-                let merged = strategic_list(key, current, items, null_deletes)?;
+                let merged = strategic_list(key, current, items, merge)?;
                 target.insert(key.clone(), merged);
             }
             Value::Object(_) => {
                 strategic_object(
                     target.entry(key.clone()).or_insert(Value::Null),
                     value,
-                    null_deletes,
+                    merge,
                 )?;
             }
             _ => {
@@ -301,7 +327,7 @@ fn strategic_list(
     field: &str,
     current: Option<Value>,
     patch: &[Value],
-    null_deletes: bool,
+    merge: Merge<'_>,
 ) -> Result<Value, String> {
     if patch
         .iter()
@@ -319,7 +345,7 @@ fn strategic_list(
         Some(Value::Array(items)) => items,
         _ => Vec::new(),
     };
-    if merges_primitives(field) {
+    if merges_primitives(field) && !merge.custom {
         for value in patch {
             if !items.contains(value) {
                 items.push(value.clone());
@@ -327,7 +353,7 @@ fn strategic_list(
         }
         return Ok(Value::Array(items));
     }
-    let Some(key) = merge_key(field, patch) else {
+    let Some(key) = merge_key(field, patch, merge) else {
         return Ok(Value::Array(patch.to_vec()));
     };
     for element in patch {
@@ -340,10 +366,10 @@ fn strategic_list(
             continue;
         }
         match position {
-            Some(p) => strategic_object(&mut items[p], element, null_deletes)?,
+            Some(p) => strategic_object(&mut items[p], element, merge)?,
             None => {
                 let mut fresh = Value::Object(Map::new());
-                strategic_object(&mut fresh, element, null_deletes)?;
+                strategic_object(&mut fresh, element, merge)?;
                 items.push(fresh);
             }
         }
@@ -354,8 +380,16 @@ fn strategic_list(
 /// Server-side apply, approximated: the applied configuration is merged into the live object
 /// strategically. Field ownership is not tracked, so a field dropped from a later apply
 /// stays (real apply removes fields the manager no longer applies).
-pub fn apply(target: &mut Value, applied: &Value) -> Result<(), String> {
-    strategic_object(target, applied, false)
+pub fn apply(target: &mut Value, applied: &Value, kind: &str, custom: bool) -> Result<(), String> {
+    strategic_object(
+        target,
+        applied,
+        Merge {
+            null_deletes: false,
+            kind,
+            custom,
+        },
+    )
 }
 
 #[cfg(test)]
@@ -427,6 +461,7 @@ mod tests {
                 ],
                 "tolerations": [{"key": "b"}]
             }}),
+            "Pod",
         )
         .expect("patch applies");
         assert_eq!(
@@ -456,6 +491,7 @@ mod tests {
                     "nested": {"$patch": "replace", "b": 2}
                 }
             }),
+            "Pod",
         )
         .expect("patch applies");
         assert_eq!(
@@ -474,6 +510,7 @@ mod tests {
                 "$setElementOrder/containers": [{"name": "c"}, {"name": "b"}, {"name": "a"}],
                 "containers": [{"name": "c", "image": "c"}]
             }}),
+            "Pod",
         )
         .expect("patch applies");
         let names: Vec<&str> = obj["spec"]["containers"]
@@ -483,6 +520,47 @@ mod tests {
             .filter_map(|c| c["name"].as_str())
             .collect();
         assert_eq!(names, ["c", "b", "a"]);
+    }
+
+    #[test]
+    fn list_strategy_depends_on_kind() {
+        let mut slice = json!({"ports": [{"name": "a", "port": 1}]});
+        strategic(
+            &mut slice,
+            &json!({"ports": [{"name": "b", "port": 2}]}),
+            "EndpointSlice",
+        )
+        .expect("patch applies");
+        assert_eq!(
+            slice["ports"],
+            json!([{"name": "b", "port": 2}]),
+            "EndpointSlice ports are atomic"
+        );
+        let mut svc = json!({"spec": {"ports": [{"name": "a", "port": 1}]}});
+        strategic(
+            &mut svc,
+            &json!({"spec": {"ports": [{"name": "b", "port": 2}]}}),
+            "Service",
+        )
+        .expect("patch applies");
+        assert_eq!(
+            svc["spec"]["ports"].as_array().map(Vec::len),
+            Some(2),
+            "Service ports merge by port"
+        );
+        let mut cr = json!({"status": {"conditions": [{"type": "A"}]}});
+        apply(
+            &mut cr,
+            &json!({"status": {"conditions": [{"type": "B"}]}}),
+            "EgressPolicy",
+            true,
+        )
+        .expect("apply");
+        assert_eq!(
+            cr["status"]["conditions"],
+            json!([{"type": "B"}]),
+            "custom lists are atomic"
+        );
     }
 
     #[test]

@@ -876,8 +876,8 @@ impl Store {
                 Ok(())
             }
             PatchKind::Json => patch::json_patch(&mut doc, body),
-            PatchKind::Strategic => patch::strategic(&mut doc, body),
-            PatchKind::Apply => patch::apply(&mut doc, body),
+            PatchKind::Strategic => patch::strategic(&mut doc, body, &t.kind),
+            PatchKind::Apply => patch::apply(&mut doc, body, &t.kind, t.custom),
         };
         result.map_err(|m| ApiError::invalid(t, name, &m))?;
         if !doc.is_object() {
