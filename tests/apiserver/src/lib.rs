@@ -14,6 +14,7 @@ mod server;
 pub mod status;
 pub mod store;
 mod table;
+mod watch;
 
 use std::{
     net::SocketAddr,

@@ -1,6 +1,6 @@
 //! The HTTP side: routes of the real server (`/api/v1/namespaces/{ns}/pods/{name}/status`,
-//! `/apis/{group}/{version}/...`, `/watch/` paths and `?watch=true`), the verbs on them, watch
-//! streams with bookmarks and 410s, the request log, and the test hooks under `/egret-test/`.
+//! `/apis/{group}/{version}/...`, `/watch/` paths and `?watch=true`), the verbs on them (watch
+//! streams live in `watch.rs`), the request log, and the test hooks under `/egret-test/`.
 
 use std::{
     collections::HashMap,
@@ -10,14 +10,13 @@ use std::{
 };
 
 use bytes::Bytes;
-use futures_util::StreamExt as _;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt as _, Full, Limited, StreamBody, combinators::UnsyncBoxBody};
-use hyper::body::{Frame, Incoming};
+use http_body_util::{BodyExt as _, Full, Limited, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::{broadcast, mpsc, watch};
-use tracing::{debug, warn};
+use tokio::sync::{broadcast, watch};
+use tracing::debug;
 
 use crate::{
     discovery,
@@ -25,7 +24,7 @@ use crate::{
     resource::ResourceType,
     selector::{FieldSelector, LabelSelector},
     status::ApiError,
-    store::{EventType, Store, WatchEvent, WriteOptions, object_key},
+    store::{Store, WriteOptions, object_key},
     table,
 };
 
@@ -111,9 +110,9 @@ impl State {
     }
 }
 
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-fn json_response(code: u16, value: &Value) -> Response<Body> {
+pub(crate) fn json_response(code: u16, value: &Value) -> Response<Body> {
     let body = serde_json::to_vec(value).unwrap_or_default();
     let mut response = Response::new(Full::new(Bytes::from(body)).boxed_unsync());
     *response.status_mut() =
@@ -125,12 +124,12 @@ fn json_response(code: u16, value: &Value) -> Response<Body> {
     response
 }
 
-fn error_response(e: &ApiError) -> Response<Body> {
+pub(crate) fn error_response(e: &ApiError) -> Response<Body> {
     json_response(e.code, &e.to_status())
 }
 
 /// The parts of a request the handlers read.
-struct Call {
+pub(crate) struct Call {
     method: Method,
     path: String,
     raw_query: String,
@@ -142,14 +141,14 @@ struct Call {
 }
 
 impl Call {
-    fn param(&self, name: &str) -> Option<&str> {
+    pub(crate) fn param(&self, name: &str) -> Option<&str> {
         self.query
             .get(name)
             .map(String::as_str)
             .filter(|v| !v.is_empty())
     }
 
-    fn flag(&self, name: &str) -> bool {
+    pub(crate) fn flag(&self, name: &str) -> bool {
         matches!(self.param(name), Some("true" | "1"))
     }
 
@@ -164,13 +163,13 @@ impl Call {
         }
     }
 
-    fn wants_table(&self) -> bool {
+    pub(crate) fn wants_table(&self) -> bool {
         self.accept.contains("as=Table")
     }
 
     /// `Accept: ...;as=PartialObjectMetadata[List]`: kube-rs's metadata watchers ask for
     /// objects reduced to their metadata.
-    fn metadata_only(&self) -> bool {
+    pub(crate) fn metadata_only(&self) -> bool {
         self.accept.contains("as=PartialObjectMetadata")
     }
 
@@ -358,13 +357,13 @@ async fn route(state: &Arc<State>, call: &Call) -> (Response<Body>, RequestRecor
 }
 
 /// A resource URL, parsed.
-struct Target {
-    t: ResourceType,
-    version: String,
-    namespace: Option<String>,
-    name: Option<String>,
-    subresource: Option<String>,
-    watch_path: bool,
+pub(crate) struct Target {
+    pub(crate) t: ResourceType,
+    pub(crate) version: String,
+    pub(crate) namespace: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) subresource: Option<String>,
+    pub(crate) watch_path: bool,
 }
 
 impl Target {
@@ -373,7 +372,7 @@ impl Target {
     }
 
     /// The object as the requested version presents it.
-    fn present(&self, mut obj: Value) -> Value {
+    pub(crate) fn present(&self, mut obj: Value) -> Value {
         if obj.is_object() {
             obj["apiVersion"] = json!(self.t.api_version(&self.version));
         }
@@ -476,7 +475,7 @@ async fn resource(
         record.name = name.to_owned();
     }
     let result = match verb {
-        "watch" => return (start_watch(state, call, &target).await, record),
+        "watch" => return (crate::watch::start(state, call, &target).await, record),
         "get" => lock(&state.store)
             .get(
                 &target.t,
@@ -499,7 +498,7 @@ async fn resource(
 }
 
 /// An object reduced to its metadata, as `PartialObjectMetadata`.
-fn partial(obj: &Value) -> Value {
+pub(crate) fn partial(obj: &Value) -> Value {
     json!({
         "kind": "PartialObjectMetadata",
         "apiVersion": "meta.k8s.io/v1",
@@ -525,7 +524,10 @@ fn respond_object(call: &Call, target: &Target, obj: Value) -> Value {
     }
 }
 
-fn selectors(call: &Call, t: &ResourceType) -> Result<(LabelSelector, FieldSelector), ApiError> {
+pub(crate) fn selectors(
+    call: &Call,
+    t: &ResourceType,
+) -> Result<(LabelSelector, FieldSelector), ApiError> {
     let labels = LabelSelector::parse(call.param("labelSelector").unwrap_or_default())
         .map_err(ApiError::bad_request)?;
     let fields = FieldSelector::parse(
@@ -731,314 +733,6 @@ fn delete_collection(state: &Arc<State>, call: &Call, target: &Target) -> Result
         "metadata": {"resourceVersion": store.resource_version().to_string()},
         "items": deleted,
     }))
-}
-
-/// What one watch selects and how it shows objects.
-struct WatchFilter {
-    target: Target,
-    labels: LabelSelector,
-    fields: FieldSelector,
-    table: Option<String>,
-    metadata_only: bool,
-}
-
-impl WatchFilter {
-    fn matches(&self, obj: &Value) -> bool {
-        let (ns, name) = object_key(obj);
-        self.target.namespace.as_ref().is_none_or(|n| *n == ns)
-            && self.target.name.as_ref().is_none_or(|n| *n == name)
-            && self.labels.matches(obj)
-            && self.fields.matches(obj)
-    }
-
-    fn line(&self, event_type: &str, obj: Value) -> Bytes {
-        let obj = self.target.present(obj);
-        let object = match &self.table {
-            _ if self.metadata_only => partial(&obj),
-            Some(include) => table::table(std::slice::from_ref(&obj), json!({}), include),
-            None => obj,
-        };
-        let mut line =
-            serde_json::to_vec(&json!({"type": event_type, "object": object})).unwrap_or_default();
-        line.push(b'\n');
-        Bytes::from(line)
-    }
-
-    /// The event this watch sends for a change, if any: an object that stops matching the
-    /// selectors is DELETED for it, one that starts matching is ADDED.
-    fn render(&self, event: &WatchEvent) -> Option<Bytes> {
-        if event.group != self.target.t.group || event.plural != self.target.t.plural {
-            return None;
-        }
-        let now = self.matches(&event.object);
-        let before = event.old.as_ref().is_some_and(|o| self.matches(o));
-        let event_type = match (event.event_type, before, now) {
-            (EventType::Added | EventType::Deleted, _, false) => return None,
-            (EventType::Added, _, true) => "ADDED",
-            (EventType::Deleted, _, true) => "DELETED",
-            (EventType::Modified, true, true) => "MODIFIED",
-            (EventType::Modified, false, true) => "ADDED",
-            (EventType::Modified, true, false) => "DELETED",
-            (EventType::Modified, false, false) => return None,
-        };
-        Some(self.line(event_type, event.object.clone()))
-    }
-
-    fn bookmark(&self, rv: u64, initial_events_end: bool) -> Bytes {
-        let mut metadata = json!({"resourceVersion": rv.to_string()});
-        if initial_events_end {
-            metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-        }
-        let obj = json!({
-            "kind": self.target.t.kind,
-            "apiVersion": self.target.t.api_version(&self.target.version),
-            "metadata": metadata,
-        });
-        let mut line =
-            serde_json::to_vec(&json!({"type": "BOOKMARK", "object": obj})).unwrap_or_default();
-        line.push(b'\n');
-        Bytes::from(line)
-    }
-}
-
-fn error_line(e: &ApiError) -> Bytes {
-    let mut line =
-        serde_json::to_vec(&json!({"type": "ERROR", "object": e.to_status()})).unwrap_or_default();
-    line.push(b'\n');
-    Bytes::from(line)
-}
-
-/// Starts a watch: a streamed 200 whose lines are watch events, as the real server sends
-/// them (a too-old resourceVersion is an ERROR event carrying a 410 `Status`).
-async fn start_watch(state: &Arc<State>, call: &Call, target: &Target) -> Response<Body> {
-    let (labels, fields) = match selectors(call, &target.t) {
-        Ok(s) => s,
-        Err(e) => return error_response(&e),
-    };
-    let mut target = Target {
-        t: target.t.clone(),
-        version: target.version.clone(),
-        namespace: target.namespace.clone(),
-        name: target.name.clone(),
-        subresource: None,
-        watch_path: true,
-    };
-    if target.name.is_none() {
-        target.name = fields.name().map(str::to_owned);
-    }
-    let filter = WatchFilter {
-        target,
-        labels,
-        fields,
-        table: call
-            .wants_table()
-            .then(|| call.param("includeObject").unwrap_or("Metadata").to_owned()),
-        metadata_only: call.metadata_only(),
-    };
-    let bookmarks = call.flag("allowWatchBookmarks");
-    let send_initial = call.flag("sendInitialEvents");
-    let timeout = call
-        .param("timeoutSeconds")
-        .and_then(|t| t.parse().ok())
-        .map_or(Duration::from_secs(1800), Duration::from_secs);
-    let from: Option<u64> = match call.param("resourceVersion") {
-        None | Some("0") => None,
-        Some(v) => match v.parse() {
-            Ok(v) => Some(v),
-            Err(_) => {
-                return error_response(&ApiError::bad_request(format!(
-                    "invalid resourceVersion {v:?}"
-                )));
-            }
-        },
-    };
-
-    // Wait while a test holds new watches back.
-    let mut hold = state.hold_watches.subscribe();
-    while *hold.borrow_and_update() {
-        if hold.changed().await.is_err() {
-            break;
-        }
-    }
-
-    let (tx, rx) = mpsc::channel::<Bytes>(1024);
-    let drop_rx = state.drop_watches.subscribe();
-    let start = {
-        let store = lock(&state.store);
-        let events = store.subscribe();
-        let current = store.resource_version();
-        match from.filter(|_| !send_initial) {
-            Some(rv) => match store.history_since(rv) {
-                Ok(backlog) => Ok((backlog, Vec::new(), rv, events)),
-                Err(e) => Err(e),
-            },
-            None => {
-                let initial = store
-                    .list(&filter.target.t, filter.target.namespace.as_deref())
-                    .into_iter()
-                    .filter(|o| filter.matches(o))
-                    .collect();
-                Ok((Vec::new(), initial, current, events))
-            }
-        }
-    };
-    let config = state.config.clone();
-    let store_state = Arc::clone(state);
-    match start {
-        Err(e) => {
-            // The real server answers 200 and reports the expiry as the stream's only event.
-            let _ = tx.try_send(error_line(&e));
-        }
-        Ok((backlog, initial, rv, events)) => {
-            tokio::spawn(async move {
-                let w = Watch {
-                    filter,
-                    tx,
-                    events,
-                    drop_rx,
-                    state: store_state,
-                    last_rv: rv,
-                };
-                w.run(
-                    backlog,
-                    initial,
-                    send_initial && bookmarks,
-                    bookmarks,
-                    timeout,
-                    config,
-                )
-                .await;
-            });
-        }
-    }
-    let stream = tokio_stream_from(rx).map(|b| Ok::<_, Infallible>(Frame::data(b)));
-    let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
-/// A receiver as a stream (what `tokio-stream`'s wrapper does, without the dependency).
-fn tokio_stream_from(rx: mpsc::Receiver<Bytes>) -> impl futures_util::Stream<Item = Bytes> {
-    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
-}
-
-/// One open watch.
-struct Watch {
-    filter: WatchFilter,
-    tx: mpsc::Sender<Bytes>,
-    events: broadcast::Receiver<Arc<WatchEvent>>,
-    drop_rx: watch::Receiver<u64>,
-    state: Arc<State>,
-    last_rv: u64,
-}
-
-impl Watch {
-    /// Sends an event if it is new to this watch; false when the client is gone.
-    async fn deliver(&mut self, event: &WatchEvent) -> bool {
-        if event.rv <= self.last_rv {
-            return true;
-        }
-        self.last_rv = event.rv;
-        match self.filter.render(event) {
-            Some(line) => self.tx.send(line).await.is_ok(),
-            None => true,
-        }
-    }
-
-    async fn run(
-        mut self,
-        backlog: Vec<Arc<WatchEvent>>,
-        initial: Vec<Value>,
-        initial_events_end: bool,
-        bookmarks: bool,
-        timeout: Duration,
-        config: Config,
-    ) {
-        for obj in initial {
-            if self.tx.send(self.filter.line("ADDED", obj)).await.is_err() {
-                return;
-            }
-        }
-        if initial_events_end
-            && self
-                .tx
-                .send(self.filter.bookmark(self.last_rv, true))
-                .await
-                .is_err()
-        {
-            return;
-        }
-        for event in backlog {
-            if !self.deliver(&event).await {
-                return;
-            }
-        }
-        let deadline = tokio::time::sleep(timeout);
-        tokio::pin!(deadline);
-        let mut ticks = tokio::time::interval(config.bookmark_interval);
-        ticks.reset();
-        loop {
-            tokio::select! {
-                () = &mut deadline => return,
-                _ = self.drop_rx.changed() => return,
-                () = self.tx.closed() => return,
-                received = self.events.recv() => match received {
-                    Ok(event) => {
-                        if !self.deliver(&event).await {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.expire().await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = ticks.tick(), if bookmarks => {
-                    if !self.bookmark().await {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// A watch too slow to keep up is ended with 410, as the real server ends it, and the
-    /// client re-lists.
-    async fn expire(&mut self) {
-        warn!(resource = %self.filter.target.t.plural, "watch fell behind; ending it with 410");
-        let e = ApiError::expired(format!("too old resource version: {}", self.last_rv));
-        let _ = self.tx.send(error_line(&e)).await;
-    }
-
-    /// Sends a BOOKMARK at the store's current version, after every event up to it.
-    async fn bookmark(&mut self) -> bool {
-        // Events are broadcast under the store lock, so all up to `current` are queued now.
-        let current = lock(&self.state.store).resource_version();
-        loop {
-            match self.events.try_recv() {
-                Ok(event) => {
-                    if !self.deliver(&event).await {
-                        return false;
-                    }
-                }
-                Err(broadcast::error::TryRecvError::Empty) => break,
-                Err(broadcast::error::TryRecvError::Lagged(_)) => {
-                    self.expire().await;
-                    return false;
-                }
-                Err(broadcast::error::TryRecvError::Closed) => return false,
-            }
-        }
-        self.last_rv = self.last_rv.max(current);
-        self.tx
-            .send(self.filter.bookmark(self.last_rv, false))
-            .await
-            .is_ok()
-    }
 }
 
 #[cfg(test)]

@@ -627,3 +627,59 @@ async fn pages_follow_continue_tokens_until_compaction_expires_them() {
         other => panic!("continue after compaction: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selector_watches_see_objects_leave_and_enter() {
+    let server = start(Duration::from_secs(60));
+    seed_pods(&server, 2);
+    let client = client(&server).await;
+    let pods: Api<Pod> = Api::namespaced(client, "shop");
+    let from = server.resource_version().to_string();
+    let mut stream = pods
+        .watch(
+            &WatchParams::default()
+                .labels("app=a")
+                .timeout(30)
+                .disable_bookmarks(),
+            &from,
+        )
+        .await
+        .expect("watch")
+        .boxed();
+    let relabel = |app: &'static str| {
+        let pods = pods.clone();
+        async move {
+            pods.patch(
+                "pod-00",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"labels": {"app": app}}})),
+            )
+            .await
+            .expect("patch")
+        }
+    };
+    relabel("b").await; // leaves the selection
+    relabel("c").await; // still outside: nothing
+    relabel("a").await; // enters again
+    pods.patch(
+        "pod-01",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {"x": "y"}}})),
+    )
+    .await
+    .expect("patch");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        let event = within("the selector's events", stream.next())
+            .await
+            .expect("stream open")
+            .expect("event");
+        seen.push(match event {
+            WatchEvent::Added(p) => format!("ADDED {}", p.metadata.name.unwrap_or_default()),
+            WatchEvent::Modified(p) => format!("MODIFIED {}", p.metadata.name.unwrap_or_default()),
+            WatchEvent::Deleted(p) => format!("DELETED {}", p.metadata.name.unwrap_or_default()),
+            other => format!("{other:?}"),
+        });
+    }
+    assert_eq!(seen, ["DELETED pod-00", "ADDED pod-00", "MODIFIED pod-01"]);
+}
