@@ -476,13 +476,17 @@ async fn resource(
     }
     let result = match verb {
         "watch" => return (crate::watch::start(state, call, &target).await, record),
-        "get" => lock(&state.store)
-            .get(
-                &target.t,
-                target.namespace(),
-                target.name.as_deref().unwrap_or_default(),
-            )
-            .map(|o| (200, respond_object(call, &target, o))),
+        "get" => {
+            let store = lock(&state.store);
+            let columns = table::columns(&target.t, store.crd(&target.t));
+            store
+                .get(
+                    &target.t,
+                    target.namespace(),
+                    target.name.as_deref().unwrap_or_default(),
+                )
+                .map(|o| (200, respond_object(call, &target, o, &columns)))
+        }
         "list" => list(state, call, &target).map(|v| (200, v)),
         "create" => create(state, call, &target).map(|v| (201, v)),
         "update" => update(state, call, &target).map(|v| (200, v)),
@@ -507,7 +511,7 @@ pub(crate) fn partial(obj: &Value) -> Value {
 }
 
 /// One object, as a table when kubectl asks for one, or only its metadata.
-fn respond_object(call: &Call, target: &Target, obj: Value) -> Value {
+fn respond_object(call: &Call, target: &Target, obj: Value, columns: &[table::Column]) -> Value {
     let obj = target.present(obj);
     if call.metadata_only() {
         return partial(&obj);
@@ -518,6 +522,7 @@ fn respond_object(call: &Call, target: &Target, obj: Value) -> Value {
             &[obj],
             rv,
             call.param("includeObject").unwrap_or("Metadata"),
+            columns,
         )
     } else {
         obj
@@ -592,6 +597,7 @@ fn list(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiEr
             remaining += 1;
         }
     }
+    let columns = table::columns(&target.t, store.crd(&target.t));
     drop(store);
     let mut metadata = json!({"resourceVersion": rv.to_string()});
     if remaining > 0 {
@@ -612,6 +618,7 @@ fn list(state: &Arc<State>, call: &Call, target: &Target) -> Result<Value, ApiEr
             &items,
             metadata,
             call.param("includeObject").unwrap_or("Metadata"),
+            &columns,
         ));
     }
     Ok(json!({

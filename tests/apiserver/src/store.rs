@@ -624,6 +624,19 @@ impl Store {
         Ok(())
     }
 
+    /// The CustomResourceDefinition that declares a custom type.
+    pub fn crd(&self, t: &ResourceType) -> Option<&Value> {
+        if !t.custom {
+            return None;
+        }
+        self.objects
+            .get(&(
+                "apiextensions.k8s.io".to_owned(),
+                "customresourcedefinitions".to_owned(),
+            ))
+            .and_then(|b| b.get(&(String::new(), format!("{}.{}", t.plural, t.group))))
+    }
+
     /// Applies the CRD's schema to a custom resource: prune (or refuse, under
     /// `fieldValidation=Strict`) unknown fields, fill in defaults, validate.
     fn check_custom(

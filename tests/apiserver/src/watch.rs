@@ -28,6 +28,7 @@ struct WatchFilter {
     fields: FieldSelector,
     table: Option<String>,
     metadata_only: bool,
+    columns: Vec<table::Column>,
 }
 
 impl WatchFilter {
@@ -43,7 +44,12 @@ impl WatchFilter {
         let obj = self.target.present(obj);
         let object = match &self.table {
             _ if self.metadata_only => partial(&obj),
-            Some(include) => table::table(std::slice::from_ref(&obj), json!({}), include),
+            Some(include) => table::table(
+                std::slice::from_ref(&obj),
+                json!({}),
+                include,
+                &self.columns,
+            ),
             None => obj,
         };
         let mut line =
@@ -114,6 +120,10 @@ pub(crate) async fn start(state: &Arc<State>, call: &Call, target: &Target) -> R
     if target.name.is_none() {
         target.name = fields.name().map(str::to_owned);
     }
+    let columns = {
+        let store = lock(&state.store);
+        table::columns(&target.t, store.crd(&target.t))
+    };
     let filter = WatchFilter {
         target,
         labels,
@@ -122,6 +132,7 @@ pub(crate) async fn start(state: &Arc<State>, call: &Call, target: &Target) -> R
             .wants_table()
             .then(|| call.param("includeObject").unwrap_or("Metadata").to_owned()),
         metadata_only: call.metadata_only(),
+        columns,
     };
     let bookmarks = call.flag("allowWatchBookmarks");
     let send_initial = call.flag("sendInitialEvents");

@@ -258,10 +258,26 @@ fn kubectl_apply_get_label_patch_delete() {
         ]),
         ["web"]
     );
+    // Tables, as kubectl prints them: the pods' phase, the CRD's printer columns.
     let table = kubectl.run(&["get", "pods", "-n", "shop"]);
-    assert!(
-        table.starts_with("NAME") && table.contains("web") && table.contains("api"),
-        "{table}"
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows[0], ["NAME", "STATUS", "AGE"], "{table}");
+    assert_eq!(rows[1][..2], ["api", "Pending"], "{table}");
+    assert_eq!(rows[2][..2], ["web", "Pending"], "{table}");
+    let table = kubectl.run(&["get", "egp"]);
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            vec!["NAME", "PRIORITY", "MODE"],
+            vec!["block-metadata", "10", "Enforce"]
+        ]
     );
 
     // label (a merge patch from kubectl).
