@@ -25,17 +25,23 @@ pub fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Debian's `kubectl` package: the test API server's tests drive the real kubectl against it.
+/// kubectl: the test API server's tests drive the real one against it. These machines ship the
+/// `kubectl` package; where it is missing, apt installs it, or Debian's older
+/// `kubernetes-client` where no archive carries `kubectl`.
 fn ensure_kubectl() -> anyhow::Result<()> {
     if capture(Command::new("kubectl").args(["version", "--client"])).is_ok() {
         return Ok(());
     }
-    println!("setup: installing Debian's kubectl package");
+    println!("setup: installing kubectl (Debian's kubectl, else kubernetes-client)");
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends", "kubectl"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .context("failed to install kubectl (needs root and Debian's package archive)")
+    let install = |package: &str| {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    install("kubectl")
+        .or_else(|_| install("kubernetes-client"))
+        .context("failed to install kubectl (needs root and Debian's package archive)")
 }
 
 /// Debian's `prometheus` package: the alert tests run its `promtool`, and the end-to-end test
