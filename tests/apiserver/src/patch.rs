@@ -377,19 +377,75 @@ fn strategic_list(
     Ok(Value::Array(items))
 }
 
-/// Server-side apply, approximated: the applied configuration is merged into the live object
-/// strategically. Field ownership is not tracked, so a field dropped from a later apply
-/// stays (real apply removes fields the manager no longer applies).
-pub fn apply(target: &mut Value, applied: &Value, kind: &str, custom: bool) -> Result<(), String> {
-    strategic_object(
-        target,
-        applied,
-        Merge {
-            null_deletes: false,
-            kind,
-            custom,
-        },
-    )
+/// Server-side apply, approximated: what this field manager applied last time and no longer
+/// applies is removed (fields of maps, items of keyed lists), then the applied configuration
+/// is merged in strategically. Ownership by other managers is not tracked, so a field another
+/// manager also set is removed too, and no apply ever conflicts.
+pub fn apply(
+    target: &mut Value,
+    applied: &Value,
+    previous: Option<&Value>,
+    kind: &str,
+    custom: bool,
+) -> Result<(), String> {
+    let merge = Merge {
+        null_deletes: false,
+        kind,
+        custom,
+    };
+    if let Some(previous) = previous {
+        remove_dropped(target, previous, applied, "", merge);
+    }
+    strategic_object(target, applied, merge)
+}
+
+/// Removes from `live` what `previous` set and `applied` no longer does.
+fn remove_dropped(
+    live: &mut Value,
+    previous: &Value,
+    applied: &Value,
+    field: &str,
+    merge: Merge<'_>,
+) {
+    match (live, previous, applied) {
+        (Value::Object(live), Value::Object(previous), applied) => {
+            for (key, before) in previous {
+                if matches!(key.as_str(), "apiVersion" | "kind") {
+                    continue;
+                }
+                match applied.get(key) {
+                    None => {
+                        live.remove(key);
+                    }
+                    Some(now) => {
+                        if let Some(current) = live.get_mut(key) {
+                            remove_dropped(current, before, now, key, merge);
+                        }
+                    }
+                }
+            }
+        }
+        (Value::Array(live), Value::Array(previous), Value::Array(applied)) => {
+            let Some(key) = merge_key(field, previous, merge) else {
+                return;
+            };
+            let find =
+                |list: &[Value], id: &Value| list.iter().find(|i| i.get(key) == Some(id)).cloned();
+            live.retain(|item| {
+                item.get(key)
+                    .is_none_or(|id| find(previous, id).is_none() || find(applied, id).is_some())
+            });
+            for item in live.iter_mut() {
+                let Some(id) = item.get(key).cloned() else {
+                    continue;
+                };
+                if let (Some(before), Some(now)) = (find(previous, &id), find(applied, &id)) {
+                    remove_dropped(item, &before, &now, field, merge);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]
@@ -552,6 +608,7 @@ mod tests {
         apply(
             &mut cr,
             &json!({"status": {"conditions": [{"type": "B"}]}}),
+            None,
             "EgressPolicy",
             true,
         )
@@ -560,6 +617,24 @@ mod tests {
             cr["status"]["conditions"],
             json!([{"type": "B"}]),
             "custom lists are atomic"
+        );
+    }
+
+    #[test]
+    fn apply_removes_what_the_manager_stopped_applying() {
+        let mut pod = json!({"metadata": {"labels": {"a": "1", "b": "2", "other": "x"}},
+                             "spec": {"containers": [{"name": "app", "image": "1", "args": ["x"]},
+                                                     {"name": "side", "image": "1"}]}});
+        let previous = json!({"metadata": {"labels": {"a": "1", "b": "2"}},
+                              "spec": {"containers": [{"name": "app", "image": "1", "args": ["x"]},
+                                                      {"name": "side", "image": "1"}]}});
+        let applied = json!({"metadata": {"labels": {"a": "1"}},
+                             "spec": {"containers": [{"name": "app", "image": "2"}]}});
+        apply(&mut pod, &applied, Some(&previous), "Pod", false).expect("apply");
+        assert_eq!(
+            pod,
+            json!({"metadata": {"labels": {"a": "1", "other": "x"}},
+                   "spec": {"containers": [{"name": "app", "image": "2"}]}})
         );
     }
 

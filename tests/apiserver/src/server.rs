@@ -156,10 +156,11 @@ impl Call {
         self.param("dryRun") == Some("All")
     }
 
-    fn write_options(&self) -> WriteOptions {
+    fn write_options(&self) -> WriteOptions<'_> {
         WriteOptions {
             dry_run: self.dry_run(),
             strict: self.param("fieldValidation") == Some("Strict"),
+            field_manager: self.param("fieldManager"),
         }
     }
 

@@ -63,13 +63,19 @@ type ObjectKey = (String, String);
 
 /// How a write is made, from the request's query.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WriteOptions {
+pub struct WriteOptions<'a> {
     /// `dryRun=All`: checked and answered, not stored.
     pub dry_run: bool,
     /// `fieldValidation=Strict`: a custom resource with fields its schema does not know is
     /// refused instead of pruned.
     pub strict: bool,
+    /// `fieldManager`: whose applied configuration a server-side apply replaces.
+    pub field_manager: Option<&'a str>,
 }
+
+/// (group, plural, namespace, name, field manager and subresource) of an applied
+/// configuration.
+type AppliedKey = (String, String, String, String, String);
 
 /// The in-memory "etcd".
 pub struct Store {
@@ -83,6 +89,8 @@ pub struct Store {
     history: VecDeque<Arc<WatchEvent>>,
     history_limit: usize,
     events: broadcast::Sender<Arc<WatchEvent>>,
+    /// The last configuration each field manager applied to each object.
+    applied: HashMap<AppliedKey, Value>,
     next_ip: u32,
     random: std::hash::RandomState,
     ids: u64,
@@ -187,6 +195,7 @@ impl Store {
             history: VecDeque::new(),
             history_limit: history_limit.max(1),
             events,
+            applied: HashMap::new(),
             next_ip: 1,
             random: std::hash::RandomState::new(),
             ids: 0,
@@ -425,7 +434,7 @@ impl Store {
         t: &ResourceType,
         url_namespace: Option<&str>,
         mut obj: Value,
-        opts: WriteOptions,
+        opts: WriteOptions<'_>,
     ) -> Result<Value, ApiError> {
         if !obj.is_object() {
             return Err(ApiError::bad_request(
@@ -644,7 +653,7 @@ impl Store {
         t: &ResourceType,
         name: &str,
         obj: &mut Value,
-        opts: WriteOptions,
+        opts: WriteOptions<'_>,
     ) -> Result<(), ApiError> {
         if !t.custom {
             return Ok(());
@@ -704,7 +713,7 @@ impl Store {
         name: &str,
         obj: Value,
         subresource: Option<&str>,
-        opts: WriteOptions,
+        opts: WriteOptions<'_>,
     ) -> Result<Value, ApiError> {
         let old = self.get(t, namespace, name)?;
         if !obj.is_object() {
@@ -791,7 +800,7 @@ impl Store {
         name: &str,
         old: Value,
         mut new: Value,
-        opts: WriteOptions,
+        opts: WriteOptions<'_>,
     ) -> Result<Value, ApiError> {
         new["kind"] = json!(t.kind);
         new["apiVersion"] = json!(t.api_version(t.storage_version()));
@@ -862,8 +871,19 @@ impl Store {
         kind: PatchKind,
         body: &Value,
         subresource: Option<&str>,
-        opts: WriteOptions,
+        opts: WriteOptions<'_>,
     ) -> Result<Value, ApiError> {
+        let applied_key = (
+            t.group.clone(),
+            t.plural.clone(),
+            namespace.to_owned(),
+            name.to_owned(),
+            format!(
+                "{}/{}",
+                opts.field_manager.unwrap_or_default(),
+                subresource.unwrap_or_default()
+            ),
+        );
         let old = match self.get(t, namespace, name) {
             Ok(old) => old,
             Err(e) if kind == PatchKind::Apply && subresource.is_none() => {
@@ -873,7 +893,11 @@ impl Store {
                 }
                 meta(&mut obj).insert("name".into(), json!(name));
                 let ns = t.namespaced.then_some(namespace);
-                return self.create(t, ns, obj, opts);
+                let created = self.create(t, ns, obj, opts)?;
+                if !opts.dry_run {
+                    self.applied.insert(applied_key, body.clone());
+                }
+                return Ok(created);
             }
             Err(e) => return Err(e),
         };
@@ -890,7 +914,13 @@ impl Store {
             }
             PatchKind::Json => patch::json_patch(&mut doc, body),
             PatchKind::Strategic => patch::strategic(&mut doc, body, &t.kind),
-            PatchKind::Apply => patch::apply(&mut doc, body, &t.kind, t.custom),
+            PatchKind::Apply => patch::apply(
+                &mut doc,
+                body,
+                self.applied.get(&applied_key),
+                &t.kind,
+                t.custom,
+            ),
         };
         result.map_err(|m| ApiError::invalid(t, name, &m))?;
         if !doc.is_object() {
@@ -907,12 +937,19 @@ impl Store {
             ));
         }
         let new = self.merge_subresource(t, &old, doc, subresource);
-        self.write(t, namespace, name, old, new, opts)
+        let written = self.write(t, namespace, name, old, new, opts)?;
+        if kind == PatchKind::Apply && !opts.dry_run {
+            self.applied.insert(applied_key, body.clone());
+        }
+        Ok(written)
     }
 
     /// Removes an object for good, with its contents (a namespace's objects, a CRD's
     /// custom resources and its type).
     fn remove(&mut self, t: &ResourceType, key: ObjectKey, object: Value) -> Value {
+        self.applied.retain(|(group, plural, ns, name, _), _| {
+            !(*group == t.group && *plural == t.plural && *ns == key.0 && *name == key.1)
+        });
         if t.group.is_empty() && t.plural == "namespaces" {
             let namespaced: Vec<ResourceType> = self
                 .types
@@ -1004,9 +1041,10 @@ impl Store {
 mod tests {
     use super::*;
 
-    const W: WriteOptions = WriteOptions {
+    const W: WriteOptions<'static> = WriteOptions {
         dry_run: false,
         strict: false,
+        field_manager: None,
     };
 
     fn store() -> Store {

@@ -380,29 +380,47 @@ async fn leases_events_and_custom_resource_status() {
         Err(kube::Error::Api(status)) => assert!(status.is_not_found(), "{status:?}"),
         other => panic!("get of a missing lease: {other:?}"),
     }
-    // Server-side apply, as kube-rs sends it.
-    leases
-        .patch(
-            "egret-status-writer",
-            &PatchParams::apply("egret").force(),
-            &Patch::Apply(json!({
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": "egret-status-writer"},
-                "spec": {"holderIdentity": "node-c"},
-            })),
-        )
-        .await
-        .expect("apply");
-    let stored = server
-        .object(
-            "coordination.k8s.io",
-            "leases",
-            "default",
-            "egret-status-writer",
-        )
-        .expect("lease stored");
-    assert_eq!(stored["spec"]["holderIdentity"], "node-c");
-    assert_eq!(stored["spec"]["leaseDurationSeconds"], 15);
+    // Server-side apply, as kube-rs sends it: a field this manager applied and no longer
+    // applies goes; a field another write set stays.
+    let apply = |spec: Value| {
+        let leases = leases.clone();
+        async move {
+            leases
+                .patch(
+                    "egret-status-writer",
+                    &PatchParams::apply("egret").force(),
+                    &Patch::Apply(json!({
+                        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": "egret-status-writer"},
+                        "spec": spec,
+                    })),
+                )
+                .await
+                .expect("apply")
+        }
+    };
+    let stored = || {
+        server
+            .object(
+                "coordination.k8s.io",
+                "leases",
+                "default",
+                "egret-status-writer",
+            )
+            .expect("lease stored")
+    };
+    apply(json!({"holderIdentity": "node-c", "leaseTransitions": 3})).await;
+    assert_eq!(stored()["spec"]["holderIdentity"], "node-c");
+    assert_eq!(stored()["spec"]["leaseTransitions"], 3);
+    assert_eq!(stored()["spec"]["leaseDurationSeconds"], 15);
+    apply(json!({"holderIdentity": "node-d"})).await;
+    assert_eq!(stored()["spec"]["holderIdentity"], "node-d");
+    assert!(
+        stored()["spec"].get("leaseTransitions").is_none(),
+        "{}",
+        stored()
+    );
+    assert_eq!(stored()["spec"]["leaseDurationSeconds"], 15);
 
     // An events.k8s.io/v1 Event for a rejected policy.
     let events: Api<Event> = Api::namespaced(client.clone(), "default");

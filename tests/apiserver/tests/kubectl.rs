@@ -574,3 +574,38 @@ fn kubectl_watch_sees_changes() {
     watch.kill().expect("kill kubectl");
     let _ = watch.wait();
 }
+
+#[test]
+fn kubectl_server_side_apply() {
+    let (server, dir, kubectl) = server();
+    let config = |data: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: settings, namespace: default}}\ndata: {data}\n"
+        )
+    };
+    let path = dir.path().join("cm.yaml");
+    let path_str = path.to_str().expect("utf-8 path");
+    std::fs::write(&path, config("{a: '1', b: '2'}")).expect("write");
+    let out = kubectl.run(&["apply", "--server-side", "-f", path_str]);
+    assert!(out.contains("serverside-applied"), "{out}");
+    let cm = server
+        .object("", "configmaps", "default", "settings")
+        .expect("stored");
+    assert_eq!(cm["data"], serde_json::json!({"a": "1", "b": "2"}));
+    std::fs::write(&path, config("{a: '3'}")).expect("write");
+    kubectl.run(&["apply", "--server-side", "-f", path_str]);
+    let cm = server
+        .object("", "configmaps", "default", "settings")
+        .expect("stored");
+    assert_eq!(
+        cm["data"],
+        serde_json::json!({"a": "3"}),
+        "b is no longer applied"
+    );
+    let apply = server
+        .requests()
+        .into_iter()
+        .rfind(|r| r.verb == "patch")
+        .expect("apply is a patch");
+    assert!(apply.query.contains("fieldManager=kubectl"), "{apply:?}");
+}
