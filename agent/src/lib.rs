@@ -5,9 +5,11 @@
 //! and [`datapath::Datapath`] writes them and reads the kernel's counters back.
 
 pub mod datapath;
+pub mod inotify;
 pub mod local;
 pub mod pipeline;
 pub mod policy;
 pub mod rules_file;
+pub mod source;
 pub mod sys;
 pub mod telemetry;

@@ -12,6 +12,7 @@
 //!   labels: {app: web}
 //!   cgroup: system.slice/web.service   # relative to the cgroup2 mount, or absolute; globs work
 //!   ips: [192.0.2.20]                  # optional: where others reach it (for pod selectors)
+//!   pending: deny                      # optional: fail closed for its cgroups not written yet
 //! ```
 
 use std::{
@@ -19,16 +20,21 @@ use std::{
     hash::{Hash as _, Hasher as _},
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Mutex,
 };
 
+use k8s_openapi::{
+    api::core::v1::{Container, ContainerPort, Pod, PodIP, PodSpec, PodStatus},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::{
-    datapath::{EndpointId, Verdict},
+    datapath::{CgroupRole, EndpointId, Verdict},
     policy::{
-        cluster::{Cluster, LoadError},
-        model::World,
+        cluster::{self, Limits, LoadError, Location, PolicyStore, Snapshot},
+        model::{ObjectKind, ObjectRef, World},
+        validate,
     },
     sys,
 };
@@ -36,21 +42,27 @@ use crate::{
 /// Errors of local mode; each names the file, and the object and field where there is one.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("failed to read config {}", path.display())]
+    /// The config file could not be read (the cause names the file and the OS error).
+    #[error("config: {source}")]
     ReadConfig {
-        path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: LoadError,
     },
     #[error("config {}: {message}", path.display())]
     Config { path: PathBuf, message: String },
+    /// A policy file, document or object was rejected.
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("{}: {invalid}", path.as_deref().map_or_else(|| "<unknown file>".to_owned(), |p| p.display().to_string()))]
-    Invalid {
-        path: Option<PathBuf>,
-        invalid: crate::policy::model::InvalidPolicy,
-    },
+}
+
+impl LocalError {
+    /// The `reason` label of `egret_policies_rejected`: `config`, `unreadable` or `invalid`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ReadConfig { .. } | Self::Config { .. } => "config",
+            Self::Load(err) => err.reason(),
+        }
+    }
 }
 
 /// The config file.
@@ -67,6 +79,47 @@ pub struct Config {
     /// Where to serve Prometheus metrics; none: not served.
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Size caps on reading the policy files.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// The `limits` section: how much of the policy paths is read.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsConfig {
+    /// Largest policy file read (default 3 MiB, the API server's request limit).
+    #[serde(default = "default_max_file_bytes")]
+    pub max_file_bytes: u64,
+    /// Most bytes read under one policy directory (default 32 MiB).
+    #[serde(default = "default_max_directory_bytes")]
+    pub max_directory_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: default_max_file_bytes(),
+            max_directory_bytes: default_max_directory_bytes(),
+        }
+    }
+}
+
+impl From<LimitsConfig> for Limits {
+    fn from(l: LimitsConfig) -> Self {
+        Self {
+            max_file_bytes: l.max_file_bytes,
+            max_directory_bytes: l.max_directory_bytes,
+        }
+    }
+}
+
+fn default_max_file_bytes() -> u64 {
+    cluster::DEFAULT_MAX_FILE_BYTES
+}
+
+fn default_max_directory_bytes() -> u64 {
+    cluster::DEFAULT_MAX_DIRECTORY_BYTES
 }
 
 /// The `metrics` section.
@@ -102,6 +155,37 @@ pub struct Workload {
     /// Addresses the workload is reached at, for pod-selector peers.
     #[serde(default)]
     pub ips: Vec<IpAddr>,
+    /// What a cgroup that matches `cgroup` gets before egret has written it (a service
+    /// restarted by systemd gets a new cgroup). `allow` (default): its processes are not
+    /// decided until egret sees it, within milliseconds (inotify). `deny`: fail closed, also
+    /// while egret is not running: the directory the pattern starts in becomes a guard, and
+    /// every cgroup below it that egret has not written yet is denied; cgroups there that match
+    /// no workload are written as unmanaged (see `docs/datapath.md`).
+    #[serde(default)]
+    pub pending: Pending,
+    /// Named ports it serves, for rules that name a port (a Pod's container ports).
+    #[serde(default)]
+    pub ports: Vec<WorkloadPort>,
+}
+
+/// [`Workload::pending`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pending {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// A named port of a workload.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadPort {
+    pub name: String,
+    pub port: i32,
+    /// TCP (default), UDP or SCTP.
+    #[serde(default)]
+    pub protocol: Option<String>,
 }
 
 fn default_namespace() -> String {
@@ -111,17 +195,25 @@ fn default_namespace() -> String {
 /// Everything one load produced.
 pub struct Loaded {
     pub config: Config,
+    /// What to enforce: every valid object, and the last valid version of a rejected one.
     pub world: World,
-    /// Fingerprint of every file read, to notice edits.
+    /// Fingerprint of the config and every policy file as read for this load.
     pub fingerprint: u64,
+    /// Files, documents and objects rejected; the rest is in `world`.
+    pub rejected: Vec<LocalError>,
+    /// Objects enforced in their last valid version because the new one was rejected.
+    pub kept: Vec<(ObjectRef, Location)>,
 }
 
-/// Reads the config and its policy files.
+/// Reads the config and its policy files, and remembers what it enforced so a rejected update
+/// of an object keeps its last valid version.
 pub struct LocalSource {
     config_path: PathBuf,
     /// Command-line overrides of the config's `metrics` section.
     metrics_addr: Option<std::net::SocketAddr>,
     max_destination_series: Option<usize>,
+    /// The objects enforced from the files, and the fingerprint of the last read.
+    state: Mutex<(PolicyStore, Option<u64>)>,
 }
 
 impl LocalSource {
@@ -130,6 +222,7 @@ impl LocalSource {
             config_path,
             metrics_addr: None,
             max_destination_series: None,
+            state: Mutex::new((PolicyStore::default(), None)),
         }
     }
 
@@ -144,20 +237,66 @@ impl LocalSource {
         self
     }
 
-    /// Loads everything. `Err` holds every problem found; a caller that enforces already keeps
-    /// what it enforces.
+    /// Loads everything. `Err`: the config itself could not be read or is invalid (nothing
+    /// else was looked at). `Ok` holds every valid object and lists the rejected ones.
     pub fn load(&self) -> Result<Loaded, Vec<LocalError>> {
+        let (text, config) = self.read_config();
+        let snapshot = config
+            .as_ref()
+            .ok()
+            .map(|c| Snapshot::read(&self.policy_paths(c), c.limits.into()));
+        let fingerprint = fingerprint(&text, snapshot.as_ref());
+        self.finish(config, snapshot, fingerprint)
+    }
+
+    /// Reads the config and every policy file (bounded, never blocking) and loads them when
+    /// anything changed since the last load, including the removal of a file that could not
+    /// be read. `None`: nothing changed.
+    pub fn poll(&self) -> Option<Result<Loaded, Vec<LocalError>>> {
+        let (text, config) = self.read_config();
+        let snapshot = config
+            .as_ref()
+            .ok()
+            .map(|c| Snapshot::read(&self.policy_paths(c), c.limits.into()));
+        let fingerprint = fingerprint(&text, snapshot.as_ref());
+        let last = self.state.lock().unwrap_or_else(|e| e.into_inner()).1;
+        if last == Some(fingerprint) {
+            return None;
+        }
+        Some(self.finish(config, snapshot, fingerprint))
+    }
+
+    fn policy_paths(&self, config: &Config) -> Vec<PathBuf> {
+        let base = self.config_path.parent().unwrap_or(Path::new("."));
+        config.policies.iter().map(|p| base.join(p)).collect()
+    }
+
+    /// The config text (or why it is unreadable) and the parsed config.
+    fn read_config(&self) -> (Result<String, String>, Result<Config, Vec<LocalError>>) {
         let path = &self.config_path;
-        let text = std::fs::read_to_string(path).map_err(|source| {
-            vec![LocalError::ReadConfig {
-                path: path.clone(),
-                source,
-            }]
-        })?;
-        let mut config: Config = serde_yaml::from_str(&text).map_err(|e| {
+        let text = match cluster::read_file(path, cluster::DEFAULT_MAX_FILE_BYTES, None) {
+            Ok(text) => text,
+            Err(source) => {
+                let message = source.to_string();
+                return (Err(message), Err(vec![LocalError::ReadConfig { source }]));
+            }
+        };
+        let config = self.parse_config(&text);
+        (Ok(text), config)
+    }
+
+    fn parse_config(&self, text: &str) -> Result<Config, Vec<LocalError>> {
+        let path = &self.config_path;
+        let mut config: Config = serde_saphyr::from_str(text).map_err(|e| {
             vec![LocalError::Config {
                 path: path.clone(),
-                message: e.to_string(),
+                message: e
+                    .to_string()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(" "),
             }]
         })?;
         if let Some(address) = self.metrics_addr {
@@ -175,96 +314,361 @@ impl LocalSource {
         {
             metrics.max_destination_series = budget;
         }
-        // Taken before reading the policies: an edit during the load changes the fingerprint
-        // the next poll sees, so it is not missed.
-        let fingerprint = self.fingerprint(&config);
-        let base = path.parent().unwrap_or(Path::new("."));
-        let policy_paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
-        let (mut cluster, errors) = Cluster::load(&policy_paths);
-        let mut problems: Vec<LocalError> = errors.into_iter().map(LocalError::from).collect();
-        for w in &config.workloads {
-            let pod = json!({
-                "metadata": {"name": w.name, "namespace": w.namespace, "labels": w.labels},
-                "status": {"podIPs": w.ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect::<Vec<_>>()}
-            });
-            match serde_json::from_value(pod) {
-                Ok(pod) => {
-                    cluster
-                        .pods
-                        .insert((w.namespace.clone(), w.name.clone()), pod);
-                }
-                Err(e) => problems.push(LocalError::Config {
-                    path: path.clone(),
-                    message: format!("workload {}/{}: {e}", w.namespace, w.name),
-                }),
-            }
-        }
-        let world = World::new(&cluster);
-        problems.extend(world.invalid.iter().map(|invalid| LocalError::Invalid {
-            path: cluster.source_of(&invalid.object).cloned(),
-            invalid: invalid.clone(),
-        }));
-        if problems.is_empty() {
-            Ok(Loaded {
-                config,
-                world,
-                fingerprint,
+        let problems: Vec<LocalError> = config
+            .workloads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, w)| check_workload(i, w, &config.workloads).err())
+            .map(|message| LocalError::Config {
+                path: path.clone(),
+                message,
             })
+            .collect();
+        if problems.is_empty() {
+            Ok(config)
         } else {
             Err(problems)
         }
     }
 
-    /// Fingerprint of the config and policy files as they are now (cheap enough to poll).
-    pub fn fingerprint(&self, config: &Config) -> u64 {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        if let Ok(text) = std::fs::read_to_string(&self.config_path) {
-            text.hash(&mut hasher);
+    fn finish(
+        &self,
+        config: Result<Config, Vec<LocalError>>,
+        snapshot: Option<Snapshot>,
+        fingerprint: u64,
+    ) -> Result<Loaded, Vec<LocalError>> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // A config that does not load is reported once per change, not once per poll.
+        state.1 = Some(fingerprint);
+        let config = config?;
+        let snapshot = snapshot.unwrap_or_default();
+        // Workloads are Pods to policy: a Pod document with a workload's namespace and name
+        // would replace it (and its addresses) silently, so it is refused, naming both.
+        let reserved: BTreeMap<ObjectRef, String> = config
+            .workloads
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    ObjectRef::new(ObjectKind::Pod, &w.namespace, &w.name),
+                    format!(
+                        "workload {}/{} of {} (workloads[{i}])",
+                        w.namespace,
+                        w.name,
+                        self.config_path.display()
+                    ),
+                )
+            })
+            .collect();
+        let outcome = state.0.load(&snapshot, &reserved);
+        let mut cluster = outcome.cluster;
+        for w in &config.workloads {
+            cluster
+                .pods
+                .insert((w.namespace.clone(), w.name.clone()), workload_pod(w));
         }
-        let base = self.config_path.parent().unwrap_or(Path::new("."));
-        let paths: Vec<PathBuf> = config.policies.iter().map(|p| base.join(p)).collect();
-        for file in Cluster::files(&paths) {
-            if let Ok(content) = std::fs::read(&file) {
-                file.hash(&mut hasher);
-                content.hash(&mut hasher);
-            }
-        }
-        hasher.finish()
+        let world = World::new(&cluster);
+        let mut rejected: Vec<LocalError> =
+            outcome.rejected.into_iter().map(LocalError::from).collect();
+        // Everything was validated on the way in; anything World::new still refuses is a bug
+        // worth seeing rather than a silent gap.
+        rejected.extend(world.invalid.iter().map(|invalid| LocalError::Config {
+            path: self.config_path.clone(),
+            message: invalid.to_string(),
+        }));
+        Ok(Loaded {
+            config,
+            world,
+            fingerprint,
+            rejected,
+            kept: outcome.kept,
+        })
     }
 }
 
-/// The cgroups of each workload as they exist now: cgroup id -> endpoint id. A workload whose
-/// cgroup does not exist (yet) has none; a glob may give several.
+/// Checks one workload as its Pod would be checked, and that no other has its name.
+fn check_workload(index: usize, w: &Workload, all: &[Workload]) -> Result<(), String> {
+    let at = format!("workloads[{index}]");
+    let field = |e: validate::FieldResult<()>| {
+        e.map_err(|e| format!("workload {}/{}: {at}.{}", w.namespace, w.name, e))
+    };
+    field(validate::namespace_name("namespace", &w.namespace))?;
+    field(validate::object_name("name", &w.name))?;
+    field(validate::labels("labels", &w.labels).map(drop))?;
+    // The Pod it stands for carries its ports: checked as a Pod's container ports are.
+    validate::pod(&w.namespace, &w.name, &workload_pod(w)).map_err(|e| {
+        let field = e
+            .field
+            .replace("spec.containers[0].ports", "ports")
+            .replace(".containerPort", ".port")
+            .replace("status.podIPs", "ips")
+            .replace("].ip", "]");
+        format!(
+            "workload {}/{}: {at}.{field}: {}",
+            w.namespace, w.name, e.message
+        )
+    })?;
+    if w.cgroup.is_empty() {
+        return Err(format!(
+            "workload {}/{}: {at}.cgroup: Required value: a cgroup directory or glob",
+            w.namespace, w.name
+        ));
+    }
+    if let Some(first) = all[..index]
+        .iter()
+        .position(|o| o.namespace == w.namespace && o.name == w.name)
+    {
+        return Err(format!(
+            "workload {}/{}: {at}.name: Duplicate value: {:?}: workloads[{first}] has the same namespace and name",
+            w.namespace, w.name, w.name
+        ));
+    }
+    Ok(())
+}
+
+/// The Pod a workload stands for.
+fn workload_pod(w: &Workload) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(w.name.clone()),
+            namespace: Some(w.namespace.clone()),
+            labels: Some(w.labels.clone()),
+            ..ObjectMeta::default()
+        },
+        status: Some(PodStatus {
+            pod_ips: Some(
+                w.ips
+                    .iter()
+                    .map(|ip| PodIP { ip: ip.to_string() })
+                    .collect(),
+            ),
+            ..PodStatus::default()
+        }),
+        spec: (!w.ports.is_empty()).then(|| PodSpec {
+            containers: vec![Container {
+                name: w.name.clone(),
+                ports: Some(
+                    w.ports
+                        .iter()
+                        .map(|p| ContainerPort {
+                            name: Some(p.name.clone()),
+                            container_port: p.port,
+                            protocol: p.protocol.clone(),
+                            ..ContainerPort::default()
+                        })
+                        .collect(),
+                ),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+    }
+}
+
+/// One number for the config and every policy file as read, errors included.
+fn fingerprint(config: &Result<String, String>, snapshot: Option<&Snapshot>) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    config.hash(&mut hasher);
+    snapshot.map(Snapshot::fingerprint).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The cgroups of each workload as they exist now, and the guards of workloads that fail
+/// closed: cgroup id -> role. A workload whose cgroup does not exist (yet) has none; a glob may
+/// give several. Only directories match (a pattern ending in `/*` would otherwise match the
+/// cgroup's interface files).
 pub fn resolve_cgroups(
     config: &Config,
     endpoints: &BTreeMap<(String, String), EndpointId>,
     cgroup_root: &Path,
-) -> BTreeMap<u64, EndpointId> {
+) -> BTreeMap<u64, CgroupRole> {
     let mut out = BTreeMap::new();
     for w in &config.workloads {
         let Some(endpoint) = endpoints.get(&(w.namespace.clone(), w.name.clone())) else {
             continue;
         };
-        let pattern = if Path::new(&w.cgroup).is_absolute() {
-            PathBuf::from(&w.cgroup)
-        } else {
-            cgroup_root.join(&w.cgroup)
-        };
-        let Ok(matches) = glob::glob(&pattern.to_string_lossy()) else {
-            tracing::warn!(workload = %w.name, cgroup = %w.cgroup, "invalid cgroup glob");
+        let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
             continue;
         };
-        for dir in matches.flatten() {
+        for dir in pattern.matches() {
             match sys::cgroup_id(&dir) {
                 Ok(id) => {
-                    out.insert(id, *endpoint);
+                    out.insert(id, CgroupRole::Endpoint(*endpoint));
                 }
                 Err(err) => tracing::warn!(workload = %w.name, cgroup = %dir.display(), "{err}"),
             }
         }
     }
+    // Guards: the walk below each fail-closed workload's guard directory, along its pattern.
+    // A directory on the way to a match is a guard too (a cgroup created in it is pending);
+    // one that leads to no match is unmanaged. Endpoints win over guards, guards over
+    // unmanaged, whichever workload's walk found them.
+    for w in config
+        .workloads
+        .iter()
+        .filter(|w| w.pending == Pending::Deny)
+    {
+        let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
+            continue;
+        };
+        if pattern.guard == cgroup_root {
+            // Never guard the whole host (refused by `guard_problems` at start).
+            continue;
+        }
+        pattern.walk(&mut |dir, role| {
+            // Matches were resolved above; one without an endpoint (its workload did not
+            // compile) stays pending under its guard.
+            if matches!(role, CgroupRole::Endpoint(_)) {
+                return;
+            }
+            let Ok(id) = sys::cgroup_id(dir) else { return };
+            let entry = out.entry(id).or_insert(role);
+            if rank(role) > rank(*entry) {
+                *entry = role;
+            }
+        });
+    }
     out
 }
+
+/// Workloads whose `pending: deny` would guard the cgroup2 root itself (every process on the
+/// host): refused, with the workload named.
+pub fn guard_problems(config: &Config, cgroup_root: &Path) -> Vec<String> {
+    config
+        .workloads
+        .iter()
+        .filter(|w| w.pending == Pending::Deny)
+        .filter(|w| CgroupPattern::of(w, cgroup_root).is_some_and(|p| p.guard == cgroup_root))
+        .map(|w| {
+            format!(
+                "workload {}/{}: field `pending`: deny would guard the cgroup2 root ({}); put the workload's cgroup in a directory of its own",
+                w.namespace,
+                w.name,
+                cgroup_root.display()
+            )
+        })
+        .collect()
+}
+
+/// Which role wins when two walks meet the same cgroup.
+fn rank(role: CgroupRole) -> u8 {
+    match role {
+        CgroupRole::Unmanaged => 0,
+        CgroupRole::Guard => 1,
+        CgroupRole::Endpoint(_) => 2,
+    }
+}
+
+/// The directories whose entries the run loop watches: every guard and every directory a
+/// workload's pattern may match in, so that a new cgroup wakes it at once.
+pub fn watch_dirs(config: &Config, cgroup_root: &Path) -> Vec<PathBuf> {
+    let mut dirs = std::collections::BTreeSet::new();
+    for w in &config.workloads {
+        let Some(pattern) = CgroupPattern::of(w, cgroup_root) else {
+            continue;
+        };
+        pattern.walk(&mut |dir, role| {
+            if role == CgroupRole::Guard {
+                dirs.insert(dir.to_path_buf());
+            }
+        });
+    }
+    dirs.into_iter().collect()
+}
+
+/// A workload's cgroup pattern, split where its first glob component starts.
+struct CgroupPattern {
+    /// The deepest directory of the pattern without glob characters.
+    guard: PathBuf,
+    /// The components after it, each a glob (or a literal name).
+    rest: Vec<glob::Pattern>,
+}
+
+impl CgroupPattern {
+    fn of(w: &Workload, cgroup_root: &Path) -> Option<Self> {
+        let full = if Path::new(&w.cgroup).is_absolute() {
+            PathBuf::from(&w.cgroup)
+        } else {
+            cgroup_root.join(&w.cgroup)
+        };
+        let mut guard = PathBuf::new();
+        let mut rest = Vec::new();
+        for component in full.components() {
+            let text = component.as_os_str().to_string_lossy();
+            let is_glob = text.contains(['*', '?', '[']);
+            if rest.is_empty() && !is_glob {
+                guard.push(component);
+                continue;
+            }
+            match glob::Pattern::new(&text) {
+                Ok(p) => rest.push(p),
+                Err(err) => {
+                    tracing::warn!(workload = %w.name, cgroup = %w.cgroup, "invalid cgroup glob: {err}");
+                    return None;
+                }
+            }
+        }
+        if rest.is_empty() {
+            // A literal path: the guard is its parent, the pattern its own name.
+            let name = guard.file_name()?.to_string_lossy().into_owned();
+            rest.push(glob::Pattern::new(&glob::Pattern::escape(&name)).ok()?);
+            guard.pop();
+        }
+        Some(Self { guard, rest })
+    }
+
+    /// The directories that match the whole pattern.
+    fn matches(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        self.walk(&mut |dir, role| {
+            if matches!(role, CgroupRole::Endpoint(_)) {
+                out.push(dir.to_path_buf());
+            }
+        });
+        out
+    }
+
+    /// Visits the guard (as `Guard`), every directory below it on the way to a match
+    /// (`Guard`), every match (`Endpoint(0)`: the caller knows the id) and every directory that
+    /// leads to no match (`Unmanaged`).
+    fn walk(&self, visit: &mut dyn FnMut(&Path, CgroupRole)) {
+        if !is_dir(&self.guard) {
+            return;
+        }
+        visit(&self.guard, CgroupRole::Guard);
+        self.walk_below(&self.guard, 0, visit);
+    }
+
+    fn walk_below(&self, dir: &Path, depth: usize, visit: &mut dyn FnMut(&Path, CgroupRole)) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let last = depth + 1 == self.rest.len();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !is_dir(&path) {
+                continue;
+            }
+            let name = entry.file_name();
+            if !self.rest[depth].matches(&name.to_string_lossy()) {
+                visit(&path, CgroupRole::Unmanaged);
+            } else if last {
+                visit(&path, CgroupRole::Endpoint(0));
+            } else {
+                visit(&path, CgroupRole::Guard);
+                self.walk_below(&path, depth + 1, visit);
+            }
+        }
+    }
+}
+
+/// A directory, not a symlink to one (cgroupfs has no symlinks; a link is not a cgroup).
+fn is_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// How often the run loop asks the kernel whether egret's links are attached and pinned.
+const LINK_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Options of `egret run` beside the config.
 pub struct RunOptions {
@@ -290,16 +694,26 @@ pub fn run(
             tracing::error!("{p}");
         }
         anyhow::anyhow!(
-            "{} problem(s) in the config or policies; nothing changed",
+            "{} problem(s) in the config; nothing changed",
             problems.len()
         )
     })?;
+    let rejected_at_start = rejections(&loaded.rejected, &loaded.kept);
     let compile_options = |config: &Config| crate::policy::compile::CompileOptions {
         baseline: config.baseline,
         node: None,
     };
     let mut config = loaded.config;
-    let mut fingerprint = loaded.fingerprint;
+    let guard_problems = guard_problems(&config, cgroup_root);
+    if !guard_problems.is_empty() {
+        for p in &guard_problems {
+            tracing::error!("{p}");
+        }
+        anyhow::bail!(
+            "{} problem(s) in the config; nothing changed",
+            guard_problems.len()
+        );
+    }
     // Metrics are served from the start (`/readyz` says when policy is written); the address is
     // read once, at start.
     let metrics = match &config.metrics {
@@ -316,8 +730,12 @@ pub fn run(
         }
         None => None,
     };
+    record_rejections(metrics.as_deref(), rejected_at_start);
     let mut pipeline =
-        crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config));
+        crate::pipeline::Pipeline::new(datapath, loaded.world, compile_options(&config))?;
+    // New cgroups wake the loop at once; the poll is the backstop (and reads the files).
+    let mut watch = crate::inotify::DirWatch::new()?;
+    watch.watch_only(&watch_dirs(&config, cgroup_root));
     let names = std::sync::Arc::new(std::sync::Mutex::new(NameSnapshot::default()));
     match crate::datapath::EventReader::open(pipeline.datapath().pin_dir()) {
         Ok(reader) => spawn_deny_log(reader, std::sync::Arc::clone(&names), metrics.clone())?,
@@ -341,55 +759,40 @@ pub fn run(
     );
     let mut report = Report::new(pipeline.datapath());
     let mut last_report = Instant::now();
+    let mut last_poll = Instant::now();
+    let mut last_link_check = Instant::now();
     loop {
-        std::thread::sleep(options.poll_every);
+        let woken = watch.wait(options.poll_every.saturating_sub(last_poll.elapsed()));
         let mut dirty = false;
-        let now = source.fingerprint(&config);
-        if now != fingerprint {
-            fingerprint = now;
-            match source.load() {
-                Ok(loaded) => {
-                    config = loaded.config;
-                    fingerprint = loaded.fingerprint;
-                    pipeline.set_world_with(loaded.world, compile_options(&config));
-                    dirty = true;
-                    if let Some(shared) = &metrics {
-                        shared
-                            .telemetry
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .rejected(&BTreeMap::new());
-                    }
-                    tracing::info!("reloaded config and policies");
-                }
-                Err(problems) => {
-                    for p in &problems {
-                        tracing::error!("{p}");
-                    }
-                    if let Some(shared) = &metrics {
-                        let mut by_reason = BTreeMap::new();
-                        for p in &problems {
-                            let reason = if matches!(p, LocalError::Invalid { .. }) {
-                                "invalid"
-                            } else {
-                                "unreadable"
-                            };
-                            *by_reason.entry(reason).or_insert(0) += 1;
-                        }
-                        shared
-                            .telemetry
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .rejected(&by_reason);
-                    }
-                    tracing::error!(
-                        problems = problems.len(),
-                        "reload rejected; the policy enforced before stays enforced"
-                    );
-                }
+        // A cgroup event wakes the loop at once; the files are read at the poll's pace.
+        let polled = if woken && last_poll.elapsed() < options.poll_every {
+            None
+        } else {
+            last_poll = Instant::now();
+            source.poll()
+        };
+        match polled {
+            None => {}
+            Some(Ok(loaded)) => {
+                record_rejections(
+                    metrics.as_deref(),
+                    rejections(&loaded.rejected, &loaded.kept),
+                );
+                config = loaded.config;
+                pipeline.set_world_with(loaded.world, compile_options(&config));
+                dirty = true;
+                tracing::info!("reloaded config and policies");
+            }
+            Some(Err(problems)) => {
+                record_rejections(metrics.as_deref(), rejections(&problems, &[]));
+                tracing::error!(
+                    problems = problems.len(),
+                    "reload rejected: the config does not load; the policy enforced before stays enforced"
+                );
             }
         }
         let cgroups = resolve_cgroups(&config, &pipeline.compiled().endpoints, cgroup_root);
+        watch.watch_only(&watch_dirs(&config, cgroup_root));
         if dirty || &cgroups != pipeline.cgroups() {
             let result = pipeline.enforce(cgroups);
             if let Some(shared) = &metrics {
@@ -414,6 +817,19 @@ pub fn run(
         if let Some(shared) = &metrics {
             drain(shared, &pipeline);
         }
+        // Pins someone removed come back, and the attached-programs gauge says what the kernel
+        // reports, within a second, not only at the next policy write.
+        if last_link_check.elapsed() >= LINK_CHECK_EVERY {
+            last_link_check = Instant::now();
+            let links = pipeline.datapath().check_links();
+            if let Some(shared) = &metrics {
+                shared
+                    .telemetry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .attached(links.attached);
+            }
+        }
         if let Some(every) = options.report_every
             && last_report.elapsed() >= every
         {
@@ -423,18 +839,70 @@ pub fn run(
     }
 }
 
-/// What the deny log needs to name a source and a rule, as of the last enforced compile.
+/// A load's rejections as the log, the metric and `/readyz` show them: one message each
+/// (rejected objects, then the objects that keep their last valid version), and a count per
+/// reason.
+pub struct Rejections {
+    pub messages: Vec<String>,
+    pub by_reason: BTreeMap<&'static str, usize>,
+}
+
+/// Collects what a load rejected and kept.
+pub fn rejections(rejected: &[LocalError], kept: &[(ObjectRef, Location)]) -> Rejections {
+    let mut by_reason = BTreeMap::new();
+    let mut messages = Vec::new();
+    for p in rejected {
+        *by_reason.entry(p.reason()).or_insert(0) += 1;
+        messages.push(p.to_string());
+    }
+    for (object, location) in kept {
+        messages.push(format!(
+            "{object}: keeps its last valid version, read from {location}"
+        ));
+    }
+    Rejections {
+        messages,
+        by_reason,
+    }
+}
+
+/// Logs a load's rejections and shows them in the metric and the readiness detail.
+fn record_rejections(metrics: Option<&crate::telemetry::server::Shared>, r: Rejections) {
+    for m in &r.messages {
+        tracing::error!("{m}");
+    }
+    let total: usize = r.by_reason.values().sum();
+    if total > 0 {
+        tracing::error!(
+            rejected = total,
+            "reload rejected {total} file(s) or object(s); every other object is enforced, a rejected one keeps its last valid version"
+        );
+    }
+    if let Some(shared) = metrics {
+        shared
+            .telemetry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .rejected(&r.by_reason, r.messages);
+    }
+}
+
+/// What the deny log needs to name a source and a rule, as of the last enforced compile: every
+/// id known, also of workloads and rules that are gone.
 #[derive(Default)]
 struct NameSnapshot {
     workloads: BTreeMap<EndpointId, (String, String)>,
-    origins: Vec<crate::policy::explain::Origin>,
+    ids: crate::policy::ids::IdTable,
 }
 
 impl NameSnapshot {
     fn of(compiled: &crate::policy::compile::Compiled) -> Self {
         Self {
-            workloads: compiled.workloads.clone(),
-            origins: compiled.origins.clone(),
+            workloads: labels(compiled)
+                .into_iter()
+                .map(|(id, s)| (id, (s.namespace, s.workload)))
+                .collect(),
+            ids: compiled.ids.clone(),
         }
     }
 }
@@ -467,8 +935,8 @@ fn spawn_deny_log(
                                 (String::new(), format!("endpoint-{}", event.endpoint_id))
                             });
                         let origin = snapshot
-                            .origins
-                            .get(event.rule_id as usize)
+                            .ids
+                            .origin(event.rule_id)
                             .cloned()
                             .unwrap_or(crate::policy::explain::Origin::Baseline);
                         let names = crate::telemetry::denylog::Names {
@@ -535,9 +1003,7 @@ fn record_sync(
     }
     telemetry.usage(&pipeline.datapath().usage());
     telemetry.workloads(sources(pipeline.compiled()).values());
-    let links =
-        std::fs::read_dir(pipeline.datapath().pin_dir().join("links")).map_or(0, |d| d.count());
-    telemetry.attached(links);
+    telemetry.attached(pipeline.datapath().check_links().attached);
 }
 
 /// Who each endpoint is, for labels.
@@ -557,6 +1023,34 @@ fn sources(
         .collect()
 }
 
+/// Who every endpoint id the compiler knows is, live or gone, for labels; the pending
+/// endpoint (0) is `pending`.
+fn labels(
+    compiled: &crate::policy::compile::Compiled,
+) -> BTreeMap<EndpointId, crate::telemetry::Source> {
+    let mut out: BTreeMap<EndpointId, crate::telemetry::Source> = compiled
+        .ids
+        .endpoint_names()
+        .iter()
+        .map(|(id, name)| {
+            let source = crate::telemetry::Source {
+                namespace: name.namespace.clone(),
+                workload: name.workload.clone(),
+            };
+            (*id, source)
+        })
+        .collect();
+    out.extend(sources(compiled));
+    out.insert(
+        0,
+        crate::telemetry::Source {
+            namespace: String::new(),
+            workload: "pending".into(),
+        },
+    );
+    out
+}
+
 /// Moves what the kernel counted since the last drain into the metrics.
 fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::Pipeline) {
     let counters = match pipeline.datapath().counters() {
@@ -567,7 +1061,7 @@ fn drain(shared: &crate::telemetry::server::Shared, pipeline: &crate::pipeline::
         }
     };
     let compiled = pipeline.compiled();
-    let sources = sources(compiled);
+    let sources = labels(compiled);
     shared
         .telemetry
         .lock()
@@ -626,10 +1120,9 @@ impl Report {
             return;
         }
         let compiled = pipeline.compiled();
-        let workloads: BTreeMap<EndpointId, String> = compiled
-            .workloads
-            .iter()
-            .map(|(id, (ns, name))| (*id, format!("{ns}/{name}")))
+        let workloads: BTreeMap<EndpointId, String> = labels(compiled)
+            .into_iter()
+            .map(|(id, s)| (id, format!("{}/{}", s.namespace, s.workload)))
             .collect();
         println!(
             "{:<20} {:<28} {:<5} {:<12} {:>8}  POLICY",
@@ -639,6 +1132,7 @@ impl Report {
             let origin = compiled.origin(rule);
             let policy = match (origin, origin.rule_label()) {
                 (crate::policy::explain::Origin::Baseline, _) => "default".into(),
+                (crate::policy::explain::Origin::Pending, _) => "pending (not written yet)".into(),
                 (_, Some(r)) => format!("{} rule {r}", origin.policy_label()),
                 (_, None) => format!("{} (isolation)", origin.policy_label()),
             };
@@ -663,6 +1157,102 @@ mod tests {
     use super::*;
     use crate::policy::compile::{CompileOptions, compile};
 
+    fn workload(cgroup: &str, pending: Pending) -> Workload {
+        Workload {
+            name: "svc".into(),
+            namespace: "bars".into(),
+            labels: BTreeMap::new(),
+            cgroup: cgroup.into(),
+            ips: Vec::new(),
+            pending,
+            ports: Vec::new(),
+        }
+    }
+
+    /// A fake hierarchy: `dirs` are directories, `files` interface files, under a temp root.
+    fn tree(name: &str, dirs: &[&str], files: &[&str]) -> PathBuf {
+        let root = std::env::temp_dir().join(format!("egret-unit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for d in dirs {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        for f in files {
+            std::fs::write(root.join(f), "").unwrap();
+        }
+        root
+    }
+
+    #[test]
+    fn globs_match_cgroup_directories_never_their_interface_files() {
+        let root = tree(
+            "glob",
+            &[
+                "system.slice/svc-1",
+                "system.slice/svc-2/sub",
+                "system.slice/sshd",
+            ],
+            &[
+                "system.slice/cgroup.procs",
+                "system.slice/svc-x.max",
+                "system.slice/memory.max",
+            ],
+        );
+        for (pattern, want) in [
+            ("system.slice/svc-*", vec!["svc-1", "svc-2"]),
+            ("system.slice/*", vec!["sshd", "svc-1", "svc-2"]),
+            ("system.slice/svc-1", vec!["svc-1"]),
+        ] {
+            let p = CgroupPattern::of(&workload(pattern, Pending::Allow), &root).unwrap();
+            let mut got: Vec<String> = p
+                .matches()
+                .iter()
+                .map(|d| d.file_name().unwrap().to_string_lossy().into_owned())
+                .collect();
+            got.sort();
+            assert_eq!(got, want, "{pattern}");
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_fail_closed_pattern_guards_its_directory_and_leaves_the_rest_unmanaged() {
+        let root = tree(
+            "guard",
+            &["apps/a/svc-1", "apps/a/other", "apps/b/svc-2", "apps/c"],
+            &["apps/cgroup.procs"],
+        );
+        let p = CgroupPattern::of(&workload("apps/*/svc-*", Pending::Deny), &root).unwrap();
+        assert_eq!(p.guard, root.join("apps"));
+        let mut seen = Vec::new();
+        p.walk(&mut |dir, role| {
+            let rel = dir.strip_prefix(&root).unwrap().display().to_string();
+            seen.push((rel, role));
+        });
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                ("apps".into(), CgroupRole::Guard),
+                ("apps/a".into(), CgroupRole::Guard),
+                ("apps/a/other".into(), CgroupRole::Unmanaged),
+                ("apps/a/svc-1".into(), CgroupRole::Endpoint(0)),
+                ("apps/b".into(), CgroupRole::Guard),
+                ("apps/b/svc-2".into(), CgroupRole::Endpoint(0)),
+                ("apps/c".into(), CgroupRole::Guard),
+            ]
+        );
+        // Never the whole host.
+        let config = Config {
+            baseline: Verdict::Allow,
+            policies: Vec::new(),
+            workloads: vec![workload("svc-*", Pending::Deny)],
+            metrics: None,
+            limits: Default::default(),
+        };
+        assert_eq!(guard_problems(&config, &root).len(), 1);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
     #[test]
     fn formats_rfc3339_utc() {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_516_980_123);
@@ -670,6 +1260,190 @@ mod tests {
         assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
         assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("egret-local-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        dir
+    }
+
+    const CONFIG: &str = "policies: [policies]\nworkloads:\n- {name: web, namespace: shop, labels: {app: web}, cgroup: x, ips: [192.0.2.20], ports: [{name: http, port: 8080}]}\n";
+
+    fn netpol(name: &str, port: u32) -> String {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+             spec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{{port: {port}}}]\n"
+        )
+    }
+
+    fn ports_of(world: &World, name: &str) -> Vec<(u16, u16)> {
+        let np = world
+            .network_policies
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("{name} is not enforced"));
+        np.rules
+            .iter()
+            .flat_map(|r| r.ports.iter().flatten())
+            .filter_map(|p| match p.port {
+                crate::policy::model::PortMatch::Range(a, b) => Some((a, b)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_rejected_object_keeps_its_last_valid_version_and_the_rest_reloads() {
+        let dir = temp_dir("reload");
+        std::fs::write(dir.join("egret.yaml"), CONFIG).unwrap();
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 80)).unwrap();
+        let source = LocalSource::new(dir.join("egret.yaml"));
+        let loaded = source.load().unwrap();
+        assert!(loaded.rejected.is_empty());
+        assert_eq!(ports_of(&loaded.world, "a"), [(80, 80)]);
+        assert!(source.poll().is_none(), "nothing changed");
+
+        // A bad update of `a` and a new valid `b` beside it.
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 70000)).unwrap();
+        std::fs::write(dir.join("policies/b.yaml"), netpol("b", 443)).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert_eq!(
+            ports_of(&loaded.world, "a"),
+            [(80, 80)],
+            "last valid version"
+        );
+        assert_eq!(
+            ports_of(&loaded.world, "b"),
+            [(443, 443)],
+            "the new file took effect"
+        );
+        let messages: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{} document 0: NetworkPolicy shop/a: spec.egress[0].ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive",
+                dir.join("policies/a.yaml").display()
+            )]
+        );
+        assert_eq!(loaded.kept.len(), 1);
+        let r = rejections(&loaded.rejected, &loaded.kept);
+        assert_eq!(r.by_reason, BTreeMap::from([("invalid", 1)]));
+        assert!(
+            r.messages[1]
+                .starts_with("NetworkPolicy shop/a: keeps its last valid version, read from ")
+        );
+
+        // A FIFO beside them neither blocks the poll nor stops the reload; its removal is
+        // noticed.
+        let fifo = dir.join("policies/zz.yaml");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(
+            loaded
+                .rejected
+                .iter()
+                .any(|e| e.to_string().contains("it is a FIFO")),
+            "{:?}",
+            loaded.rejected
+        );
+        std::fs::remove_file(&fifo).unwrap();
+        std::fs::write(dir.join("policies/a.yaml"), netpol("a", 81)).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(loaded.rejected.is_empty(), "{:?}", loaded.rejected);
+        assert!(loaded.kept.is_empty());
+        assert_eq!(ports_of(&loaded.world, "a"), [(81, 81)]);
+
+        // Removing a file removes what it held.
+        std::fs::remove_file(dir.join("policies/b.yaml")).unwrap();
+        let loaded = source.poll().unwrap().unwrap();
+        assert!(!loaded.world.network_policies.iter().any(|n| n.name == "b"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_pod_document_named_like_a_workload_is_refused_naming_both() {
+        let dir = temp_dir("workload-pod");
+        std::fs::write(dir.join("egret.yaml"), CONFIG).unwrap();
+        std::fs::write(
+            dir.join("policies/pods.yaml"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, labels: {app: other}}\nstatus: {podIP: 192.0.2.99}\n",
+        )
+        .unwrap();
+        let loaded = LocalSource::new(dir.join("egret.yaml")).load().unwrap();
+        let messages: Vec<String> = loaded.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [format!(
+                "{} document 0: Pod shop/web: metadata.name: Duplicate value: \"web\": workload shop/web of {} (workloads[0]) has the same namespace and name; this document is not applied (a workload's labels, addresses and named ports are set in the config)",
+                dir.join("policies/pods.yaml").display(),
+                dir.join("egret.yaml").display()
+            )]
+        );
+        // The workload is what policy sees, with its own labels, address and named port.
+        let web = loaded.world.pod("shop", "web").unwrap();
+        assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
+        assert_eq!(web.ips, ["192.0.2.20".parse::<IpAddr>().unwrap()]);
+        assert_eq!(web.ports.len(), 1);
+        assert_eq!(
+            (web.ports[0].name.as_str(), web.ports[0].number),
+            ("http", 8080)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_invalid_workload_rejects_the_config_naming_the_field() {
+        let dir = temp_dir("bad-workload");
+        let source = LocalSource::new(dir.join("egret.yaml"));
+        let cases = [
+            (
+                "- {name: Web, cgroup: x}",
+                "workloads[0].name: Invalid value: \"Web\"",
+            ),
+            (
+                "- {name: web, namespace: a_b, cgroup: x}",
+                "workloads[0].namespace: Invalid value: \"a_b\"",
+            ),
+            (
+                "- {name: web, cgroup: x, labels: {app: \"a b\"}}",
+                "workloads[0].labels[app]: Invalid value: \"a b\"",
+            ),
+            (
+                "- {name: web, cgroup: x, ports: [{name: http, port: 0}]}",
+                "workloads[0].ports[0].port: Invalid value: 0",
+            ),
+            (
+                "- {name: web, cgroup: x}\n- {name: web, cgroup: y}",
+                "workloads[1].name: Duplicate value: \"web\"",
+            ),
+            (
+                "- {name: web, cgroup: x, ips: [192.0.2.1, 192.0.2.2]}",
+                "workloads[0].ips[1]: Invalid value: \"192.0.2.2\": may specify no more than one IP for each IP family",
+            ),
+        ];
+        for (workloads, expect) in cases {
+            std::fs::write(dir.join("egret.yaml"), format!("workloads:\n{workloads}\n")).unwrap();
+            let Err(problems) = source.load() else {
+                panic!("{workloads} was accepted");
+            };
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            let message = problems[0].to_string();
+            assert!(message.contains(expect), "{workloads}: {message}");
+            assert!(
+                message.starts_with(&format!(
+                    "config {}: workload ",
+                    dir.join("egret.yaml").display()
+                )),
+                "{message}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

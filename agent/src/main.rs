@@ -78,6 +78,12 @@ enum Command {
         baseline: Baseline,
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Largest policy file read, in bytes (as `limits.maxFileBytes` of `egret run`).
+        #[arg(long, default_value_t = egret::policy::cluster::DEFAULT_MAX_FILE_BYTES)]
+        max_file_bytes: u64,
+        /// Most bytes read under one directory (as `limits.maxDirectoryBytes`).
+        #[arg(long, default_value_t = egret::policy::cluster::DEFAULT_MAX_DIRECTORY_BYTES)]
+        max_directory_bytes: u64,
     },
     /// Local mode: enforces the YAML policies of a config on local cgroups, follows edits of the
     /// config and policy files (a broken edit is reported and changes nothing) and cgroups that
@@ -188,14 +194,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             probes,
             baseline,
             output,
+            max_file_bytes,
+            max_directory_bytes,
         } => {
-            let (cluster, errors) = Cluster::load(&files);
+            let limits = egret::policy::cluster::Limits {
+                max_file_bytes,
+                max_directory_bytes,
+            };
+            // The same messages, at the same level, as `egret run` logs for the same files.
+            let (cluster, errors) = Cluster::load(&files, limits);
             for err in &errors {
-                tracing::warn!("{err}");
+                tracing::error!("{err}");
             }
             let world = World::new(&cluster);
             for invalid in &world.invalid {
-                tracing::warn!("rejected: {invalid}");
+                tracing::error!("{invalid}");
             }
             let options = CompileOptions {
                 baseline: match baseline {

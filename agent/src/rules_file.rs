@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     datapath::{
-        Decision, DesiredState, EndpointId, Verdict,
+        CgroupRole, Decision, DesiredState, EndpointId, Verdict,
         lower::{EndpointRules, Rule, first_match, lower},
     },
     sys::{self, SysError},
@@ -114,13 +114,13 @@ impl RulesFile {
         )
     }
 
-    /// cgroup id -> endpoint id, resolving each cgroup path.
-    pub fn cgroup_ids(&self) -> Result<BTreeMap<u64, EndpointId>, RulesFileError> {
+    /// cgroup id -> role (the endpoint of the given id), resolving each cgroup path.
+    pub fn cgroup_ids(&self) -> Result<BTreeMap<u64, CgroupRole>, RulesFileError> {
         self.endpoints
             .iter()
             .map(|e| {
                 sys::cgroup_id(&e.cgroup)
-                    .map(|cgroup| (cgroup, e.id))
+                    .map(|cgroup| (cgroup, CgroupRole::Endpoint(e.id)))
                     .map_err(|source| RulesFileError::Cgroup { id: e.id, source })
             })
             .collect()

@@ -254,7 +254,10 @@ fn invalid_policy_is_reported_with_object_and_field() {
         .expect("egret explain");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("NetworkPolicy x/broken: spec.egress[0].to[0].ipBlock.cidr: invalid CIDR \"198.51.100.0/33\""),
+        stderr.contains(&format!(
+            "{} document 0: NetworkPolicy x/broken: spec.egress[0].to[0].ipBlock.cidr: Invalid value: \"198.51.100.0/33\": must be a valid CIDR value",
+            case.display()
+        )),
         "{stderr}"
     );
 }

@@ -29,9 +29,15 @@ pub mod map_names {
     pub const EVENTS: &str = "EGRET_EVENTS";
     /// Events the ring buffer had no room for.
     pub const EVENTS_LOST: &str = "EGRET_EVENTS_LOST";
+    /// The layout stamp: element 0 holds the [`super::LAYOUT_VERSION`] the pinned maps were
+    /// created with.
+    pub const META: &str = "EGRET_META";
+    /// Endpoint and rule id -> what it stands for: the agent's id table, pinned beside the
+    /// counters so that their labels survive a restart. Programs never read it.
+    pub const IDS: &str = "EGRET_IDS";
 
     /// Every map the object must hold.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 12] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -42,6 +48,8 @@ pub mod map_names {
         COUNTERS_LOST,
         EVENTS,
         EVENTS_LOST,
+        META,
+        IDS,
     ];
 }
 
@@ -51,9 +59,12 @@ pub mod program_names {
     pub const CONNECT6: &str = "connect6";
     pub const SENDMSG4: &str = "sendmsg4";
     pub const SENDMSG6: &str = "sendmsg6";
+    /// `cgroup/setsockopt`: refuses source-routing options (IPv6 routing headers, IPv4 LSRR and
+    /// SSRR) for endpoints' processes.
+    pub const SETSOCKOPT: &str = "setsockopt";
 
     /// Every program the object must hold.
-    pub const ALL: [&str; 4] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6];
+    pub const ALL: [&str; 5] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, SETSOCKOPT];
 }
 
 /// Maximum entries of each map. The agent checks fill ratios against these.
@@ -64,6 +75,9 @@ pub mod capacity {
     pub const POLICY: u32 = 1_048_576;
     pub const COUNTERS: u32 = 65_536;
     pub const COUNTERS_OVERFLOW: u32 = 16_384;
+    /// Named ids: every live endpoint and rule, and retired ones while counters name them.
+    /// Allocated on demand (`BPF_F_NO_PREALLOC`), so only used entries take memory.
+    pub const IDS: u32 = 262_144;
     /// Bytes of the event ring buffer: 4,681 events of 56 bytes (plus the kernel's 8-byte
     /// header each) between two reads.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
@@ -84,6 +98,30 @@ pub const CLASS_WORLD: u32 = 0;
 /// Rule id of a decision no rule made: the endpoint's default, or a datapath fallback.
 pub const RULE_DEFAULT: u32 = 0;
 
+/// Rule id of a refused source-routing socket option (`IPV6_RTHDR`, `IPV6_2292RTHDR`,
+/// `IPV6_2292PKTOPTIONS`, `IP_OPTIONS` with LSRR or SSRR): no policy rule decides it, the
+/// `setsockopt` program always refuses it for endpoints.
+pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 2;
+
+/// Version of the layout of egret's pinned maps (names, key and value types, sizes). Stamped
+/// into [`map_names::META`] when the maps are created; an agent refuses pinned maps stamped
+/// with another version instead of misreading them. Raise it with every incompatible change.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Rule id of a denial of a process whose cgroup lies under a guarded cgroup but is not an
+/// endpoint yet (fail closed until the agent has written its policy).
+pub const RULE_PENDING: u32 = u32::MAX - 1;
+
+/// Flags of [`EndpointValue::flags`].
+pub mod endpoint_flags {
+    /// A guard: a cgroup below it that is no endpoint of its own is denied everything, counted
+    /// under [`super::RULE_PENDING`], until the agent writes it (fail closed for workloads that
+    /// start before the agent has seen them). The guarded cgroup's own processes too.
+    pub const PENDING: u32 = 1;
+    /// Not egret's: its processes (and those below, up to the next endpoint) are neither decided
+    /// nor counted. Lets known cgroups under a guard run unmanaged.
+    pub const UNMANAGED: u32 = 2;
+}
+
 /// Verdict values, as stored in [`PolicyValue::verdict`] and [`CounterKey::verdict`].
 pub mod verdict {
     /// Allowed; counted as `passthrough`.
@@ -94,6 +132,29 @@ pub mod verdict {
     pub const AUDIT: u8 = 2;
     /// Number of verdicts (size of per-verdict arrays).
     pub const COUNT: u32 = 3;
+}
+
+/// IP protocol numbers the datapath treats specially.
+pub mod protocol {
+    pub const TCP: u8 = 6;
+    /// `IPPROTO_MPTCP`: above 255, so it does not fit the key's protocol byte.
+    pub const MPTCP: u32 = 262;
+    /// Key byte of protocols that do not fit one (`IPPROTO_RAW`, which no socket hook sees):
+    /// only rules without a protocol restriction match it.
+    pub const OTHER: u8 = 255;
+}
+
+/// The protocol byte of map keys for a socket's protocol number. MPTCP is decided as TCP (its
+/// subflows are TCP connections to the same address and port); any other number above 255
+/// as [`protocol::OTHER`], never folded onto another protocol's byte.
+pub const fn protocol_key(raw: u32) -> u8 {
+    if raw == protocol::MPTCP {
+        protocol::TCP
+    } else if raw > 255 {
+        protocol::OTHER
+    } else {
+        raw as u8
+    }
 }
 
 /// Address family values in [`CounterKey::family`].
@@ -109,9 +170,11 @@ pub mod family {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointValue {
-    /// Agent-assigned id, stable while the endpoint exists; keys the policy and counters.
+    /// Agent-assigned id, stable for the life of the workload and across agent restarts (the
+    /// agent never reuses one); keys the policy and counters. Zero for guards and unmanaged
+    /// cgroups.
     pub endpoint_id: u32,
-    /// Reserved, zero.
+    /// [`endpoint_flags`]; zero for an ordinary endpoint.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<EndpointValue>() == 8);
@@ -126,6 +189,17 @@ pub struct StateValue {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<StateValue>() == 8);
+
+/// The one element of [`map_names::META`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetaValue {
+    /// [`LAYOUT_VERSION`] of the program that created the maps; `0` until the agent stamps it.
+    pub layout_version: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(size_of::<MetaValue>() == 8);
 
 /// Data part of an [`map_names::ADDR4`] LPM key. Prefix length counts the 32 generation bits.
 #[repr(C)]
@@ -258,6 +332,49 @@ pub struct CounterValue {
 }
 const _: () = assert!(size_of::<CounterValue>() == 8);
 
+/// Key of [`map_names::IDS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdKey {
+    /// One of [`id_kind`].
+    pub kind: u32,
+    pub id: u32,
+}
+const _: () = assert!(size_of::<IdKey>() == 8);
+
+/// Kinds of [`IdKey`].
+pub mod id_kind {
+    /// The allocator: id 0 holds the next endpoint id, id 1 the next rule id (as `u32` in the
+    /// first four bytes, little-endian), so ids are never reused across restarts.
+    pub const NEXT: u32 = 0;
+    pub const ENDPOINT: u32 = 1;
+    pub const RULE: u32 = 2;
+}
+
+/// Bytes of an [`IdName`]'s text.
+pub const ID_NAME_BYTES: usize = 1016;
+
+/// Value of [`map_names::IDS`]: what an id stands for, as UTF-8 JSON the agent writes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdName {
+    /// Bytes of `text` in use.
+    pub len: u32,
+    pub _pad: u32,
+    pub text: [u8; ID_NAME_BYTES],
+}
+const _: () = assert!(size_of::<IdName>() == 1024);
+
+impl Default for IdName {
+    fn default() -> Self {
+        Self {
+            len: 0,
+            _pad: 0,
+            text: [0; ID_NAME_BYTES],
+        }
+    }
+}
+
 /// A blocked or audit decision, sent to the agent through [`map_names::EVENTS`] for the deny
 /// log. Filled in the caller's context, so the process is known.
 #[repr(C)]
@@ -294,6 +411,8 @@ mod user {
     // SAFETY: as above.
     unsafe impl aya::Pod for StateValue {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for MetaValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for Addr4Key {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Addr6Key {}
@@ -309,6 +428,10 @@ mod user {
     unsafe impl aya::Pod for CounterValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DecisionEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IdKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for IdName {}
 }
 
 #[cfg(test)]
@@ -325,6 +448,17 @@ mod tests {
         assert_eq!(key.class_id(), 7);
         assert_eq!(key.port(), 8080);
         assert_eq!(key.port_be, [0x1f, 0x90]);
+    }
+
+    #[test]
+    fn protocols_above_a_byte_never_fold_onto_another() {
+        assert_eq!(protocol_key(6), 6);
+        assert_eq!(protocol_key(17), 17);
+        assert_eq!(protocol_key(132), 132);
+        assert_eq!(protocol_key(262), protocol::TCP);
+        // 256 + 17 would be UDP if truncated.
+        assert_eq!(protocol_key(273), protocol::OTHER);
+        assert_eq!(protocol_key(256 + 6 + 256), protocol::OTHER);
     }
 
     #[test]

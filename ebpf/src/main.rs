@@ -9,6 +9,8 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic add, see above")]
 
+mod sockopt;
+
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
@@ -23,8 +25,9 @@ use aya_ebpf::{
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
-    DecisionEvent, EndpointValue, MAX_CGROUP_DEPTH, POLICY_PREFIX_PORT, PolicyKey, PolicyValue,
-    RULE_DEFAULT, StateValue, capacity, family, verdict,
+    DecisionEvent, EndpointValue, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue, POLICY_PREFIX_PORT,
+    PolicyKey, PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity, endpoint_flags,
+    family, protocol_key, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -80,16 +83,38 @@ static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 #[map(name = "EGRET_EVENTS_LOST")]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
+/// The layout stamp; no program reads it, the agent writes and checks it (see
+/// `egret_common::LAYOUT_VERSION`).
+#[map(name = "EGRET_META")]
+static META: Array<MetaValue> = Array::pinned(1, 0);
+/// `BPF_F_NO_PREALLOC`: the id table takes memory only for the ids in use.
+const NO_PREALLOC: u32 = 1;
+
+/// The agent's id table. No program reads it; it is declared here so that it is created and
+/// pinned with the other maps and shares their lifetime (see `docs/datapath.md`).
+#[map(name = "EGRET_IDS")]
+static IDS: HashMap<IdKey, IdName> = HashMap::pinned(capacity::IDS, NO_PREALLOC);
+
+/// Decision for a process in a cgroup below a guard that is no endpoint yet: fail closed.
+const ON_PENDING: PolicyValue = PolicyValue {
+    verdict: verdict::DENY,
+    _pad: [0; 3],
+    rule_id: RULE_PENDING,
+};
+
+/// Endpoint id under which pending denials are counted: none was assigned yet.
+const PENDING_ENDPOINT: u32 = 0;
+
 #[cgroup_sock_addr(connect4)]
 pub fn connect4(ctx: SockAddrContext) -> i32 {
-    match try_hook4(&ctx) {
+    match try_hook4::<false>(&ctx) {
         Ok(ret) | Err(ret) => ret,
     }
 }
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sendmsg4(ctx: SockAddrContext) -> i32 {
-    match try_hook4(&ctx) {
+    match try_hook4::<true>(&ctx) {
         Ok(ret) | Err(ret) => ret,
     }
 }
@@ -113,6 +138,8 @@ pub fn sendmsg6(ctx: SockAddrContext) -> i32 {
 enum Destination {
     V4([u8; 4]),
     V6([u8; 16]),
+    /// A socket option refused on a socket that is not connected: counted without destination.
+    Unconnected,
 }
 
 impl Destination {
@@ -125,15 +152,47 @@ impl Destination {
                 (out, family::INET)
             }
             Self::V6(addr) => (addr, family::INET6),
+            Self::Unconnected => (out, 0),
         }
     }
 }
 
-fn try_hook4(ctx: &SockAddrContext) -> Result<i32, i32> {
+/// `127.0.0.1` in network byte order, as the `u32` the context holds.
+const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+
+/// `SENDMSG`: the hook is `sendmsg4`, whose context also holds the datagram's source address.
+fn try_hook4<const SENDMSG: bool>(ctx: &SockAddrContext) -> Result<i32, i32> {
     let sa = ctx.sock_addr;
     // SAFETY: the kernel hands a valid context; ctx fields are read with their own width.
-    let ip = unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip4) };
+    let mut ip = unsafe { core::ptr::read_volatile(&raw const (*sa).user_ip4) };
+    if ip == 0 {
+        ip = unspecified4::<SENDMSG>(sa);
+    }
     decide(sa, Destination::V4(ip.to_ne_bytes()))
+}
+
+/// Where the kernel sends a connection or datagram to `0.0.0.0`: to the socket's source
+/// address when it has one, else to `127.0.0.1` (`ip_route_output_key_hash_rcu`, "if
+/// (!fl4->daddr)"). Decided as that address, or a rule denying loopback would be bypassed.
+fn unspecified4<const SENDMSG: bool>(sa: *mut bpf_sock_addr) -> u32 {
+    if SENDMSG {
+        // SAFETY: valid context; `msg_src_ip4` is readable in sendmsg4 programs only, and
+        // this branch is compiled into sendmsg4 alone.
+        let source = unsafe { core::ptr::read_volatile(&raw const (*sa).msg_src_ip4) };
+        if source != 0 {
+            return source;
+        }
+    }
+    // SAFETY: valid context; `sk` is a non-NULL socket pointer in every sock_addr program.
+    let source = unsafe {
+        let sk = core::ptr::read_volatile(&raw const (*sa).__bindgen_anon_1.sk);
+        if sk.is_null() {
+            0
+        } else {
+            core::ptr::read_volatile(&raw const (*sk).src_ip4)
+        }
+    };
+    if source != 0 { source } else { LOOPBACK4 }
 }
 
 fn try_hook6(ctx: &SockAddrContext) -> Result<i32, i32> {
@@ -146,7 +205,16 @@ fn try_hook6(ctx: &SockAddrContext) -> Result<i32, i32> {
     // An IPv4-mapped address (::ffff:a.b.c.d) on an AF_INET6 socket reaches an IPv4 host:
     // decide it by the IPv4 rules, or a dual-stack socket would bypass them.
     if words[0] == 0 && words[1] == 0 && words[2].to_ne_bytes() == [0, 0, 0xff, 0xff] {
-        return decide(sa, Destination::V4(words[3].to_ne_bytes()));
+        let mut ip = words[3];
+        if ip == 0 {
+            // `::ffff:0.0.0.0` goes the IPv4 way (`tcp_v4_connect`, `udp_sendmsg`).
+            ip = unspecified4::<false>(sa);
+        }
+        return decide(sa, Destination::V4(ip.to_ne_bytes()));
+    }
+    // `::` means `::1` (`tcp_v6_connect`, `udpv6_sendmsg`: "BSD'ism").
+    if words == [0; 4] {
+        words[3] = u32::from_ne_bytes([0, 0, 0, 1]);
     }
     let mut addr = [0u8; 16];
     for (i, word) in words.iter().enumerate() {
@@ -158,23 +226,30 @@ fn try_hook6(ctx: &SockAddrContext) -> Result<i32, i32> {
 /// Decides one connection attempt to `dest` and counts it.
 fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
     // Cgroups that belong to no endpoint are not egret's: no lookup, no count.
-    let Some(endpoint_id) = find_endpoint() else {
+    let Some(endpoint) = find_endpoint() else {
         return Ok(PROCEED);
     };
-    let generation = STATE.get(0).ok_or(ON_DATAPATH_FAULT)?.generation;
     // SAFETY: valid context, as in `try_hook4`.
     let (protocol, port) = unsafe {
         let protocol = core::ptr::read_volatile(&raw const (*sa).protocol);
         let port = core::ptr::read_volatile(&raw const (*sa).user_port);
         // `user_port` holds the port in network byte order in its low 16 bits.
-        (protocol as u8, u16::from_be(port as u16))
+        (protocol_key(protocol), u16::from_be(port as u16))
     };
-    let class_id = class_of(generation, dest);
-    let key = Key::new(
-        POLICY_PREFIX_PORT,
-        PolicyKey::new(generation, endpoint_id, class_id, protocol, port),
-    );
-    let decision = POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY);
+    let (endpoint_id, decision) = if endpoint.flags & endpoint_flags::UNMANAGED != 0 {
+        return Ok(PROCEED);
+    } else if endpoint.flags & endpoint_flags::PENDING != 0 {
+        (PENDING_ENDPOINT, ON_PENDING)
+    } else {
+        let generation = STATE.get(0).ok_or(ON_DATAPATH_FAULT)?.generation;
+        let class_id = class_of(generation, dest);
+        let key = Key::new(
+            POLICY_PREFIX_PORT,
+            PolicyKey::new(generation, endpoint.endpoint_id, class_id, protocol, port),
+        );
+        let decision = POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY);
+        (endpoint.endpoint_id, decision)
+    };
     count(endpoint_id, dest, protocol, decision);
     if decision.verdict != verdict::ALLOW {
         report(endpoint_id, dest, protocol, port, decision);
@@ -186,15 +261,16 @@ fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
     })
 }
 
-/// The endpoint of the calling task: its own cgroup's, else its deepest ancestor's that is one.
-/// A container cgroup created under a pod after the policy was written is thus enforced from its
-/// first syscall without a new map entry.
-fn find_endpoint() -> Option<u32> {
+/// The endpoint entry of the calling task: its own cgroup's, else its deepest ancestor's that
+/// has one. A container cgroup created under a pod after the policy was written is thus
+/// enforced from its first syscall without a new map entry, and a cgroup created below a guard
+/// before the agent saw it meets the guard.
+fn find_endpoint() -> Option<EndpointValue> {
     // SAFETY: helpers without pointer arguments.
     let current = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: values are plain data written whole by the agent.
     if let Some(endpoint) = unsafe { ENDPOINTS.get(current) } {
-        return Some(endpoint.endpoint_id);
+        return Some(*endpoint);
     }
     for level in (0..MAX_CGROUP_DEPTH).rev() {
         // SAFETY: as above. Levels deeper than the caller's return 0.
@@ -204,7 +280,7 @@ fn find_endpoint() -> Option<u32> {
         }
         // SAFETY: as above.
         if let Some(endpoint) = unsafe { ENDPOINTS.get(id) } {
-            return Some(endpoint.endpoint_id);
+            return Some(*endpoint);
         }
     }
     None
@@ -221,6 +297,7 @@ fn class_of(generation: u32, dest: Destination) -> u32 {
             ADDR_KEY_GENERATION_BITS + 128,
             Addr6Key { generation, addr },
         )),
+        Destination::Unconnected => None,
     };
     found.map_or(CLASS_WORLD, |class| class.class_id)
 }

@@ -3,5 +3,6 @@
 //! attempts from inside a pod. The end-to-end tests in `tests/` and the xtask demo use it.
 
 pub mod agent;
+pub mod pressure;
 pub mod probe;
 pub mod sandbox;

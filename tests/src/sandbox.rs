@@ -373,13 +373,18 @@ impl Sandbox {
 
     /// Waits for a background probe started by [`Self::spawn_probe`] and returns its attempts.
     pub fn wait_probe(&self, pid: u32) -> Result<Vec<Attempt>> {
+        Ok(parse_attempts(&self.wait_probe_output(pid)?)?)
+    }
+
+    /// Waits for a background probe and returns what it printed (summary modes).
+    pub fn wait_probe_output(&self, pid: u32) -> Result<String> {
         let child = {
             let mut children = self.children.lock().unwrap_or_else(|e| e.into_inner());
             let index = children.iter().position(|c| c.id() == pid);
             index.map(|i| children.remove(i))
         };
         let Some(child) = child else {
-            return Ok(Vec::new());
+            return Ok(String::new());
         };
         let output = child
             .wait_with_output()
@@ -387,7 +392,7 @@ impl Sandbox {
                 command: format!("egret-probe (pid {pid})"),
                 source,
             })?;
-        Ok(parse_attempts(&String::from_utf8_lossy(&output.stdout))?)
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// Keeps a child process (an agent, a server) to be killed when the sandbox goes.

@@ -170,7 +170,7 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
     .expect("write broken");
     let log = agent.wait_log("reload rejected", 1, Duration::from_secs(1));
     assert!(
-        log.contains("zz-broken.yaml: NetworkPolicy shop/broken: spec.egress[0].to[0].ipBlock.cidr: invalid CIDR"),
+        log.contains("zz-broken.yaml document 0: NetworkPolicy shop/broken: spec.egress[0].to[0].ipBlock.cidr: Invalid value: \"192.0.2.0/33\""),
         "{log}"
     );
     assert_eq!(
@@ -332,7 +332,13 @@ fn egret_run_enforces_example_policies_reloads_rejects_broken_files_and_keeps_co
         1,
         "{metrics}"
     );
-    assert!(metrics.contains("egret_programs_attached 4"), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "egret_programs_attached {}",
+            egret_common::program_names::ALL.len()
+        )),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("egret_policies_rejected{reason=\"invalid\"} 0"),
         "{metrics}"

@@ -25,6 +25,13 @@ enum Task {
     /// Regenerates checked-in files derived from others: the EgressPolicy CRD (from the Rust
     /// type) and the PrometheusRule (from the plain alert rules).
     Codegen,
+    /// Fuzzes policy input (bytes -> objects -> compiled entries) for a bounded time under a
+    /// memory limit; fails on a panic, a leak of the limit or a timeout.
+    Fuzz {
+        /// How long to fuzz.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Runs the demo: a sandbox with a test pod and external hosts, egret enforcing on it, and
     /// a table of recent connections with their verdicts and counters (needs root).
     Run {
@@ -40,6 +47,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test => setup::setup().and_then(|()| test()),
         Task::Codegen => setup::setup().and_then(|()| codegen()),
+        Task::Fuzz { seconds } => setup::setup().and_then(|()| fuzz(seconds)),
         Task::Run { once } => setup::setup().and_then(|()| demo::run(once)),
     };
     match result {
@@ -82,6 +90,8 @@ fn test() -> anyhow::Result<()> {
     // test` alone builds only test harnesses for them.
     run(cargo().args(["build", "--bins"]))?;
     let (passed, failed) = cargo_test()?;
+    step("fuzz policy input, 30 seconds (`cargo xtask fuzz`)");
+    fuzz(30)?;
     step("the demo, one round (`cargo xtask run --once`)");
     demo::run(true)?;
     // One closing line for the whole run: cargo's own last lines are per test binary.
@@ -129,6 +139,33 @@ fn cargo_test() -> anyhow::Result<(u64, u64)> {
         anyhow::bail!("cargo test failed: {status}");
     }
     Ok((passed, failed))
+}
+
+/// Peak memory a fuzz input may reach: a few times the largest input plus the agent's baseline.
+const FUZZ_RSS_LIMIT_MB: u32 = 1024;
+
+/// Runs the `policy_input` fuzz target (`fuzz/`, its own workspace) for `seconds`, seeded with
+/// the example and conformance policies. libFuzzer stops with an error on a panic, an input
+/// that takes over 10 s, or one that grows the process past the memory limit.
+fn fuzz(seconds: u64) -> anyhow::Result<()> {
+    let root = std::env::current_dir()?;
+    let corpus = root.join("target/fuzz-corpus/policy_input");
+    std::fs::create_dir_all(&corpus)?;
+    run(Command::new("cargo")
+        .current_dir("fuzz")
+        .args([&format!("+{NIGHTLY}"), "fuzz", "run", "policy_input"])
+        .arg(&corpus)
+        .arg(root.join("manifests/examples/local/policies"))
+        .arg(root.join("tests/conformance/netpol"))
+        .arg(root.join("tests/conformance/egresspolicy"))
+        .args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            &format!("-rss_limit_mb={FUZZ_RSS_LIMIT_MB}"),
+            "-timeout=10",
+            "-max_len=16384",
+            "-print_final_stats=1",
+        ]))
 }
 
 fn codegen() -> anyhow::Result<()> {

@@ -1,7 +1,7 @@
 //! Installs what building egret needs and the machine lacks, idempotently: the nightly's
-//! `rust-src` (the BPF target builds `core` from source), bpf-linker 0.13 built against the
-//! nightly's own LLVM, and Debian's prometheus and kubectl packages for the tests. A machine
-//! that has them pays a few `--version` calls.
+//! `rust-src` (the BPF target builds `core` from source) and bpf-linker 0.13 built against the
+//! nightly's own LLVM, Debian's prometheus and kubectl, and cargo-fuzz. A machine that has them
+//! pays a few `--version` calls.
 
 use std::{
     os::unix::fs::symlink,
@@ -22,6 +22,7 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_bpf_linker()?;
     ensure_prometheus()?;
     ensure_kubectl()?;
+    ensure_cargo_fuzz()?;
     Ok(())
 }
 
@@ -42,6 +43,16 @@ fn ensure_kubectl() -> anyhow::Result<()> {
     install("kubectl")
         .or_else(|_| install("kubernetes-client"))
         .context("failed to install kubectl (needs root and Debian's package archive)")
+}
+
+/// cargo-fuzz, for `cargo xtask fuzz` (and its bounded run in `cargo xtask test`).
+fn ensure_cargo_fuzz() -> anyhow::Result<()> {
+    if capture(Command::new("cargo").args(["fuzz", "--version"])).is_ok() {
+        return Ok(());
+    }
+    println!("setup: installing cargo-fuzz (the policy-input fuzz target runs under it)");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+        .context("failed to install cargo-fuzz")
 }
 
 /// Debian's `prometheus` package: the alert tests run its `promtool`, and the end-to-end test

@@ -1,53 +1,48 @@
-//! The agent's side of the kernel boundary: loads or re-adopts the pinned programs and maps, and
-//! is the only writer of the maps.
+//! The agent's side of the kernel boundary: the only writer of the maps, and the reader of the
+//! counters. Loading, attaching, adopting and the pin directory are in [`load`].
 //!
 //! Policy lives in two generations. [`Datapath::apply`] writes the inactive one (a diff against
 //! what it held), then flips the one-word state map: every decision the kernel makes reads one
 //! generation whole, so no connection sees a verdict that is neither the old policy's nor the
 //! new one's.
 
+pub mod barrier;
+pub mod load;
 pub mod lower;
 pub mod state;
 
 use std::{
-    fs::{self, File},
+    collections::BTreeMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::{
-    EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     pin::PinError,
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, links::FdLink},
+    programs::ProgramError,
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CounterKey, CounterValue,
-    EndpointValue, GENERATIONS, PolicyKey, PolicyValue, StateValue, family, map_names,
-    program_names,
+    EndpointValue, GENERATIONS, ID_NAME_BYTES, IdKey, IdName, PolicyKey, PolicyValue, StateValue,
+    endpoint_flags, family, map_names,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
+use load::{Attachment, open_map};
+pub use load::{LinkReport, PinLayout, uninstall};
 pub use state::{
     Changes, ClassId, Decision, DesiredState, EndpointId, Lookup, PolicyMatch, PortPrefix, RuleId,
     Verdict, diff,
 };
 
-use crate::sys::{self, SysError};
-
-/// The kernel programs, built by `build.rs`.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/egret"));
+use crate::sys::SysError;
 
 /// Where bpffs is mounted when the pin directory lies on none.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// Default pin directory.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/egret";
-
-/// How long after a flip the agent waits before writing the generation it flipped away from.
-/// Programs run to completion under RCU without sleeping, in microseconds; one that read the
-/// old generation number just before the flip is long done after this.
-const FLIP_GRACE: Duration = Duration::from_millis(20);
 
 /// Errors of the datapath; each names the program, map, path or entry involved.
 #[derive(Debug, thiserror::Error)]
@@ -120,11 +115,45 @@ pub enum DatapathError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "failed to wait for running programs after a generation flip; the generation flipped away from is not rewritten until that wait succeeds"
+    )]
+    Barrier {
+        #[source]
+        source: io::Error,
+    },
+    #[error("id table: the name of {kind} id {id} takes {len} bytes, more than {ID_NAME_BYTES}")]
+    IdTooLong { kind: u32, id: u32, len: usize },
     #[error("failed to remove pin {path}")]
     Unpin {
         path: PathBuf,
         #[source]
         source: io::Error,
+    },
+    #[error(
+        "the pinned link {link} is attached to cgroup id {attached_id}, but {requested} (cgroup id {requested_id}) was asked for; detach egret first (`egret detach`) or pass the cgroup it is attached to"
+    )]
+    CgroupMismatch {
+        link: PathBuf,
+        attached_id: u64,
+        requested: String,
+        requested_id: u64,
+    },
+    #[error(
+        "refusing to adopt {path} as egret's {name}: the kernel reports {found}; remove the pin if it is not needed"
+    )]
+    ForeignLink {
+        name: &'static str,
+        path: PathBuf,
+        found: String,
+    },
+    #[error(
+        "the maps pinned at {pin_dir} have layout version {pinned}, this egret supports version {supported}; migration is not supported yet: `egret detach` (losing counters) or run the matching egret"
+    )]
+    LayoutVersion {
+        pin_dir: PathBuf,
+        pinned: u32,
+        supported: u32,
     },
 }
 
@@ -178,10 +207,52 @@ pub struct MapUsage {
     pub capacity: u32,
 }
 
+/// What the kernel does with the processes of one cgroup (and of the cgroups below it that have
+/// no role of their own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum CgroupRole {
+    /// Decided by this endpoint's policy.
+    Endpoint(EndpointId),
+    /// A guard: denied, counted under `RULE_PENDING`, until the agent writes the cgroup (fail
+    /// closed for workloads that start before the agent has seen them).
+    Guard,
+    /// Not egret's: neither decided nor counted (a known non-workload cgroup below a guard).
+    Unmanaged,
+}
+
+impl CgroupRole {
+    fn to_value(self) -> EndpointValue {
+        let (endpoint_id, flags) = match self {
+            Self::Endpoint(id) => (id, 0),
+            Self::Guard => (0, endpoint_flags::PENDING),
+            Self::Unmanaged => (0, endpoint_flags::UNMANAGED),
+        };
+        EndpointValue { endpoint_id, flags }
+    }
+
+    fn from_value(value: EndpointValue) -> Self {
+        if value.flags & endpoint_flags::UNMANAGED != 0 {
+            Self::Unmanaged
+        } else if value.flags & endpoint_flags::PENDING != 0 {
+            Self::Guard
+        } else {
+            Self::Endpoint(value.endpoint_id)
+        }
+    }
+}
+
+/// One entry of the pinned id table, as stored: kind (`egret_common::id_kind`), id, text.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct IdEntry {
+    pub kind: u32,
+    pub id: u32,
+    pub text: String,
+}
+
 /// The loaded (or adopted) datapath.
 pub struct Datapath {
-    pin_dir: PathBuf,
-    mode: LoadMode,
+    /// The programs' links, held open, and the pin directory.
+    attachment: Attachment,
     endpoints: HashMap<MapData, u64, EndpointValue>,
     state: Array<MapData, StateValue>,
     addr4: LpmTrie<MapData, Addr4Key, AddrValue>,
@@ -190,11 +261,15 @@ pub struct Datapath {
     counters: HashMap<MapData, CounterKey, CounterValue>,
     counters_overflow: HashMap<MapData, CounterKey, CounterValue>,
     counters_lost: PerCpuArray<MapData, u64>,
+    ids: HashMap<MapData, IdKey, IdName>,
     /// The generation the kernel reads.
     generation: u32,
     /// What each generation holds, as read at open and kept in step by `apply`.
     shadow: [DesiredState; GENERATIONS as usize],
-    last_flip: Option<Instant>,
+    barrier: barrier::ProgramBarrier,
+    /// A flip whose wait for running programs has not succeeded yet: the inactive generation
+    /// may still be read, so it is not written until the wait succeeds.
+    unsettled: bool,
 }
 
 impl Datapath {
@@ -202,41 +277,8 @@ impl Datapath {
     /// are not pinned there yet. Pinned maps are always reused, so a restart keeps policy and
     /// counters.
     pub fn open(config: &DatapathConfig) -> Result<Self> {
-        let DatapathConfig { pin_dir, cgroup } = config;
-        sys::ensure_bpffs(pin_dir, Path::new(BPFFS_MOUNT))?;
-        let maps_dir = pin_dir.join("maps");
-        let links_dir = pin_dir.join("links");
-        for dir in [&maps_dir, &links_dir] {
-            fs::create_dir_all(dir).map_err(|source| DatapathError::PinDir {
-                path: dir.clone(),
-                source,
-            })?;
-        }
-
-        let missing: Vec<&'static str> = program_names::ALL
-            .into_iter()
-            .filter(|name| !links_dir.join(name).exists())
-            .collect();
-        let mode = if missing.is_empty() {
-            tracing::info!(pin_dir = %pin_dir.display(), "adopting pinned datapath");
-            LoadMode::Adopted
-        } else {
-            let Some(cgroup) = cgroup else {
-                return Err(DatapathError::NotAttached {
-                    pin_dir: pin_dir.clone(),
-                    missing,
-                });
-            };
-            tracing::info!(
-                pin_dir = %pin_dir.display(),
-                cgroup = %cgroup.display(),
-                programs = ?missing,
-                "loading programs: no pinned link for them"
-            );
-            attach(&maps_dir, &links_dir, cgroup, &missing)?;
-            LoadMode::Loaded { attached: missing }
-        };
-
+        let attachment = Attachment::open(config)?;
+        let maps_dir = attachment.layout().maps();
         let state: Array<MapData, StateValue> = open_map(&maps_dir, map_names::STATE)?;
         let generation = state
             .get(&0, 0)
@@ -247,8 +289,7 @@ impl Datapath {
             .generation
             % GENERATIONS;
         let mut datapath = Self {
-            pin_dir: pin_dir.clone(),
-            mode,
+            attachment,
             endpoints: open_map(&maps_dir, map_names::ENDPOINTS)?,
             state,
             addr4: open_map(&maps_dir, map_names::ADDR4)?,
@@ -257,9 +298,13 @@ impl Datapath {
             counters: open_map(&maps_dir, map_names::COUNTERS)?,
             counters_overflow: open_map(&maps_dir, map_names::COUNTERS_OVERFLOW)?,
             counters_lost: open_map(&maps_dir, map_names::COUNTERS_LOST)?,
+            ids: open_map(&maps_dir, map_names::IDS)?,
             generation,
             shadow: Default::default(),
-            last_flip: None,
+            barrier: barrier::ProgramBarrier::new()
+                .map_err(|source| DatapathError::Barrier { source })?,
+            // A previous process may have flipped just before it died.
+            unsettled: true,
         };
         datapath.shadow = datapath.read_generations()?;
         Ok(datapath)
@@ -267,12 +312,25 @@ impl Datapath {
 
     /// How the programs were come by.
     pub fn mode(&self) -> &LoadMode {
-        &self.mode
+        self.attachment.mode()
     }
 
     /// The pin directory.
     pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
+        self.attachment.layout().root()
+    }
+
+    /// How many of egret's programs the kernel reports attached at egret's cgroup (from the
+    /// links' info, not from the pin files): the `egret_programs_attached` gauge.
+    pub fn attached_programs(&self) -> usize {
+        self.attachment.attached_programs()
+    }
+
+    /// Pins again every link whose pin was removed while egret runs (the agent holds each link
+    /// open, so the programs stayed attached), and reports what the kernel says is attached.
+    /// Call it periodically.
+    pub fn check_links(&self) -> LinkReport {
+        self.attachment.check_links()
     }
 
     /// The generation the kernel currently reads.
@@ -288,13 +346,22 @@ impl Datapath {
     /// Makes `desired` the enforced policy: writes the inactive generation, then flips.
     /// On error the active generation is untouched, and so is enforcement.
     pub fn apply(&mut self, desired: &DesiredState) -> Result<Changes> {
-        let next = (self.generation + 1) % GENERATIONS;
-        if let Some(flipped) = self.last_flip {
-            let since = flipped.elapsed();
-            if since < FLIP_GRACE {
-                std::thread::sleep(FLIP_GRACE - since);
-            }
+        let (next, changes) = self.prepare(desired)?;
+        self.flip(next)?;
+        Ok(changes)
+    }
+
+    /// Writes `desired` into the inactive generation, which no program reads. Returns that
+    /// generation and what was written. On error nothing the kernel reads has changed.
+    fn prepare(&mut self, desired: &DesiredState) -> Result<(u32, Changes)> {
+        if self.unsettled {
+            // The last flip's wait failed (or this process did not see it): wait now.
+            self.barrier
+                .wait()
+                .map_err(|source| DatapathError::Barrier { source })?;
+            self.unsettled = false;
         }
+        let next = (self.generation + 1) % GENERATIONS;
         let changes = diff(&self.shadow[next as usize], desired);
         if let Err(err) = self.write_generation(next, &changes) {
             // Whatever did get written stays in the inactive generation; re-read it so the
@@ -305,6 +372,12 @@ impl Datapath {
             return Err(err);
         }
         self.shadow[next as usize] = desired.clone();
+        Ok((next, changes))
+    }
+
+    /// Makes the kernel read generation `next`, then waits until no program can still be
+    /// reading the other one, so that the next [`Self::prepare`] may rewrite it.
+    fn flip(&mut self, next: u32) -> Result<()> {
         self.state
             .set(
                 0,
@@ -320,13 +393,17 @@ impl Datapath {
                 source,
             })?;
         self.generation = next;
-        self.last_flip = Some(Instant::now());
-        tracing::debug!(
-            generation = next,
-            changes = changes.len(),
-            "policy generation flipped"
-        );
-        Ok(changes)
+        self.unsettled = true;
+        match self.barrier.wait() {
+            Ok(()) => self.unsettled = false,
+            // Enforcement is right (the flip happened); only the next write has to wait.
+            Err(err) => tracing::warn!(
+                error = %err,
+                "waiting for running programs after a flip failed; retried before the next write"
+            ),
+        }
+        tracing::debug!(generation = next, "policy generation flipped");
+        Ok(())
     }
 
     fn write_generation(&mut self, generation: u32, changes: &Changes) -> Result<()> {
@@ -431,41 +508,68 @@ impl Datapath {
         Ok(out)
     }
 
-    /// Makes the kernel enforce `desired` on exactly `endpoints` (cgroup id -> endpoint id), in
-    /// the order that never leaves an endpoint without its policy: endpoints that go are removed
-    /// first, then the policy generation flips, then new endpoints are added.
+    /// Makes the kernel enforce `desired` on exactly `cgroups` (cgroup id -> role), in an order
+    /// in which no cgroup is ever decided by entries that are not its own:
+    ///
+    /// 1. the new policy goes into the inactive generation (nothing the kernel reads changes);
+    /// 2. cgroups that go are removed, and cgroups that become guards or unmanaged are written
+    ///    (neither reads the policy); a cgroup that moves to another endpoint id becomes a guard
+    ///    meanwhile (fail closed): after the flip its old id may have no entries;
+    /// 3. the generation flips;
+    /// 4. cgroups that become or change endpoint are written: their entries are live now.
+    ///
+    /// Endpoint ids are stable per workload (`policy::ids`), so step 2's guard only covers a
+    /// cgroup that changes workload. If a write fails, every cgroup is either as before with
+    /// its own entries live, or a guard; the next sync finishes the job.
     pub fn sync(
         &mut self,
         desired: &DesiredState,
-        endpoints: &std::collections::BTreeMap<u64, EndpointId>,
+        cgroups: &BTreeMap<u64, CgroupRole>,
     ) -> Result<Changes> {
         let current = self.endpoints()?;
-        for cgroup in current.keys().filter(|c| !endpoints.contains_key(c)) {
-            self.remove_endpoint(*cgroup)?;
+        let (next, changes) = self.prepare(desired)?;
+        for (cgroup, role) in &current {
+            match (role, cgroups.get(cgroup)) {
+                (_, None) => self.remove_endpoint(*cgroup)?,
+                (old, Some(new)) if old == new => {}
+                // Another workload's cgroup now: its old id's entries may be gone after the
+                // flip, and the new id's are not live before it.
+                (CgroupRole::Endpoint(_), Some(CgroupRole::Endpoint(_))) => {
+                    self.set_role(*cgroup, CgroupRole::Guard)?;
+                }
+                // A guard or unmanaged cgroup that becomes an endpoint stays as it is (no
+                // policy read) until its entries are live.
+                (_, Some(CgroupRole::Endpoint(_))) => {}
+                (_, Some(new)) => self.set_role(*cgroup, *new)?,
+            }
         }
-        let changes = self.apply(desired)?;
-        for (cgroup, endpoint) in endpoints {
-            if current.get(cgroup) != Some(endpoint) {
-                self.set_endpoint(*cgroup, *endpoint)?;
+        self.flip(next)?;
+        let now = self.endpoints()?;
+        for (cgroup, role) in cgroups {
+            if now.get(cgroup) != Some(role) {
+                self.set_role(*cgroup, *role)?;
             }
         }
         Ok(changes)
     }
 
+    /// Gives the cgroup with id `cgroup_id` (and every cgroup below it without a role of its
+    /// own) `role`. An endpoint's policy must be live first: until then it meets
+    /// `ON_MISSING_POLICY`.
+    pub fn set_role(&mut self, cgroup_id: u64, role: CgroupRole) -> Result<()> {
+        self.endpoints
+            .insert(cgroup_id, role.to_value(), 0)
+            .map_err(|source| DatapathError::WriteMap {
+                name: map_names::ENDPOINTS,
+                entry: format!("cgroup {cgroup_id} -> {role:?}"),
+                source,
+            })
+    }
+
     /// Makes the cgroup with id `cgroup_id` (and every cgroup below it) the endpoint
     /// `endpoint`. Write the endpoint's policy first: until then it gets the fail-open default.
     pub fn set_endpoint(&mut self, cgroup_id: u64, endpoint: EndpointId) -> Result<()> {
-        let value = EndpointValue {
-            endpoint_id: endpoint,
-            flags: 0,
-        };
-        self.endpoints
-            .insert(cgroup_id, value, 0)
-            .map_err(|source| DatapathError::WriteMap {
-                name: map_names::ENDPOINTS,
-                entry: format!("cgroup {cgroup_id} -> endpoint {endpoint}"),
-                source,
-            })
+        self.set_role(cgroup_id, CgroupRole::Endpoint(endpoint))
     }
 
     /// Stops treating the cgroup as an endpoint; its processes are no longer decided.
@@ -479,16 +583,74 @@ impl Datapath {
         })
     }
 
-    /// The endpoints the kernel knows: cgroup id -> endpoint id.
-    pub fn endpoints(&self) -> Result<std::collections::BTreeMap<u64, EndpointId>> {
+    /// The cgroups the kernel knows, and their roles.
+    pub fn endpoints(&self) -> Result<BTreeMap<u64, CgroupRole>> {
         self.endpoints
             .iter()
-            .map(|item| item.map(|(cgroup, value)| (cgroup, value.endpoint_id)))
+            .map(|item| item.map(|(cgroup, value)| (cgroup, CgroupRole::from_value(value))))
             .collect::<Result<_, _>>()
             .map_err(|source| DatapathError::ReadMap {
                 name: map_names::ENDPOINTS,
                 source,
             })
+    }
+
+    /// Every entry of the pinned id table.
+    pub fn id_entries(&self) -> Result<Vec<IdEntry>> {
+        let mut out = Vec::new();
+        for item in self.ids.iter() {
+            let (key, value) = item.map_err(|source| DatapathError::ReadMap {
+                name: map_names::IDS,
+                source,
+            })?;
+            let len = (value.len as usize).min(ID_NAME_BYTES);
+            out.push(IdEntry {
+                kind: key.kind,
+                id: key.id,
+                text: String::from_utf8_lossy(&value.text[..len]).into_owned(),
+            });
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Writes and removes entries of the pinned id table. An entry too long to store is an
+    /// error naming it; the others are written.
+    pub fn write_ids(&mut self, upsert: &[IdEntry], remove: &[(u32, u32)]) -> Result<()> {
+        let mut first_error = None;
+        for IdEntry { kind, id, text } in upsert {
+            let key = IdKey {
+                kind: *kind,
+                id: *id,
+            };
+            let bytes = text.as_bytes();
+            if bytes.len() > ID_NAME_BYTES {
+                first_error.get_or_insert(DatapathError::IdTooLong {
+                    kind: *kind,
+                    id: *id,
+                    len: bytes.len(),
+                });
+                continue;
+            }
+            let mut value = IdName {
+                len: bytes.len() as u32,
+                ..IdName::default()
+            };
+            value.text[..bytes.len()].copy_from_slice(bytes);
+            if let Err(source) = self.ids.insert(key, value, 0) {
+                first_error.get_or_insert(write_err(map_names::IDS, &key, source));
+            }
+        }
+        for (kind, id) in remove {
+            let key = IdKey {
+                kind: *kind,
+                id: *id,
+            };
+            if let Err(source) = ignore_missing(self.ids.remove(&key)) {
+                first_error.get_or_insert(write_err(map_names::IDS, &key, source));
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Reads every counter. The kernel only ever adds to them.
@@ -560,88 +722,6 @@ impl Datapath {
     }
 }
 
-/// Removes egret's pins under `pin_dir`: dropping the last reference to each link detaches its
-/// program, and the maps go with the programs. Enforcement stops.
-pub fn uninstall(pin_dir: &Path) -> Result<()> {
-    for sub in ["links", "maps"] {
-        let dir = pin_dir.join(sub);
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(DatapathError::Unpin { path: dir, source }),
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            fs::remove_file(&path).map_err(|source| DatapathError::Unpin { path, source })?;
-        }
-        fs::remove_dir(&dir).map_err(|source| DatapathError::Unpin { path: dir, source })?;
-    }
-    match fs::remove_dir(pin_dir) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(DatapathError::Unpin {
-            path: pin_dir.into(),
-            source: err,
-        }),
-        _ => Ok(()),
-    }
-}
-
-/// Loads the object (reusing pinned maps), attaches `programs` to `cgroup` and pins their links.
-fn attach(
-    maps_dir: &Path,
-    links_dir: &Path,
-    cgroup: &Path,
-    programs: &[&'static str],
-) -> Result<()> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(maps_dir)
-        .load(EBPF_OBJECT)
-        .map_err(|source| DatapathError::Load {
-            source: Box::new(source),
-        })?;
-    let cgroup_dir = File::open(cgroup).map_err(|source| DatapathError::Cgroup {
-        path: cgroup.into(),
-        source,
-    })?;
-    for &name in programs {
-        let program_err = |source| DatapathError::Program {
-            name,
-            cgroup: cgroup.into(),
-            source,
-        };
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or(DatapathError::MissingProgram { name })?
-            .try_into()
-            .map_err(program_err)?;
-        program.load().map_err(program_err)?;
-        // `Single` means "no flags": the kernel refuses flags on cgroup bpf_links, which always
-        // coexist with other programs on the cgroup (a deny from any of them wins).
-        let link_id = program
-            .attach(&cgroup_dir, CgroupAttachMode::Single)
-            .map_err(program_err)?;
-        let link = FdLink::try_from(program.take_link(link_id).map_err(program_err)?)
-            .map_err(|source| DatapathError::Link { name, source })?;
-        let path = links_dir.join(name);
-        link.pin(&path)
-            .map_err(|source| DatapathError::Pin { name, path, source })?;
-    }
-    Ok(())
-}
-
-fn open_map<T>(maps_dir: &Path, name: &'static str) -> Result<T>
-where
-    T: TryFrom<Map, Error = MapError>,
-{
-    let path = maps_dir.join(name);
-    let open_err = |source| DatapathError::OpenMap {
-        name,
-        path: path.clone(),
-        source,
-    };
-    let data = MapData::from_pin(&path).map_err(open_err)?;
-    T::try_from(Map::from_map_data(data).map_err(open_err)?).map_err(open_err)
-}
-
 fn addr4_key(generation: u32, net: Ipv4Net) -> Key<Addr4Key> {
     Key::new(
         ADDR_KEY_GENERATION_BITS + u32::from(net.prefix_len()),
@@ -701,7 +781,7 @@ pub struct EventReader {
 impl EventReader {
     /// Opens the pinned ring buffer under `pin_dir` (the datapath must be attached).
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let maps_dir = pin_dir.join("maps");
+        let maps_dir = PinLayout::new(pin_dir).maps();
         Ok(Self {
             ring: open_map(&maps_dir, map_names::EVENTS)?,
             lost: open_map(&maps_dir, map_names::EVENTS_LOST)?,

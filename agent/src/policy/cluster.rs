@@ -2,11 +2,21 @@
 //! holding any mix of Namespace, Pod, NetworkPolicy and EgressPolicy documents (multi-document
 //! files, and `kind: List` as `kubectl get -o yaml` prints it).
 //!
-//! A document that cannot be read is reported with its file, index, kind and name and the field
-//! serde stopped at; the others still load.
+//! Reading is bounded and never blocks: only regular files and directories are read (checked
+//! with `stat`, then again with `fstat` on a descriptor opened `O_NONBLOCK`), each file and
+//! each directory has a size cap, directory cycles are cut, and the YAML parser runs with depth,
+//! node and alias budgets. Each document is decoded strictly (unknown fields are errors, as
+//! `kubectl apply` makes them) and validated (`validate.rs`) on its own: one bad object
+//! rejects one object. [`PolicyStore`] keeps, across reloads, the last valid version of an
+//! object whose new version is rejected, as the API server keeps the stored object when an
+//! update is refused.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    hash::{Hash as _, Hasher as _},
+    io::Read as _,
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -18,8 +28,43 @@ use serde::de::DeserializeOwned;
 
 use super::{
     crd::EgressPolicy,
-    model::{PolicyKind, PolicyRef},
+    model::{ObjectKind, ObjectRef},
+    validate,
 };
+
+/// The API server's default limit on a request body (`MaxRequestBodyBytes`, 3 MiB): no object
+/// it accepts is larger, so neither is a file egret reads by default.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 3 * 1024 * 1024;
+/// Default cap on all files read under one directory given as a policy path.
+pub const DEFAULT_MAX_DIRECTORY_BYTES: u64 = 32 * 1024 * 1024;
+/// Nesting of sequences and mappings in one document; Kubernetes objects need about 15.
+pub const MAX_YAML_DEPTH: usize = 64;
+/// Alias (`*ref`) uses in one document; Kubernetes YAML rarely has any.
+pub const MAX_YAML_ALIASES: usize = 1_000;
+/// Events an alias may replay in one document: what stops an alias bomb ("billion laughs").
+pub const MAX_YAML_REPLAYED_EVENTS: usize = 100_000;
+/// Nodes (scalars, sequences, mappings) in one document.
+pub const MAX_YAML_NODES: usize = 250_000;
+/// Directory levels below a policy path.
+pub const MAX_DIRECTORY_DEPTH: usize = 32;
+
+/// Size limits of one read of the policy paths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest file read.
+    pub max_file_bytes: u64,
+    /// Most bytes read under one directory given as a policy path.
+    pub max_directory_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_directory_bytes: DEFAULT_MAX_DIRECTORY_BYTES,
+        }
+    }
+}
 
 /// The objects a compile starts from, keyed by (namespace, name) or name.
 #[derive(Clone, Debug, Default)]
@@ -28,219 +73,909 @@ pub struct Cluster {
     pub pods: BTreeMap<(String, String), Pod>,
     pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
     pub egress_policies: BTreeMap<String, EgressPolicy>,
-    /// The file each policy came from, to name it in errors.
-    pub sources: BTreeMap<PolicyRef, PathBuf>,
+    /// Where each object was read, to name it in messages.
+    pub origins: BTreeMap<ObjectRef, Location>,
 }
 
-/// A document that could not be loaded.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("failed to read {}", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{}: document {index} is not valid YAML: {message}", path.display())]
-    Yaml {
-        path: PathBuf,
-        index: usize,
-        message: String,
-    },
-    #[error("{}: document {index} ({object}): {detail}", path.display())]
-    Decode {
-        path: PathBuf,
-        index: usize,
-        /// Kind and name, e.g. `NetworkPolicy allow-dns`.
-        object: String,
-        /// The field serde stopped at and why.
-        detail: String,
-    },
-    #[error("{}: document {index}: unsupported kind `{kind}` (apiVersion `{api_version}`)", path.display())]
-    UnknownKind {
-        path: PathBuf,
-        index: usize,
-        kind: String,
-        api_version: String,
-    },
+/// A document in a file; `item` is the index in a `kind: List`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Location {
+    pub path: PathBuf,
+    pub document: usize,
+    pub item: Option<usize>,
 }
 
-impl Cluster {
-    /// Loads every `.yaml`, `.yml` and `.json` file under `paths` (files, or directories walked
-    /// in name order). Returns what loaded and an error per document that did not.
-    pub fn load(paths: &[PathBuf]) -> (Self, Vec<LoadError>) {
-        let mut cluster = Self::default();
-        let mut errors = Vec::new();
-        let mut files = Vec::new();
-        for path in paths {
-            collect_files(path, &mut files, &mut errors);
-        }
-        for file in files {
-            match std::fs::read_to_string(&file) {
-                Ok(text) => errors.extend(cluster.add_yaml(&file, &text)),
-                Err(source) => errors.push(LoadError::Read { path: file, source }),
-            }
-        }
-        (cluster, errors)
-    }
-
-    /// The file `policy` was read from.
-    pub fn source_of(&self, policy: &PolicyRef) -> Option<&PathBuf> {
-        self.sources.get(policy)
-    }
-
-    /// The files [`Self::load`] reads for `paths`, in order.
-    pub fn files(paths: &[PathBuf]) -> Vec<PathBuf> {
-        let (mut files, mut errors) = (Vec::new(), Vec::new());
-        for path in paths {
-            collect_files(path, &mut files, &mut errors);
-        }
-        files
-    }
-
-    /// Adds the documents of one YAML text; `path` only names them in errors.
-    pub fn add_yaml(&mut self, path: &Path, text: &str) -> Vec<LoadError> {
-        let mut errors = Vec::new();
-        for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = match <serde_yaml::Value as serde::Deserialize>::deserialize(document) {
-                Ok(serde_yaml::Value::Null) => continue,
-                Ok(value) => value,
-                Err(err) => {
-                    errors.push(LoadError::Yaml {
-                        path: path.into(),
-                        index,
-                        message: err.to_string(),
-                    });
-                    // The rest of the stream cannot be trusted after a syntax error.
-                    break;
-                }
-            };
-            if let Err(err) = self.add_value(path, index, value) {
-                errors.push(err);
-            }
-        }
-        errors
-    }
-
-    fn add_value(
-        &mut self,
-        path: &Path,
-        index: usize,
-        value: serde_yaml::Value,
-    ) -> Result<(), LoadError> {
-        let field = |key: &str| {
-            value
-                .get(key)
-                .and_then(|v| v.as_str())
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let (kind, api_version) = (field("kind"), field("apiVersion"));
-        match (kind.as_str(), api_version.as_str()) {
-            ("List", _) => {
-                let items = value
-                    .get("items")
-                    .and_then(|v| v.as_sequence())
-                    .cloned()
-                    .unwrap_or_default();
-                for item in items {
-                    self.add_value(path, index, item)?;
-                }
-            }
-            ("Namespace", "v1") => {
-                let ns: Namespace = decode(path, index, &kind, value)?;
-                self.namespaces
-                    .insert(ns.metadata.name.clone().unwrap_or_default(), ns);
-            }
-            ("Pod", "v1") => {
-                let pod: Pod = decode(path, index, &kind, value)?;
-                self.pods.insert(key(&pod.metadata), pod);
-            }
-            ("NetworkPolicy", "networking.k8s.io/v1") => {
-                let np: NetworkPolicy = decode(path, index, &kind, value)?;
-                let (namespace, name) = key(&np.metadata);
-                self.sources.insert(
-                    PolicyRef {
-                        kind: PolicyKind::NetworkPolicy,
-                        namespace: Some(namespace.clone()),
-                        name: name.clone(),
-                    },
-                    path.into(),
-                );
-                self.network_policies.insert((namespace, name), np);
-            }
-            ("EgressPolicy", "egret.dev/v1alpha1") => {
-                let ep: EgressPolicy = decode(path, index, &kind, value)?;
-                self.egress_policies
-                    .insert(ep.metadata.name.clone().unwrap_or_default(), ep);
-            }
-            _ => {
-                return Err(LoadError::UnknownKind {
-                    path: path.into(),
-                    index,
-                    kind,
-                    api_version,
-                });
-            }
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} document {}", self.path.display(), self.document)?;
+        if let Some(item) = self.item {
+            write!(f, " item {item}")?;
         }
         Ok(())
     }
 }
 
-/// (namespace, name); objects without a namespace live in `default`, as `kubectl apply` puts them.
-fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
-    (
-        meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        meta.name.clone().unwrap_or_default(),
-    )
+/// One decoded object.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    NetworkPolicy(Box<NetworkPolicy>),
+    EgressPolicy(Box<EgressPolicy>),
 }
 
-fn decode<T: DeserializeOwned>(
-    path: &Path,
-    index: usize,
-    kind: &str,
-    value: serde_yaml::Value,
-) -> Result<T, LoadError> {
-    let name = value
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(|n| n.as_str())
-        .unwrap_or("<unnamed>")
-        .to_owned();
-    serde_path_to_error::deserialize(value).map_err(|err| {
-        let field = err.path().to_string();
-        LoadError::Decode {
-            path: path.into(),
-            index,
-            object: format!("{kind} {name}"),
-            detail: format!("field `{field}`: {}", err.into_inner()),
+/// Something that could not be read or was rejected. Each names the file (and document), the
+/// object where there is one, the field, the offending value and the rule.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: failed to read: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: not read: it is a {file_type}; only regular files and directories are read", path.display())]
+    NotRegular {
+        path: PathBuf,
+        file_type: &'static str,
+    },
+    #[error("{}: not read: {size} bytes is over the limit of {limit} bytes per file", path.display())]
+    FileTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error("{}: not read: the files under {} would exceed the limit of {limit} bytes per directory", path.display(), directory.display())]
+    DirectoryTooLarge {
+        path: PathBuf,
+        directory: PathBuf,
+        limit: u64,
+    },
+    #[error("{}: not read: directory cycle: it is {}, which is already being read", path.display(), ancestor.display())]
+    Cycle { path: PathBuf, ancestor: PathBuf },
+    #[error("{}: not read: more than {MAX_DIRECTORY_DEPTH} directory levels", path.display())]
+    TooDeep { path: PathBuf },
+    #[error("{}: not UTF-8: invalid byte at offset {offset}", path.display())]
+    Encoding { path: PathBuf, offset: usize },
+    #[error("{location}: not valid YAML: {message}")]
+    Yaml { location: Location, message: String },
+    #[error("{location}: {object}: {field}: {detail}")]
+    Decode {
+        location: Location,
+        /// Kind, namespace and name as far as the document gives them.
+        object: String,
+        /// The field decoding stopped at.
+        field: String,
+        detail: String,
+    },
+    #[error(
+        "{location}: unsupported kind `{kind}` (apiVersion `{api_version}`): egret reads v1 Namespace and Pod, networking.k8s.io/v1 NetworkPolicy and egret.dev/v1alpha1 EgressPolicy"
+    )]
+    UnknownKind {
+        location: Location,
+        kind: String,
+        api_version: String,
+    },
+    #[error("{location}: {object}: {field}: {message}")]
+    Invalid {
+        location: Location,
+        object: ObjectRef,
+        field: String,
+        message: String,
+    },
+    #[error("{location}: {object}: metadata.name: Duplicate value: {:?}: also defined at {other}; neither copy is applied", object.name)]
+    Duplicate {
+        location: Location,
+        object: ObjectRef,
+        other: Location,
+    },
+    #[error("{location}: {object}: metadata.name: Duplicate value: {:?}: {owner} has the same namespace and name; this document is not applied (a workload's labels, addresses and named ports are set in the config)", object.name)]
+    Reserved {
+        location: Location,
+        object: ObjectRef,
+        /// Who holds the name, e.g. `workload shop/web of egret.yaml (workloads[0])`.
+        owner: String,
+    },
+}
+
+impl LoadError {
+    /// `unreadable` (the file or document could not be read or decoded) or `invalid` (it
+    /// decoded but breaks a rule): the `reason` label of the rejection metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Invalid { .. } | Self::Duplicate { .. } | Self::Reserved { .. } => "invalid",
+            _ => "unreadable",
         }
-    })
+    }
+
+    /// The object it is about, where the document names one.
+    pub fn object(&self) -> Option<&ObjectRef> {
+        match self {
+            Self::Invalid { object, .. }
+            | Self::Duplicate { object, .. }
+            | Self::Reserved { object, .. } => Some(object),
+            _ => None,
+        }
+    }
 }
 
-fn collect_files(path: &Path, files: &mut Vec<PathBuf>, errors: &mut Vec<LoadError>) {
-    if path.is_dir() {
-        let mut entries: Vec<PathBuf> = match std::fs::read_dir(path) {
+/// The content of one file, or why it was not read.
+#[derive(Debug)]
+pub struct FileRead {
+    pub path: PathBuf,
+    pub content: Result<String, LoadError>,
+}
+
+/// Every file under the policy paths, read once: what a load parses and what the poll
+/// compares, so an edit between the two cannot be missed.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub files: Vec<FileRead>,
+    /// Directories and entries that could not be read.
+    pub errors: Vec<LoadError>,
+}
+
+impl Snapshot {
+    /// Reads every `.yaml`, `.yml` and `.json` file under `paths` (files, or directories
+    /// walked in name order, following symlinks but never around a cycle).
+    pub fn read(paths: &[PathBuf], limits: Limits) -> Self {
+        let mut snapshot = Self::default();
+        for path in paths {
+            match std::fs::metadata(path) {
+                Ok(meta) if meta.is_dir() => {
+                    let mut budget = limits.max_directory_bytes;
+                    let mut walk = Walk {
+                        top: path,
+                        limits,
+                        budget: &mut budget,
+                        ancestors: Vec::new(),
+                        snapshot: &mut snapshot,
+                    };
+                    walk.directory(path, &meta);
+                }
+                Ok(_) => {
+                    let content = read_file(path, limits.max_file_bytes, None);
+                    snapshot.files.push(FileRead {
+                        path: path.clone(),
+                        content,
+                    });
+                }
+                Err(source) => snapshot.errors.push(LoadError::Read {
+                    path: path.clone(),
+                    source,
+                }),
+            }
+        }
+        snapshot
+    }
+
+    /// A hash of every path, content and read error: it changes when a file is added, edited
+    /// or removed, readable or not.
+    pub fn fingerprint(&self) -> u64 {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for file in &self.files {
+            file.path.hash(&mut hasher);
+            match &file.content {
+                Ok(text) => text.hash(&mut hasher),
+                Err(err) => err.to_string().hash(&mut hasher),
+            }
+        }
+        for err in &self.errors {
+            err.to_string().hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+}
+
+struct Walk<'a> {
+    top: &'a Path,
+    limits: Limits,
+    budget: &'a mut u64,
+    /// (device, inode) and path of each directory being read, outermost first.
+    ancestors: Vec<((u64, u64), PathBuf)>,
+    snapshot: &'a mut Snapshot,
+}
+
+fn is_policy_file(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e == "yaml" || e == "yml" || e == "json")
+}
+
+impl Walk<'_> {
+    fn directory(&mut self, dir: &Path, meta: &std::fs::Metadata) {
+        let id = (meta.dev(), meta.ino());
+        if let Some((_, ancestor)) = self.ancestors.iter().find(|(a, _)| *a == id) {
+            self.snapshot.errors.push(LoadError::Cycle {
+                path: dir.into(),
+                ancestor: ancestor.clone(),
+            });
+            return;
+        }
+        if self.ancestors.len() >= MAX_DIRECTORY_DEPTH {
+            self.snapshot
+                .errors
+                .push(LoadError::TooDeep { path: dir.into() });
+            return;
+        }
+        let mut entries: Vec<PathBuf> = match std::fs::read_dir(dir) {
             Ok(entries) => entries.flatten().map(|e| e.path()).collect(),
             Err(source) => {
-                errors.push(LoadError::Read {
-                    path: path.into(),
+                self.snapshot.errors.push(LoadError::Read {
+                    path: dir.into(),
                     source,
                 });
                 return;
             }
         };
         entries.sort();
+        self.ancestors.push((id, dir.into()));
         for entry in entries {
-            let yaml = entry
-                .extension()
-                .is_some_and(|e| e == "yaml" || e == "yml" || e == "json");
-            if entry.is_dir() || yaml {
-                collect_files(&entry, files, errors);
+            // `stat` follows symlinks and never blocks, whatever the file is.
+            match std::fs::metadata(&entry) {
+                Ok(meta) if meta.is_dir() => self.directory(&entry, &meta),
+                Ok(_) if is_policy_file(&entry) => {
+                    let content = read_file(
+                        &entry,
+                        self.limits.max_file_bytes,
+                        Some((self.top, self.limits.max_directory_bytes, &mut *self.budget)),
+                    );
+                    self.snapshot.files.push(FileRead {
+                        path: entry,
+                        content,
+                    });
+                }
+                Ok(_) => {}
+                // A broken name that looks like policy, or a symlink loop whatever its name,
+                // is reported; other unreadable entries are not policy.
+                Err(source)
+                    if is_policy_file(&entry) || source.raw_os_error() == Some(libc::ELOOP) =>
+                {
+                    self.snapshot.files.push(FileRead {
+                        path: entry.clone(),
+                        content: Err(LoadError::Read {
+                            path: entry,
+                            source,
+                        }),
+                    });
+                }
+                Err(_) => {}
             }
         }
+        self.ancestors.pop();
+    }
+}
+
+fn file_type_name(file_type: std::fs::FileType) -> Option<&'static str> {
+    if file_type.is_file() {
+        None
+    } else if file_type.is_fifo() {
+        Some("FIFO")
+    } else if file_type.is_socket() {
+        Some("socket")
+    } else if file_type.is_char_device() {
+        Some("character device")
+    } else if file_type.is_block_device() {
+        Some("block device")
+    } else if file_type.is_dir() {
+        Some("directory")
     } else {
-        files.push(path.into());
+        Some("special file")
+    }
+}
+
+/// Reads one regular file, at most `max` bytes, and at most what is left of its directory's
+/// budget. Never blocks: the type is checked before opening (`stat`) and after (`fstat`, in
+/// case the name was swapped), and the open is `O_NONBLOCK`.
+#[expect(
+    clippy::result_large_err,
+    reason = "one error per rejected file, never on a hot path; boxing would only add noise"
+)]
+pub fn read_file(
+    path: &Path,
+    max: u64,
+    directory: Option<(&Path, u64, &mut u64)>,
+) -> Result<String, LoadError> {
+    let read_error = |source| LoadError::Read {
+        path: path.into(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(read_error)?;
+    if let Some(file_type) = file_type_name(meta.file_type()) {
+        return Err(LoadError::NotRegular {
+            path: path.into(),
+            file_type,
+        });
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if let Some(file_type) = file_type_name(meta.file_type()) {
+        return Err(LoadError::NotRegular {
+            path: path.into(),
+            file_type,
+        });
+    }
+    if meta.len() > max {
+        return Err(LoadError::FileTooLarge {
+            path: path.into(),
+            size: meta.len(),
+            limit: max,
+        });
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // One byte past the cap tells a file that grew after `fstat` from one that did not.
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    let size = bytes.len() as u64;
+    if size > max {
+        return Err(LoadError::FileTooLarge {
+            path: path.into(),
+            size,
+            limit: max,
+        });
+    }
+    if let Some((top, limit, budget)) = directory {
+        if size > *budget {
+            return Err(LoadError::DirectoryTooLarge {
+                path: path.into(),
+                directory: top.into(),
+                limit,
+            });
+        }
+        *budget -= size;
+    }
+    String::from_utf8(bytes).map_err(|e| LoadError::Encoding {
+        path: path.into(),
+        offset: e.utf8_error().valid_up_to(),
+    })
+}
+
+/// One document (or List item) as read: the object it names, if it names one, and the object
+/// or why it was rejected.
+#[derive(Debug)]
+pub struct Parsed {
+    pub location: Location,
+    pub key: Option<ObjectRef>,
+    pub result: Result<Object, LoadError>,
+}
+
+/// The documents of a YAML stream: `(index, first line, text)`. Split here rather than by the
+/// parser, so a syntax error rejects its own document and not the ones after it.
+fn documents(text: &str) -> Vec<(usize, usize, &str)> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut first_line = 0;
+    let mut offset = 0;
+    let mut explicit = false;
+    for (line_no, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let separator =
+            bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") || bare == "...";
+        if separator {
+            let body = &text[start..offset];
+            if explicit || has_content(body) {
+                out.push((out.len(), first_line, body));
+            }
+            explicit = bare != "...";
+            // The separator line may carry content (`--- {a: b}`): keep it in the document,
+            // minus the marker.
+            start = offset + if bare == "..." { line.len() } else { 3 };
+            first_line = line_no;
+        }
+        offset += line.len();
+    }
+    let body = &text[start..];
+    if explicit || has_content(body) {
+        out.push((out.len(), first_line, body));
+    }
+    out
+}
+
+fn has_content(text: &str) -> bool {
+    text.lines().any(|l| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#') && !t.starts_with('%')
+    })
+}
+
+fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_YAML_DEPTH;
+    budget.max_aliases = MAX_YAML_ALIASES;
+    budget.max_nodes = MAX_YAML_NODES;
+    budget.max_documents = 1;
+    budget.max_reader_input_bytes =
+        Some(usize::try_from(DEFAULT_MAX_FILE_BYTES).unwrap_or(usize::MAX));
+    let mut aliases = serde_saphyr::options::AliasLimits::default();
+    aliases.max_total_replayed_events = MAX_YAML_REPLAYED_EVENTS;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options.alias_limits = aliases;
+    // YAML 1.2, as Kubernetes reads it: `y`, `yes`, `on` are strings, not booleans.
+    options.strict_booleans = true;
+    options
+}
+
+/// Parses one YAML (or JSON) text into its objects; `path` only names them.
+pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
+    let mut out = Vec::new();
+    for (index, first_line, body) in documents(text) {
+        let location = Location {
+            path: path.into(),
+            document: index,
+            item: None,
+        };
+        // Leading newlines keep the parser's line numbers those of the file.
+        let padded = format!("{}{body}", "\n".repeat(first_line));
+        let value =
+            match serde_saphyr::from_str_with_options::<serde_json::Value>(&padded, yaml_options())
+            {
+                Ok(serde_json::Value::Null) => continue,
+                Ok(value) => value,
+                Err(err) => {
+                    out.push(Parsed {
+                        location: location.clone(),
+                        key: None,
+                        result: Err(LoadError::Yaml {
+                            location,
+                            message: one_line(&err.to_string()),
+                        }),
+                    });
+                    continue;
+                }
+            };
+        let is_list = value.get("kind").and_then(|k| k.as_str()) == Some("List");
+        if is_list {
+            let items = match value {
+                serde_json::Value::Object(mut map) => map.remove("items"),
+                _ => None,
+            };
+            let items = match items {
+                Some(serde_json::Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
+            for (i, item) in items.into_iter().enumerate() {
+                let location = Location {
+                    item: Some(i),
+                    ..location.clone()
+                };
+                out.push(parse_object(location, item));
+            }
+        } else {
+            out.push(parse_object(location, value));
+        }
+    }
+    out
+}
+
+/// The parser's message on one line, without the snippet of the input it renders below
+/// (`--> <input>:4:2 | ...`): the location is already in the message.
+fn one_line(message: &str) -> String {
+    let message = message.split(" --> ").next().unwrap_or(message);
+    let message = message.split("\n -->").next().unwrap_or(message);
+    let message = message.split("\n-->").next().unwrap_or(message);
+    message
+        .trim_start_matches("error: ")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn string_at<'a>(value: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
+    path.iter()
+        .try_fold(value, |v, key| v.get(key))
+        .and_then(serde_json::Value::as_str)
+}
+
+#[expect(
+    clippy::result_large_err,
+    reason = "one error per rejected document, never on a hot path; boxing would only add noise"
+)]
+fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
+    let kind = string_at(&value, &["kind"]).unwrap_or_default().to_owned();
+    let api_version = string_at(&value, &["apiVersion"])
+        .unwrap_or_default()
+        .to_owned();
+    let object_kind = match kind.as_str() {
+        "Namespace" => Some((ObjectKind::Namespace, "v1")),
+        "Pod" => Some((ObjectKind::Pod, "v1")),
+        "NetworkPolicy" => Some((ObjectKind::NetworkPolicy, "networking.k8s.io/v1")),
+        "EgressPolicy" => Some((ObjectKind::EgressPolicy, "egret.dev/v1alpha1")),
+        _ => None,
+    };
+    let name = string_at(&value, &["metadata", "name"]).map(str::to_owned);
+    let namespace = string_at(&value, &["metadata", "namespace"])
+        .unwrap_or("default")
+        .to_owned();
+    let namespace = namespace.as_str();
+    let key = match (object_kind, &name) {
+        (Some((k, _)), Some(name)) => Some(ObjectRef::new(k, namespace, name)),
+        _ => None,
+    };
+    let Some((object_kind, _)) = object_kind.filter(|(_, want)| *want == api_version) else {
+        return Parsed {
+            key: key.clone(),
+            result: Err(LoadError::UnknownKind {
+                location: location.clone(),
+                kind,
+                api_version,
+            }),
+            location,
+        };
+    };
+    let described = match &key {
+        Some(key) => key.to_string(),
+        None => format!("{kind} <unnamed>"),
+    };
+    let mut value = value;
+    if let Some(map) = value.as_object_mut() {
+        // Checked above; the typed objects need not see them (EgressPolicy's would not know
+        // them as fields).
+        map.remove("apiVersion");
+        map.remove("kind");
+    }
+    let decode_error = |(field, detail): (String, String)| LoadError::Decode {
+        location: location.clone(),
+        object: described.clone(),
+        field,
+        detail,
+    };
+    let decoded = match object_kind {
+        ObjectKind::Namespace => decode::<Namespace>(value).map(|o| Object::Namespace(Box::new(o))),
+        ObjectKind::Pod => decode::<Pod>(value).map(|o| Object::Pod(Box::new(o))),
+        ObjectKind::NetworkPolicy => {
+            decode::<NetworkPolicy>(value).map(|o| Object::NetworkPolicy(Box::new(o)))
+        }
+        ObjectKind::EgressPolicy => {
+            decode::<EgressPolicy>(value).map(|o| Object::EgressPolicy(Box::new(o)))
+        }
+    }
+    .map_err(decode_error);
+    let result = decoded.and_then(|object| {
+        let Some(key) = &key else {
+            return Err(LoadError::Invalid {
+                location: location.clone(),
+                object: ObjectRef::new(object_kind, namespace, "<unnamed>"),
+                field: "metadata.name".into(),
+                message: "Required value: name or generateName is required".into(),
+            });
+        };
+        check(&object, key).map_err(|e| LoadError::Invalid {
+            location: location.clone(),
+            object: key.clone(),
+            field: e.field,
+            message: e.message,
+        })?;
+        Ok(object)
+    });
+    Parsed {
+        location,
+        key,
+        result,
+    }
+}
+
+/// Validates one object under its key (`validate.rs`, the same checks `World::new` makes).
+fn check(object: &Object, key: &ObjectRef) -> validate::FieldResult<()> {
+    let namespace = key.namespace.as_deref().unwrap_or_default();
+    match object {
+        Object::Namespace(ns) => validate::namespace(&key.name, ns).map(drop),
+        Object::Pod(pod) => validate::pod(namespace, &key.name, pod).map(drop),
+        Object::NetworkPolicy(np) => validate::network_policy(namespace, &key.name, np).map(drop),
+        Object::EgressPolicy(ep) => validate::egress_policy(&key.name, ep).map(drop),
+    }
+}
+
+/// Renders a serde_ignored path as a field path: `spec.egress[0].tos`.
+fn field_path(path: &serde_ignored::Path<'_>) -> String {
+    match path {
+        serde_ignored::Path::Root => String::new(),
+        serde_ignored::Path::Seq { parent, index } => format!("{}[{index}]", field_path(parent)),
+        serde_ignored::Path::Map { parent, key } => {
+            let parent = field_path(parent);
+            if parent.is_empty() {
+                key.clone()
+            } else {
+                format!("{parent}.{key}")
+            }
+        }
+        serde_ignored::Path::Some { parent }
+        | serde_ignored::Path::NewtypeStruct { parent }
+        | serde_ignored::Path::NewtypeVariant { parent } => field_path(parent),
+    }
+}
+
+/// Decodes strictly: a type error names its field, and so does an unknown field (the API
+/// server's strict field validation, `kubectl apply`'s default).
+fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, (String, String)> {
+    let mut unknown: Vec<String> = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(field_path(&path));
+    let result = {
+        let de = serde_ignored::Deserializer::new(value, &mut note);
+        T::deserialize(serde_path_to_error::Deserializer::new(de, &mut track))
+    };
+    match result {
+        Err(err) => Err((track.path().to_string(), err.to_string())),
+        Ok(_) if !unknown.is_empty() => Err((
+            unknown.swap_remove(0),
+            "unknown field (strict decoding, as `kubectl apply` validates)".into(),
+        )),
+        Ok(object) => Ok(object),
+    }
+}
+
+/// Objects enforced from the files, kept across reloads: an object whose new version is
+/// rejected keeps its last valid one; an object whose file is gone goes.
+#[derive(Debug, Default)]
+pub struct PolicyStore {
+    accepted: BTreeMap<ObjectRef, (Location, Object)>,
+}
+
+/// What one load produced.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// What to enforce: every valid object, and the last valid version of each rejected one.
+    pub cluster: Cluster,
+    /// Every problem, in file order.
+    pub rejected: Vec<LoadError>,
+    /// Objects enforced in their last valid version because the new one was rejected (or its
+    /// file could not be read), with where that version was read.
+    pub kept: Vec<(ObjectRef, Location)>,
+}
+
+impl PolicyStore {
+    /// Parses and validates `snapshot` against what is enforced now. `reserved` names objects
+    /// another source holds (local workloads are Pods): a document with one of those keys is
+    /// rejected.
+    pub fn load(&mut self, snapshot: &Snapshot, reserved: &BTreeMap<ObjectRef, String>) -> Outcome {
+        let mut rejected: Vec<LoadError> = Vec::new();
+        // Files that could not be read whole: objects last read from them and not seen now are
+        // kept, since the file may still hold them.
+        let mut tainted: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut seen: BTreeMap<ObjectRef, Vec<Parsed>> = BTreeMap::new();
+        rejected.extend(snapshot.errors.iter().map(clone_error));
+        for file in &snapshot.files {
+            let text = match &file.content {
+                Ok(text) => text,
+                Err(err) => {
+                    tainted.insert(file.path.clone());
+                    rejected.push(clone_error(err));
+                    continue;
+                }
+            };
+            for parsed in parse(&file.path, text) {
+                match &parsed.key {
+                    Some(key) => seen.entry(key.clone()).or_default().push(parsed),
+                    None => {
+                        tainted.insert(file.path.clone());
+                        if let Err(err) = parsed.result {
+                            rejected.push(err);
+                        }
+                    }
+                }
+            }
+        }
+        let mut accepted = BTreeMap::new();
+        let mut kept = Vec::new();
+        let keep = |key: &ObjectRef,
+                    accepted: &mut BTreeMap<ObjectRef, (Location, Object)>,
+                    kept: &mut Vec<(ObjectRef, Location)>| {
+            if let Some((location, object)) = self.accepted.get(key) {
+                accepted.insert(key.clone(), (location.clone(), object.clone()));
+                kept.push((key.clone(), location.clone()));
+            }
+        };
+        for (key, mut copies) in seen {
+            if let Some(owner) = reserved.get(&key) {
+                for copy in copies {
+                    rejected.push(LoadError::Reserved {
+                        location: copy.location,
+                        object: key.clone(),
+                        owner: owner.clone(),
+                    });
+                }
+                continue;
+            }
+            if copies.len() > 1 {
+                for (i, copy) in copies.iter().enumerate() {
+                    let other = if i == 0 { &copies[1] } else { &copies[0] };
+                    rejected.push(LoadError::Duplicate {
+                        location: copy.location.clone(),
+                        object: key.clone(),
+                        other: other.location.clone(),
+                    });
+                }
+                for copy in copies {
+                    if let Err(err) = copy.result {
+                        rejected.push(err);
+                    }
+                }
+                keep(&key, &mut accepted, &mut kept);
+                continue;
+            }
+            let Some(copy) = copies.pop() else { continue };
+            match copy.result {
+                Ok(object) => {
+                    accepted.insert(key, (copy.location, object));
+                }
+                Err(err) => {
+                    rejected.push(err);
+                    keep(&key, &mut accepted, &mut kept);
+                }
+            }
+        }
+        let previous: Vec<ObjectRef> = self.accepted.keys().cloned().collect();
+        for key in previous {
+            let from_tainted = self
+                .accepted
+                .get(&key)
+                .is_some_and(|(location, _)| tainted.contains(&location.path));
+            if !accepted.contains_key(&key) && from_tainted && !reserved.contains_key(&key) {
+                keep(&key, &mut accepted, &mut kept);
+            }
+        }
+        self.accepted = accepted;
+        rejected.sort_by_key(sort_key);
+        Outcome {
+            cluster: self.cluster(),
+            rejected,
+            kept,
+        }
+    }
+
+    /// The accepted objects as a [`Cluster`].
+    fn cluster(&self) -> Cluster {
+        let mut cluster = Cluster::default();
+        for (key, (location, object)) in &self.accepted {
+            let namespace = key.namespace.clone().unwrap_or_default();
+            match object {
+                Object::Namespace(ns) => {
+                    cluster.namespaces.insert(key.name.clone(), (**ns).clone());
+                }
+                Object::Pod(pod) => {
+                    cluster
+                        .pods
+                        .insert((namespace, key.name.clone()), (**pod).clone());
+                }
+                Object::NetworkPolicy(np) => {
+                    cluster
+                        .network_policies
+                        .insert((namespace, key.name.clone()), (**np).clone());
+                }
+                Object::EgressPolicy(ep) => {
+                    cluster
+                        .egress_policies
+                        .insert(key.name.clone(), (**ep).clone());
+                }
+            }
+            cluster.origins.insert(key.clone(), location.clone());
+        }
+        cluster
+    }
+}
+
+/// Messages sort by file and document, so a person reads them in file order.
+fn sort_key(err: &LoadError) -> (PathBuf, usize, Option<usize>, String) {
+    let location = match err {
+        LoadError::Yaml { location, .. }
+        | LoadError::Decode { location, .. }
+        | LoadError::UnknownKind { location, .. }
+        | LoadError::Invalid { location, .. }
+        | LoadError::Duplicate { location, .. }
+        | LoadError::Reserved { location, .. } => Some(location),
+        _ => None,
+    };
+    match location {
+        Some(l) => (l.path.clone(), l.document, l.item, err.to_string()),
+        None => {
+            let path = match err {
+                LoadError::Read { path, .. }
+                | LoadError::NotRegular { path, .. }
+                | LoadError::FileTooLarge { path, .. }
+                | LoadError::DirectoryTooLarge { path, .. }
+                | LoadError::Cycle { path, .. }
+                | LoadError::TooDeep { path }
+                | LoadError::Encoding { path, .. } => path.clone(),
+                _ => PathBuf::new(),
+            };
+            (path, 0, None, err.to_string())
+        }
+    }
+}
+
+/// File-level errors are kept in the snapshot (they feed its fingerprint) and reported by each
+/// load; `io::Error` is not `Clone`, so the copy keeps its kind and message.
+fn clone_error(err: &LoadError) -> LoadError {
+    match err {
+        LoadError::Read { path, source } => LoadError::Read {
+            path: path.clone(),
+            source: match source.raw_os_error() {
+                Some(code) => std::io::Error::from_raw_os_error(code),
+                None => std::io::Error::new(source.kind(), source.to_string()),
+            },
+        },
+        LoadError::NotRegular { path, file_type } => LoadError::NotRegular {
+            path: path.clone(),
+            file_type,
+        },
+        LoadError::FileTooLarge { path, size, limit } => LoadError::FileTooLarge {
+            path: path.clone(),
+            size: *size,
+            limit: *limit,
+        },
+        LoadError::DirectoryTooLarge {
+            path,
+            directory,
+            limit,
+        } => LoadError::DirectoryTooLarge {
+            path: path.clone(),
+            directory: directory.clone(),
+            limit: *limit,
+        },
+        LoadError::Cycle { path, ancestor } => LoadError::Cycle {
+            path: path.clone(),
+            ancestor: ancestor.clone(),
+        },
+        LoadError::TooDeep { path } => LoadError::TooDeep { path: path.clone() },
+        LoadError::Encoding { path, offset } => LoadError::Encoding {
+            path: path.clone(),
+            offset: *offset,
+        },
+        other => LoadError::Yaml {
+            location: Location {
+                path: PathBuf::new(),
+                document: 0,
+                item: None,
+            },
+            message: other.to_string(),
+        },
+    }
+}
+
+impl Cluster {
+    /// Reads and validates every file under `paths` once (no earlier state): what `egret
+    /// explain` and a first `egret run` load see. Returns what loaded and every problem.
+    pub fn load(paths: &[PathBuf], limits: Limits) -> (Self, Vec<LoadError>) {
+        let snapshot = Snapshot::read(paths, limits);
+        let outcome = PolicyStore::default().load(&snapshot, &BTreeMap::new());
+        (outcome.cluster, outcome.rejected)
+    }
+
+    /// Adds the documents of one YAML text, each validated; `path` only names them in errors.
+    pub fn add_yaml(&mut self, path: &Path, text: &str) -> Vec<LoadError> {
+        let snapshot = Snapshot {
+            files: vec![FileRead {
+                path: path.into(),
+                content: Ok(text.to_owned()),
+            }],
+            errors: Vec::new(),
+        };
+        let outcome = PolicyStore::default().load(&snapshot, &BTreeMap::new());
+        let Cluster {
+            namespaces,
+            pods,
+            network_policies,
+            egress_policies,
+            origins,
+        } = outcome.cluster;
+        self.namespaces.extend(namespaces);
+        self.pods.extend(pods);
+        self.network_policies.extend(network_policies);
+        self.egress_policies.extend(egress_policies);
+        self.origins.extend(origins);
+        outcome.rejected
+    }
+
+    /// Where `object` was read.
+    pub fn origin(&self, object: &ObjectRef) -> Option<&Location> {
+        self.origins.get(object)
     }
 }
 
@@ -283,15 +1018,130 @@ metadata: {name: d}
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(
-            messages[0].contains("NetworkPolicy broken")
-                && messages[0].contains("spec.egress[0].ports[0].port"),
+            messages[0].starts_with(
+                "cluster.yaml document 2: NetworkPolicy x/broken: spec.egress[0].ports[0].port: "
+            ),
             "{}",
             messages[0]
         );
         assert!(
-            messages[1].contains("unsupported kind `Deployment`"),
+            messages[1].starts_with("cluster.yaml document 3: unsupported kind `Deployment`"),
             "{}",
             messages[1]
         );
+    }
+
+    #[test]
+    fn a_syntax_error_rejects_only_its_document() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkind: [\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n";
+        let mut cluster = Cluster::default();
+        let errors = cluster.add_yaml(Path::new("f.yaml"), text);
+        assert_eq!(
+            cluster.namespaces.keys().collect::<Vec<_>>(),
+            ["a", "b"],
+            "{errors:?}"
+        );
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .to_string()
+                .starts_with("f.yaml document 1: not valid YAML: "),
+            "{}",
+            errors[0]
+        );
+    }
+
+    fn namespace_doc(name: &str, team: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{team: {team}}}}}\n"
+        )
+    }
+
+    fn snapshot(files: &[(&str, &str)]) -> Snapshot {
+        Snapshot {
+            files: files
+                .iter()
+                .map(|(path, text)| FileRead {
+                    path: PathBuf::from(path),
+                    content: Ok((*text).to_owned()),
+                })
+                .collect(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn team(cluster: &Cluster, ns: &str) -> Option<String> {
+        cluster
+            .namespaces
+            .get(ns)
+            .and_then(|n| n.metadata.labels.as_ref())
+            .and_then(|l| l.get("team").cloned())
+    }
+
+    #[test]
+    fn a_rejected_update_keeps_the_last_valid_version_and_a_removed_file_drops_it() {
+        let mut store = PolicyStore::default();
+        let none = BTreeMap::new();
+        let a = namespace_doc("a", "one");
+        let out = store.load(&snapshot(&[("a.yaml", &a)]), &none);
+        assert!(out.rejected.is_empty());
+        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
+
+        let bad = namespace_doc("a", "Bad Value!");
+        let b = namespace_doc("b", "two");
+        let out = store.load(&snapshot(&[("a.yaml", &bad), ("b.yaml", &b)]), &none);
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"), "kept");
+        assert_eq!(
+            team(&out.cluster, "b").as_deref(),
+            Some("two"),
+            "the rest loads"
+        );
+        assert_eq!(out.kept.len(), 1);
+
+        // Unreadable now: what it held stays.
+        let mut unreadable = snapshot(&[("b.yaml", &b)]);
+        unreadable.files.push(FileRead {
+            path: "a.yaml".into(),
+            content: Err(LoadError::Read {
+                path: "a.yaml".into(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            }),
+        });
+        let out = store.load(&unreadable, &none);
+        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
+        assert!(
+            out.rejected[0].to_string().contains("Input/output error"),
+            "{}",
+            out.rejected[0]
+        );
+
+        // Removed: gone.
+        let out = store.load(&snapshot(&[("b.yaml", &b)]), &none);
+        assert!(out.rejected.is_empty());
+        assert!(!out.cluster.namespaces.contains_key("a"));
+    }
+
+    #[test]
+    fn duplicates_name_both_places_and_the_enforced_copy_stays() {
+        let mut store = PolicyStore::default();
+        let none = BTreeMap::new();
+        let one = namespace_doc("a", "one");
+        store.load(&snapshot(&[("1.yaml", &one)]), &none);
+        let two = namespace_doc("a", "two");
+        let out = store.load(&snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
+        let messages: Vec<String> = out.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            messages,
+            [
+                "1.yaml document 0: Namespace a: metadata.name: Duplicate value: \"a\": also defined at 2.yaml document 0; neither copy is applied",
+                "2.yaml document 0: Namespace a: metadata.name: Duplicate value: \"a\": also defined at 1.yaml document 0; neither copy is applied",
+            ]
+        );
+        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
+        // New duplicates: neither wins.
+        let out =
+            PolicyStore::default().load(&snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
+        assert!(out.cluster.namespaces.is_empty());
     }
 }

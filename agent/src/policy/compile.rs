@@ -18,10 +18,12 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use super::{
     crd::RuleAction,
     explain::Origin,
+    ids::{EndpointName, IdTable},
     model::{Peer, PodInfo, PortMatch, PortSpec, World},
+    services::{ServiceInfo, ServiceVerdict, decide_port},
 };
 use crate::datapath::{
-    Decision, DesiredState, EndpointId, RuleId, Verdict,
+    ClassId, Decision, DesiredState, EndpointId, PolicyMatch, PortPrefix, RuleId, Verdict,
     lower::{AddrSet, L4, LowerMemo, SetEndpoint, SetRule, lower_sets_with},
 };
 
@@ -54,53 +56,46 @@ pub enum Action {
     NetworkPolicy {
         id: RuleId,
     },
+    /// Matches nothing: gives a Service address a class of its own (see `apply_services`).
+    ClassMarker,
 }
+
+/// The endpoint id that holds the class markers while lowering; no cgroup ever maps to it and
+/// its entries are dropped before the state is returned.
+const CLASS_HOLDER: EndpointId = u32::MAX;
 
 /// The compiler's output.
 #[derive(Clone, Debug)]
 pub struct Compiled {
     pub desired: DesiredState,
-    /// (namespace, pod) -> endpoint id.
+    /// (namespace, pod) -> endpoint id, for the endpoints compiled now.
     pub endpoints: BTreeMap<(String, String), EndpointId>,
-    /// Endpoint id -> (namespace, owning workload), for metrics and logs.
+    /// Endpoint id -> (namespace, owning workload) of the endpoints compiled now.
     pub workloads: BTreeMap<EndpointId, (String, String)>,
-    /// Rule id -> what it stands for; id 0 is the baseline.
-    pub origins: Vec<Origin>,
+    /// Every id the compiler knows, also of endpoints and rules that are gone: counts they
+    /// made keep their names.
+    pub ids: IdTable,
     pub baseline: Verdict,
 }
 
 impl Compiled {
     /// What rule `id` stands for (the baseline for unknown ids).
     pub fn origin(&self, id: RuleId) -> &Origin {
-        self.origins.get(id as usize).unwrap_or(&Origin::Baseline)
-    }
-}
-
-/// Interns origins as rule ids, in the order the policies are listed.
-struct Origins {
-    ids: HashMap<Origin, RuleId>,
-    list: Vec<Origin>,
-}
-
-impl Origins {
-    fn new() -> Self {
-        let mut origins = Self {
-            ids: HashMap::new(),
-            list: Vec::new(),
-        };
-        let baseline = origins.id(Origin::Baseline);
-        debug_assert_eq!(baseline, RULE_DEFAULT);
-        origins
+        self.ids.origin(id).unwrap_or(&Origin::Baseline)
     }
 
-    fn id(&mut self, origin: Origin) -> RuleId {
-        if let Some(id) = self.ids.get(&origin) {
-            return *id;
+    /// Who endpoint `id` is, also when it is gone: (namespace, owning workload).
+    pub fn workload(&self, id: EndpointId) -> Option<(String, String)> {
+        if let Some(live) = self.workloads.get(&id) {
+            return Some(live.clone());
         }
-        let id = self.list.len() as RuleId;
-        self.ids.insert(origin.clone(), id);
-        self.list.push(origin);
-        id
+        self.ids.endpoint_name(id).map(
+            |EndpointName {
+                 namespace,
+                 workload,
+                 ..
+             }| (namespace.clone(), workload.clone()),
+        )
     }
 }
 
@@ -121,17 +116,23 @@ pub fn compile(world: &World, options: &CompileOptions) -> Compiled {
 pub struct Compiler {
     world: World,
     options: CompileOptions,
-    origins: Origins,
+    /// Stable ids, kept across compiles (and, through the pipeline, across restarts).
+    origins: IdTable,
     expander: Expander,
     memo: LowerMemo<Action>,
 }
 
 impl Compiler {
     pub fn new(world: World, options: CompileOptions) -> Self {
+        Self::with_ids(world, options, IdTable::default())
+    }
+
+    /// A compiler that keeps the ids `ids` assigned before (an agent restart).
+    pub fn with_ids(world: World, options: CompileOptions, ids: IdTable) -> Self {
         Self {
             world,
             options,
-            origins: Origins::new(),
+            origins: ids,
             expander: Expander::default(),
             memo: LowerMemo::default(),
         }
@@ -140,6 +141,43 @@ impl Compiler {
     /// The options it compiles with.
     pub fn options(&self) -> &CompileOptions {
         &self.options
+    }
+
+    /// Changes the options; ids stay (a rule keeps its id whatever the baseline).
+    pub fn set_options(&mut self, options: CompileOptions) {
+        self.options = options;
+        self.expander.cache.clear();
+    }
+
+    /// The id table, for the caller to store and to forget ids nothing refers to.
+    pub fn ids_mut(&mut self) -> &mut IdTable {
+        &mut self.origins
+    }
+
+    /// The rule ids the current world's policies stand for (whether or not a compiled endpoint
+    /// uses them).
+    pub fn live_rules(&mut self) -> std::collections::BTreeSet<RuleId> {
+        let Self { world, origins, .. } = self;
+        let mut live = std::collections::BTreeSet::from([RULE_DEFAULT]);
+        for ep in &world.egress_policies {
+            for rule in &ep.rules {
+                live.insert(origins.rule(&egress_origin(&ep.name, &rule.name, rule.action)));
+            }
+        }
+        for np in &world.network_policies {
+            for i in 0..np.rules.len() {
+                live.insert(origins.rule(&Origin::NetworkPolicyRule {
+                    namespace: np.namespace.clone(),
+                    name: np.name.clone(),
+                    rule: i,
+                }));
+            }
+            live.insert(origins.rule(&Origin::Isolation {
+                namespace: np.namespace.clone(),
+                name: np.name.clone(),
+            }));
+        }
+        live
     }
 
     /// The validated cluster the compiler works on.
@@ -210,7 +248,7 @@ impl Compiler {
             }
         }
         for origin in stale {
-            let id = self.origins.id(origin);
+            let id = self.origins.rule(&origin);
             self.expander.cache.remove(&id);
         }
     }
@@ -228,18 +266,18 @@ impl Compiler {
         // which endpoints exist.
         for ep in &world.egress_policies {
             for rule in &ep.rules {
-                origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+                origins.rule(&egress_origin(&ep.name, &rule.name, rule.action));
             }
         }
         for np in &world.network_policies {
             for i in 0..np.rules.len() {
-                origins.id(Origin::NetworkPolicyRule {
+                origins.rule(&Origin::NetworkPolicyRule {
                     namespace: np.namespace.clone(),
                     name: np.name.clone(),
                     rule: i,
                 });
             }
-            origins.id(Origin::Isolation {
+            origins.rule(&Origin::Isolation {
                 namespace: np.namespace.clone(),
                 name: np.name.clone(),
             });
@@ -255,8 +293,8 @@ impl Compiler {
         let mut workloads = BTreeMap::new();
         let mut lists = Vec::with_capacity(sources.len());
         let mut contexts = HashMap::new();
-        for (i, pod) in sources.iter().enumerate() {
-            let id = (i + 1) as EndpointId;
+        for pod in &sources {
+            let id = origins.endpoint(&pod.namespace, &pod.name, &pod.workload);
             endpoints.insert((pod.namespace.clone(), pod.name.clone()), id);
             workloads.insert(id, (pod.namespace.clone(), pod.workload.clone()));
             let mut rules = Vec::new();
@@ -266,7 +304,7 @@ impl Compiler {
                 .filter(|ep| world.subject_selects(ep, pod))
             {
                 for rule in &ep.rules {
-                    let rule_id = origins.id(egress_origin(&ep.name, &rule.name, rule.action));
+                    let rule_id = origins.rule(&egress_origin(&ep.name, &rule.name, rule.action));
                     let action = Action::Egress {
                         audit: ep.audit,
                         action: rule.action,
@@ -280,13 +318,13 @@ impl Compiler {
             let mut isolation = None;
             for np in world.isolating(pod) {
                 isolation.get_or_insert_with(|| {
-                    origins.id(Origin::Isolation {
+                    origins.rule(&Origin::Isolation {
                         namespace: np.namespace.clone(),
                         name: np.name.clone(),
                     })
                 });
                 for (r, rule) in np.rules.iter().enumerate() {
-                    let rule_id = origins.id(Origin::NetworkPolicyRule {
+                    let rule_id = origins.rule(&Origin::NetworkPolicyRule {
                         namespace: np.namespace.clone(),
                         name: np.name.clone(),
                         rule: r,
@@ -307,19 +345,142 @@ impl Compiler {
             });
         }
 
+        // Every Service address gets a class of its own, so that its entries can differ from
+        // those of the addresses around it.
+        let mut service_addresses: Vec<IpNet> = world
+            .services
+            .iter()
+            .flat_map(|s| s.addresses.iter().map(|a| IpNet::from(*a)))
+            .collect();
+        service_addresses.sort();
+        service_addresses.dedup();
+        if !service_addresses.is_empty() {
+            let rules = service_addresses
+                .iter()
+                .map(|net| SetRule {
+                    set: expander.set(vec![*net], Vec::new()),
+                    l4: L4::Any,
+                    action: Action::ClassMarker,
+                })
+                .collect();
+            lists.push(SetEndpoint {
+                endpoint: CLASS_HOLDER,
+                rules,
+            });
+        }
+
         let baseline = options.baseline;
-        let desired = lower_sets_with(memo, &expander.sets, &lists, |endpoint, matching| {
+        let mut desired = lower_sets_with(memo, &expander.sets, &lists, |endpoint, matching| {
             let isolation = contexts.get(&endpoint).and_then(|c| c.isolation);
             decide(matching.iter().map(|a| **a), isolation, baseline)
         });
+        if !service_addresses.is_empty() {
+            desired.policy.retain(|m, _| m.endpoint != CLASS_HOLDER);
+            let ids: Vec<EndpointId> = endpoints.values().copied().collect();
+            apply_services(&mut desired, &world.services, &ids, origins);
+        }
         Compiled {
             desired,
             endpoints,
             workloads,
-            origins: origins.list.clone(),
+            ids: origins.clone(),
             baseline,
         }
     }
+}
+
+/// Rewrites, for every endpoint, the entries of each Service address's class: each exposed port
+/// decided by the Service's ready endpoints (`policy::services`), every other port denied.
+fn apply_services(
+    desired: &mut DesiredState,
+    services: &[ServiceInfo],
+    endpoints: &[EndpointId],
+    ids: &mut IdTable,
+) {
+    let direct = |desired: &DesiredState, endpoint, address, protocol, port| {
+        desired
+            .lookup(endpoint, address, protocol, port)
+            .entry
+            .map_or(
+                Decision {
+                    verdict: Verdict::Allow,
+                    rule: RULE_DEFAULT,
+                },
+                |(_, decision)| decision,
+            )
+    };
+    // Worked out against the entries as lowered, then written: a Service's endpoints are
+    // decided as direct connections, never through another Service's entries.
+    let mut rewrites: BTreeMap<(EndpointId, ClassId), Vec<(PolicyMatch, Decision)>> =
+        BTreeMap::new();
+    for &endpoint in endpoints {
+        for service in services {
+            let no_port = Decision {
+                verdict: Verdict::Deny,
+                rule: ids.rule(&Origin::ServiceNoPort {
+                    namespace: service.namespace.clone(),
+                    name: service.name.clone(),
+                }),
+            };
+            for &address in &service.addresses {
+                let class = desired.class_of(address);
+                let entries = rewrites.entry((endpoint, class)).or_default();
+                entries.push((
+                    PolicyMatch {
+                        endpoint,
+                        class: Some(class),
+                        protocol: None,
+                        port: None,
+                    },
+                    no_port,
+                ));
+                for port in &service.ports {
+                    let verdict = decide_port(port, |a, protocol, p| {
+                        direct(desired, endpoint, a, protocol, p)
+                    });
+                    let decision = match verdict {
+                        ServiceVerdict::ByAddress => {
+                            direct(desired, endpoint, address, port.protocol, port.port)
+                        }
+                        ServiceVerdict::Agreed(decision) => decision,
+                        ServiceVerdict::Disagree { allowed, denied } => Decision {
+                            verdict: Verdict::Deny,
+                            rule: ids.rule(&Origin::ServiceEndpointsDisagree {
+                                namespace: service.namespace.clone(),
+                                name: service.name.clone(),
+                                allowed: socket(allowed),
+                                denied: socket(denied),
+                            }),
+                        },
+                    };
+                    entries.push((
+                        PolicyMatch {
+                            endpoint,
+                            class: Some(class),
+                            protocol: Some(port.protocol),
+                            port: Some(PortPrefix {
+                                port: port.port,
+                                bits: 16,
+                            }),
+                        },
+                        decision,
+                    ));
+                }
+            }
+        }
+    }
+    desired.policy.retain(|m, _| {
+        !m.class
+            .is_some_and(|c| rewrites.contains_key(&(m.endpoint, c)))
+    });
+    for entries in rewrites.into_values() {
+        desired.policy.extend(entries);
+    }
+}
+
+/// `10.0.0.5:53` or `[2001:db8::5]:53`.
+fn socket((address, port): (std::net::IpAddr, u16)) -> String {
+    std::net::SocketAddr::from((address, port)).to_string()
 }
 
 fn egress_origin(policy: &str, rule: &str, action: RuleAction) -> Origin {
@@ -380,6 +541,7 @@ fn evaluate(
             Action::NetworkPolicy { id } => {
                 network_policy_allow.get_or_insert(id);
             }
+            Action::ClassMarker => {}
         }
     }
     match (isolation, network_policy_allow) {

@@ -34,8 +34,10 @@ pub struct EgressPolicySpec {
     pub mode: PolicyMode,
     /// The pods this policy governs.
     pub subject: Subject,
-    /// Evaluated in order; the first rule whose peers and ports match decides.
+    /// Evaluated in order; the first rule whose peers and ports match decides. Names are
+    /// unique (a list map keyed by name, so the API server refuses a repeated one).
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub rules: Vec<EgressRule>,
 }
 
@@ -51,6 +53,10 @@ pub enum PolicyMode {
 /// At least one must be given.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.namespaceSelector) || has(self.podSelector)",
+     "message": "must specify namespaceSelector and/or podSelector"}
+]))]
 pub struct Subject {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
@@ -75,10 +81,16 @@ pub enum RuleAction {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EgressRule {
-    /// Unique within the policy; names the rule in metrics, logs and `egret explain`.
+    /// Unique within the policy; names the rule in metrics, logs and `egret explain`. A
+    /// DNS-1123 label.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     pub action: RuleAction,
     /// Destinations; the rule matches any of them. Must not be empty.
+    #[schemars(length(min = 1))]
     pub to: Vec<EgressPeer>,
     /// Ports; the rule matches any of them. Empty or missing: every port and protocol.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -88,19 +100,34 @@ pub struct EgressRule {
 /// A destination: pods (`namespaceSelector` and/or `podSelector`, ANDed) or `networks`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.networks) || (!has(self.namespaceSelector) && !has(self.podSelector))",
+     "message": "networks may not be combined with namespaceSelector or podSelector"},
+    {"rule": "has(self.networks) || has(self.namespaceSelector) || has(self.podSelector)",
+     "message": "must specify networks, namespaceSelector or podSelector"}
+]))]
 pub struct EgressPeer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace_selector: Option<LabelSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
-    /// CIDRs (IPv4 or IPv6).
+    /// CIDRs (IPv4 or IPv6); at least one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
     pub networks: Option<Vec<String>>,
 }
 
 /// A port, as in NetworkPolicy: protocol (default TCP), number or named port, optional end.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!has(self.protocol) || self.protocol in ['TCP', 'UDP', 'SCTP']",
+     "message": "protocol must be TCP, UDP or SCTP"},
+    {"rule": "!has(self.port) || type(self.port) == string || (self.port >= 1 && self.port <= 65535)",
+     "message": "port must be between 1 and 65535, inclusive"},
+    {"rule": "!has(self.endPort) || (has(self.port) && type(self.port) == int && self.endPort >= self.port && self.endPort <= 65535)",
+     "message": "endPort needs a numeric port and must be between port and 65535"}
+]))]
 pub struct EgressPort {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<String>,
@@ -138,6 +165,25 @@ mod tests {
                 .and_then(|s| s.status.as_ref())
                 .is_some()
         );
+    }
+
+    /// The cross-field rules `validate.rs` applies are declared in the CRD too, so the API
+    /// server refuses what local mode refuses.
+    #[test]
+    fn crd_declares_the_cross_field_rules() {
+        let yaml = super::super::crd_yaml().unwrap();
+        for rule in [
+            "has(self.namespaceSelector) || has(self.podSelector)",
+            "networks may not be combined with namespaceSelector or podSelector",
+            "must specify networks, namespaceSelector or podSelector",
+            "protocol must be TCP, UDP or SCTP",
+            "port must be between 1 and 65535, inclusive",
+            "endPort needs a numeric port",
+            "x-kubernetes-list-map-keys",
+            "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        ] {
+            assert!(yaml.contains(rule), "{rule} is not in the CRD");
+        }
     }
 
     /// The checked-in CRD must be what the Rust type generates (`cargo xtask codegen`).

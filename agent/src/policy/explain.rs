@@ -4,7 +4,7 @@
 
 use std::net::IpAddr;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     compile::Compiled,
@@ -13,8 +13,9 @@ use super::{
 };
 use crate::datapath::Verdict;
 
-/// The source of a decision; every datapath rule id stands for one.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The source of a decision; every datapath rule id stands for one. Serialized into the pinned
+/// id table (`policy::ids`), so a variant's fields are part of the stored format.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Origin {
     /// The pod is not isolated for egress: the node's baseline applies.
     Baseline,
@@ -33,6 +34,19 @@ pub enum Origin {
     /// The pod is isolated for egress (by this NetworkPolicy, the first in name order) and no
     /// rule allowed it.
     Isolation { namespace: String, name: String },
+    /// The process's cgroup is below a guard and no endpoint yet: denied until the agent
+    /// writes its policy (the datapath's `RULE_PENDING`; no compiled rule has it).
+    Pending,
+    /// A connection to a Service address on a port the Service does not expose.
+    ServiceNoPort { namespace: String, name: String },
+    /// A connection to a Service port whose ready endpoints the policy does not treat alike:
+    /// denied. Names one allowed and one denied endpoint (`address:port`).
+    ServiceEndpointsDisagree {
+        namespace: String,
+        name: String,
+        allowed: String,
+        denied: String,
+    },
 }
 
 impl Origin {
@@ -42,7 +56,9 @@ impl Origin {
         match self {
             Self::EgressRule { rule, .. } => Some(rule.clone()),
             Self::NetworkPolicyRule { rule, .. } => Some(format!("egress[{rule}]")),
-            Self::Baseline | Self::Isolation { .. } => None,
+            Self::ServiceNoPort { .. } => Some("no-such-port".into()),
+            Self::ServiceEndpointsDisagree { .. } => Some("endpoints-disagree".into()),
+            Self::Baseline | Self::Isolation { .. } | Self::Pending => None,
         }
     }
 
@@ -51,6 +67,11 @@ impl Origin {
     pub fn policy_label(&self) -> String {
         match self {
             Self::Baseline => "default".into(),
+            Self::Pending => "pending".into(),
+            Self::ServiceNoPort { namespace, name }
+            | Self::ServiceEndpointsDisagree {
+                namespace, name, ..
+            } => format!("Service {namespace}/{name}"),
             Self::EgressRule { policy, .. } => format!("EgressPolicy {policy}"),
             Self::NetworkPolicyRule {
                 namespace, name, ..
@@ -141,6 +162,36 @@ impl Answer {
                     "NetworkPolicy {namespace}/{name} isolates the pod for egress and no NetworkPolicy rule allows {to}"
                 ),
             },
+            Origin::ServiceNoPort { namespace, name } => Self {
+                verdict,
+                policy: None,
+                rule: origin.rule_label(),
+                reason: format!(
+                    "{to} is an address of Service {namespace}/{name}, which exposes no such port: denied (nothing would answer)"
+                ),
+            },
+            Origin::ServiceEndpointsDisagree {
+                namespace,
+                name,
+                allowed,
+                denied,
+            } => Self {
+                verdict,
+                policy: None,
+                rule: origin.rule_label(),
+                reason: format!(
+                    "{to} is Service {namespace}/{name}, whose ready endpoints the policy does not treat alike (endpoint {allowed} allowed, endpoint {denied} denied): denied"
+                ),
+            },
+            Origin::Pending => Self {
+                verdict,
+                policy: None,
+                rule: None,
+                reason: format!(
+                    "the workload's cgroup is not written yet and lies below a guard: {} {to} until its policy is",
+                    word(verdict)
+                ),
+            },
         }
     }
 }
@@ -158,10 +209,11 @@ pub enum ExplainError {
     BadProtocol(String),
 }
 
-/// Resolves `ns/pod` or an IP address to the destination address.
+/// Resolves `ns/pod` or an IP address to the destination address the kernel connects to (see
+/// [`kernel_destination`]).
 pub fn resolve_target(world: &World, to: &str) -> Result<IpAddr, ExplainError> {
     if let Ok(ip) = to.parse() {
-        return Ok(ip);
+        return Ok(kernel_destination(ip));
     }
     let (ns, name) = to
         .split_once('/')
@@ -173,6 +225,22 @@ pub fn resolve_target(world: &World, to: &str) -> Result<IpAddr, ExplainError> {
         .first()
         .copied()
         .ok_or_else(|| ExplainError::NoAddress(to.into()))
+}
+
+/// Where the kernel sends a connection to `addr`, as the datapath decides it: an unspecified
+/// address means loopback (`0.0.0.0` and `::ffff:0.0.0.0` reach `127.0.0.1`, `::` reaches
+/// `::1`), and an IPv4-mapped address reaches its IPv4 host. (A socket bound to a local address
+/// reaches that address instead of `127.0.0.1`; explain assumes an unbound socket.)
+pub fn kernel_destination(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => kernel_destination(IpAddr::V4(v4)),
+            None if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
 }
 
 /// Answers for a connection from `from` (`ns/pod`) to `to` (IP or `ns/pod`), through the
@@ -209,12 +277,12 @@ pub fn explain(
     ))
 }
 
-/// `10.0.0.1:80/TCP`, or `ns/pod (10.0.0.1):80/TCP`.
+/// `10.0.0.1:80/TCP`, `ns/pod (10.0.0.1):80/TCP`, or `0.0.0.0 (127.0.0.1):80/TCP` when the
+/// kernel connects elsewhere than the address given.
 pub fn describe(to: &str, addr: IpAddr, protocol: Protocol, port: u16) -> String {
-    let host = if to.parse::<IpAddr>().is_ok() {
-        addr.to_string()
-    } else {
-        format!("{to} ({addr})")
+    let host = match to.parse::<IpAddr>() {
+        Ok(given) if given == addr => addr.to_string(),
+        _ => format!("{to} ({addr})"),
     };
     format!("{host}:{port}/{protocol}")
 }
@@ -239,5 +307,35 @@ impl Probe {
         let protocol = Protocol::parse(&self.protocol)
             .ok_or_else(|| ExplainError::BadProtocol(self.protocol.clone()))?;
         explain(world, compiled, &self.from, &self.to, protocol, self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unspecified_and_mapped_destinations_are_where_the_kernel_connects() {
+        let cases = [
+            ("0.0.0.0", "127.0.0.1"),
+            ("::", "::1"),
+            ("::ffff:0.0.0.0", "127.0.0.1"),
+            ("::ffff:192.0.2.10", "192.0.2.10"),
+            ("192.0.2.10", "192.0.2.10"),
+            ("2001:db8::1", "2001:db8::1"),
+        ];
+        for (given, reached) in cases {
+            let given: IpAddr = given.parse().unwrap();
+            assert_eq!(kernel_destination(given).to_string(), reached, "{given}");
+        }
+        let world = World::default();
+        assert_eq!(
+            resolve_target(&world, "0.0.0.0").unwrap().to_string(),
+            "127.0.0.1"
+        );
+        assert_eq!(
+            describe("0.0.0.0", "127.0.0.1".parse().unwrap(), Protocol::Tcp, 80),
+            "0.0.0.0 (127.0.0.1):80/TCP"
+        );
     }
 }

@@ -2,16 +2,19 @@
 //! entries; `egret explain` answers from them. The semantics are in `docs/policy.md`.
 //!
 //! ```text
-//! cluster (YAML or API objects) -> model::World (validated) -> compile -> DesiredState
+//! cluster (YAML or API objects) -> validate -> model::World -> compile -> DesiredState
 //! ```
 
 pub mod cluster;
 pub mod compile;
 pub mod crd;
 pub mod explain;
+pub mod ids;
 pub mod model;
 pub mod reference;
+pub mod services;
 pub mod synthetic;
+pub mod validate;
 
 #[cfg(test)]
 mod proptests;

@@ -214,8 +214,11 @@ fn pod(i: usize) -> impl Strategy<Value = Value> {
             if v6 {
                 ips.push(json!({"ip": format!("2001:db8:1::{}", i + 1)}));
             }
+            // The API server refuses two ports of one container with the same name.
+            let mut names = std::collections::BTreeSet::new();
             let ports: Vec<Value> = ports
                 .into_iter()
+                .filter(|(name, _, _)| names.insert(*name))
                 .map(|(name, port, proto)| json!({"name": name, "containerPort": port, "protocol": proto}))
                 .collect();
             json!({

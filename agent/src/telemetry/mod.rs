@@ -3,6 +3,7 @@
 //! `docs/metrics.md` lists every metric and label.
 
 pub mod denylog;
+pub mod http;
 pub mod server;
 
 use std::{
@@ -53,6 +54,8 @@ pub struct Telemetry {
     programs_attached: IntGauge,
     deny_log_suppressed: IntCounter,
     events_lost: IntGauge,
+    /// Messages of the last load's rejections, for `/readyz`.
+    rejections: Vec<String>,
     /// At most this many destination IPs get their own series.
     budget: usize,
     destinations: HashSet<IpAddr>,
@@ -128,7 +131,7 @@ impl Telemetry {
             )?,
             rejected: gauge_vec(
                 "egret_policies_rejected",
-                "Objects left out of the last load, by reason (unreadable: not YAML or wrong shape; invalid: failed validation).",
+                "Files and objects rejected by the last load, by reason (config: the config file does not load, nothing was reloaded; unreadable: a file or document could not be read, parsed or decoded; invalid: an object failed validation or is a duplicate). A rejected object keeps its last valid version; every other object is enforced.",
                 &["reason"],
             )?,
             map_entries: gauge_vec("egret_map_entries", "Entries in each kernel map.", &["map"])?,
@@ -143,7 +146,7 @@ impl Telemetry {
             )?,
             programs_attached: gauge(
                 "egret_programs_attached",
-                "Kernel programs attached through pinned links (4 when enforcing).",
+                "Kernel programs attached at egret's cgroup, as the kernel reports its links (5 when enforcing).",
             )?,
             deny_log_suppressed: counter(
                 "egret_deny_log_suppressed_total",
@@ -158,6 +161,7 @@ impl Telemetry {
             destinations: HashSet::new(),
             seen: HashMap::new(),
             seen_lost: [0; 3],
+            rejections: Vec::new(),
         })
     }
 
@@ -250,12 +254,19 @@ impl Telemetry {
         self.sync_errors.inc();
     }
 
-    /// Objects left out of the last load, by reason.
-    pub fn rejected(&self, by_reason: &BTreeMap<&'static str, usize>) {
-        for reason in ["unreadable", "invalid"] {
+    /// Files and objects rejected by the last load, by reason, and their messages for the
+    /// readiness detail.
+    pub fn rejected(&mut self, by_reason: &BTreeMap<&'static str, usize>, messages: Vec<String>) {
+        for reason in ["config", "unreadable", "invalid"] {
             let n = by_reason.get(reason).copied().unwrap_or(0);
             self.rejected.with_label_values(&[reason]).set(n as i64);
         }
+        self.rejections = messages;
+    }
+
+    /// What the last load rejected (and which objects keep their last valid version).
+    pub fn rejections(&self) -> &[String] {
+        &self.rejections
     }
 
     /// Map fill.

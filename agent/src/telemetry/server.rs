@@ -63,7 +63,23 @@ fn answer(mut stream: TcpStream, shared: &Shared) -> io::Result<()> {
         }
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
         ("GET", "/readyz") if shared.ready.load(Ordering::SeqCst) => {
-            ("200 OK", "text/plain", "ready\n".to_owned())
+            // Ready: policy is enforced. Rejected files and objects are the detail: the rest
+            // is enforced and a rejected object keeps its last valid version.
+            let telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
+            let rejections = telemetry.rejections();
+            let body = if rejections.is_empty() {
+                "ready\n".to_owned()
+            } else {
+                format!(
+                    "ready; the last load rejected {} file(s) or object(s):\n{}\n",
+                    rejections
+                        .iter()
+                        .filter(|m| !m.contains("keeps its last valid version"))
+                        .count(),
+                    rejections.join("\n")
+                )
+            };
+            ("200 OK", "text/plain", body)
         }
         ("GET", "/readyz") => (
             "503 Service Unavailable",
@@ -108,6 +124,21 @@ mod tests {
         assert!(get(addr, "/readyz").starts_with("HTTP/1.1 503"));
         shared.ready.store(true, Ordering::SeqCst);
         assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200"));
+        shared.telemetry.lock().unwrap().rejected(
+            &std::collections::BTreeMap::from([("invalid", 1)]),
+            vec![
+                "p.yaml document 0: NetworkPolicy x/y: spec: Required value: spec is required"
+                    .into(),
+            ],
+        );
+        let ready = get(addr, "/readyz");
+        assert!(
+            ready.starts_with("HTTP/1.1 200")
+                && ready.contains(
+                    "rejected 1 file(s) or object(s):\np.yaml document 0: NetworkPolicy x/y"
+                ),
+            "{ready}"
+        );
         shared.telemetry.lock().unwrap().sync_failed();
         let metrics = get(addr, "/metrics");
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");

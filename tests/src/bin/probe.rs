@@ -7,8 +7,16 @@
 //! egret-probe udp 192.0.2.10:53 [--count N] [--payload TEXT]
 //! egret-probe sendmmsg 192.0.2.10:53 192.0.2.11:53 ... [--payload TEXT]
 //! egret-probe loop 192.0.2.10:80 --until-file PATH [--interval-ms MS]
+//! egret-probe udp-loop 192.0.2.10:53 --until-file PATH   # datagrams as fast as it can on one
+//!                                                     # socket; prints one summary line
 //! egret-probe scan [2001:db8:2::1:0]:9 --count N   # one UDP datagram to each of N addresses
 //!                                                 # from the first up; prints one summary line
+//! egret-probe srcroute VIA:0 TARGET --kind rthdr|rthdr2|lsrr|rthdr-clear|record-route --send sendto|connect|connected-udp
+//!     # sets a source route through VIA (an IPv6 segment routing header, or an IPv4 LSRR
+//!     # option), then sends to TARGET; prints the setsockopt outcome ("sent" when accepted),
+//!     # then the send's. `connected-udp` connects first and sets the route after.
+//!     # `--cmsg` passes the route as ancillary data of one `sendmsg` instead (IP_RETOPTS or
+//!     # IPV6_RTHDR), which no cgroup hook sees; prints the sendmsg's outcome only.
 //! ```
 //! `[::ffff:192.0.2.10]:80` uses an AF_INET6 socket with an IPv4-mapped destination.
 
@@ -38,6 +46,12 @@ struct Options {
     payload: String,
     until_file: Option<PathBuf>,
     targets: Vec<SocketAddr>,
+    /// `srcroute`: `rthdr` or `lsrr`.
+    kind: String,
+    /// `srcroute`: `sendto`, `connect` or `connected-udp`.
+    send: String,
+    /// `srcroute`: pass the route as ancillary data of one `sendmsg`.
+    cmsg: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -48,6 +62,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
         payload: "egret".into(),
         until_file: None,
         targets: Vec::new(),
+        kind: "rthdr".into(),
+        send: "sendto".into(),
+        cmsg: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -68,6 +85,9 @@ fn parse(args: &[String]) -> Result<Options, String> {
             }
             "--payload" => o.payload = value()?.clone(),
             "--until-file" => o.until_file = Some(value()?.into()),
+            "--kind" => o.kind = value()?.clone(),
+            "--send" => o.send = value()?.clone(),
+            "--cmsg" => o.cmsg = true,
             target => o.targets.push(
                 target
                     .parse()
@@ -144,6 +164,31 @@ fn run(args: &[String]) -> Result<(), String> {
                 serde_json::json!({"protocol": "udp", "target": first.to_string(), "count": o.count, "outcomes": outcomes})
             );
         }
+        "udp-loop" => {
+            // Tens of thousands of decisions a second: races that last microseconds show.
+            let stop = o.until_file.as_ref().ok_or("udp-loop needs --until-file")?;
+            let target = o.targets[0];
+            let fd = socket(target, libc::SOCK_DGRAM).map_err(|e| format!("socket: {e}"))?;
+            let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
+            let mut count = 0u64;
+            while !count.is_multiple_of(1024) || !stop.exists() {
+                let outcome = send_on(&fd, target, o.payload.as_bytes());
+                count += 1;
+                *outcomes
+                    .entry(
+                        serde_json::to_value(outcome)
+                            .unwrap_or_default()
+                            .as_str()
+                            .unwrap_or("?")
+                            .to_owned(),
+                    )
+                    .or_default() += 1;
+            }
+            println!(
+                "{}",
+                serde_json::json!({"protocol": "udp", "target": target.to_string(), "count": count, "outcomes": outcomes})
+            );
+        }
         "loop" => {
             let stop = o.until_file.as_ref().ok_or("loop needs --until-file")?;
             while !stop.exists() {
@@ -151,9 +196,180 @@ fn run(args: &[String]) -> Result<(), String> {
                 std::thread::sleep(o.interval);
             }
         }
+        "srcroute" => {
+            let (&via, &target) = match o.targets.as_slice() {
+                [via, target, ..] => (via, target),
+                _ => return Err("srcroute needs VIA and TARGET".into()),
+            };
+            source_route(&o, via, target)?;
+        }
         other => return Err(format!("unknown mode {other}")),
     }
     Ok(())
+}
+
+/// Sets a source route through `via` on a socket to `target` and sends, as `o.send` says.
+fn source_route(o: &Options, via: SocketAddr, target: SocketAddr) -> Result<(), String> {
+    let option = match (o.kind.as_str(), via, target) {
+        ("rthdr", SocketAddr::V6(via), SocketAddr::V6(_)) => SourceRoute::Rthdr(srh(via)),
+        ("lsrr", SocketAddr::V4(via), SocketAddr::V4(_)) => SourceRoute::Lsrr(lsrr(via)),
+        // Controls: clearing the routing header (length 0), and IPv4 options without a
+        // source route (record route).
+        ("rthdr-clear", SocketAddr::V6(_), SocketAddr::V6(_)) => SourceRoute::Rthdr(Vec::new()),
+        // A type 2 routing header (Mobile IPv6, RFC 6275): one address, `via`.
+        ("rthdr2", SocketAddr::V6(via), SocketAddr::V6(_)) => {
+            let mut bytes = vec![0, 2, 2, 1, 0, 0, 0, 0];
+            bytes.extend_from_slice(&via.ip().octets());
+            SourceRoute::Rthdr(bytes)
+        }
+        ("record-route", SocketAddr::V4(_), SocketAddr::V4(_)) => {
+            SourceRoute::Lsrr(vec![7, 7, 4, 0, 0, 0, 0, 0])
+        }
+        (kind, ..) => return Err(format!("--kind {kind} does not fit {via} and {target}")),
+    };
+    let tcp = o.send == "connect";
+    let kind = if tcp {
+        libc::SOCK_STREAM | libc::SOCK_NONBLOCK
+    } else {
+        libc::SOCK_DGRAM
+    };
+    let fd = socket(target, kind).map_err(|e| format!("socket: {e}"))?;
+    let (storage, len) = sockaddr(target);
+    if o.cmsg {
+        report(
+            "udp",
+            target,
+            send_with_route(&fd, target, &option, o.payload.as_bytes()),
+        );
+        return Ok(());
+    }
+    if o.send == "connected-udp" {
+        // SAFETY: valid fd and address buffer.
+        let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) };
+        if rc != 0 {
+            report(
+                "udp",
+                target,
+                Outcome::from_error(&io::Error::last_os_error()),
+            );
+            return Ok(());
+        }
+    }
+    let (level, name, bytes) = match &option {
+        SourceRoute::Rthdr(bytes) => (libc::IPPROTO_IPV6, libc::IPV6_RTHDR, bytes),
+        SourceRoute::Lsrr(bytes) => (libc::IPPROTO_IP, libc::IP_OPTIONS, bytes),
+    };
+    // SAFETY: valid fd and option buffer.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            bytes.as_ptr().cast(),
+            bytes.len() as libc::socklen_t,
+        )
+    };
+    let set = if rc == 0 {
+        Outcome::Sent
+    } else {
+        Outcome::from_error(&io::Error::last_os_error())
+    };
+    report("setsockopt", via, set);
+    let payload = o.payload.as_bytes();
+    let outcome = match o.send.as_str() {
+        "sendto" => send_on(&fd, target, payload),
+        "connected-udp" => {
+            // SAFETY: valid fd and payload buffer.
+            let rc =
+                unsafe { libc::send(fd.as_raw_fd(), payload.as_ptr().cast(), payload.len(), 0) };
+            if rc < 0 {
+                Outcome::from_error(&io::Error::last_os_error())
+            } else {
+                Outcome::Sent
+            }
+        }
+        "connect" => connect_on(&fd, target, o.timeout),
+        other => return Err(format!("--send {other}: sendto, connect or connected-udp")),
+    };
+    report(if tcp { "tcp" } else { "udp" }, target, outcome);
+    Ok(())
+}
+
+/// One `sendmsg` to `target` whose ancillary data carries `route` (`IP_RETOPTS` for IPv4
+/// options, `IPV6_RTHDR` for a routing header).
+fn send_with_route(
+    fd: &OwnedFd,
+    target: SocketAddr,
+    route: &SourceRoute,
+    payload: &[u8],
+) -> Outcome {
+    let (level, kind, bytes) = match route {
+        SourceRoute::Rthdr(bytes) => (libc::IPPROTO_IPV6, libc::IPV6_RTHDR, bytes),
+        SourceRoute::Lsrr(bytes) => (libc::IPPROTO_IP, libc::IP_RETOPTS, bytes),
+    };
+    let (mut storage, len) = sockaddr(target);
+    let mut payload = payload.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: payload.as_mut_ptr().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(bytes.len() as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain data; every pointer set below outlives the syscall.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = (&raw mut storage).cast();
+    msg.msg_namelen = len;
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: the control buffer holds one header and `bytes` (CMSG_SPACE above).
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(bytes.len() as u32) as usize;
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), libc::CMSG_DATA(cmsg), bytes.len());
+    }
+    // SAFETY: valid fd and message.
+    if unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, 0) } < 0 {
+        Outcome::from_error(&io::Error::last_os_error())
+    } else {
+        Outcome::Sent
+    }
+}
+
+enum SourceRoute {
+    Rthdr(Vec<u8>),
+    Lsrr(Vec<u8>),
+}
+
+/// A segment routing header (RFC 8754, `struct ipv6_sr_hdr`) with two segments: the kernel
+/// puts the destination passed to `sendto`/`connect` in segment 0 and sends the packet to
+/// segment 1, `via`, first.
+fn srh(via: SocketAddrV6) -> Vec<u8> {
+    let segments = 2u8;
+    let mut out = vec![
+        0,            // next header, filled by the kernel
+        2 * segments, // header length in 8-byte units, not counting the first 8 bytes
+        4,            // routing type 4: segment routing
+        segments - 1, // segments left
+        segments - 1, // last entry
+        0,            // flags
+        0,
+        0, // tag
+    ];
+    out.extend_from_slice(&[0; 16]);
+    out.extend_from_slice(&via.ip().octets());
+    out
+}
+
+/// IPv4 options holding a loose source route through `via` (RFC 791), padded to 4 bytes.
+fn lsrr(via: SocketAddrV4) -> Vec<u8> {
+    let mut out = vec![1, 0x83, 7, 4];
+    out.extend_from_slice(&via.ip().octets());
+    out
 }
 
 fn report(protocol: &str, target: SocketAddr, outcome: Outcome) {
@@ -198,6 +414,11 @@ fn tcp_connect(target: SocketAddr, timeout: Duration) -> Outcome {
         Ok(fd) => fd,
         Err(err) => return Outcome::from_error(&err),
     };
+    connect_on(&fd, target, timeout)
+}
+
+/// A TCP connect on a non-blocking socket, waiting up to `timeout` for the handshake.
+fn connect_on(fd: &OwnedFd, target: SocketAddr, timeout: Duration) -> Outcome {
     let (storage, len) = sockaddr(target);
     // SAFETY: valid fd and address buffer.
     let rc = unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) };
