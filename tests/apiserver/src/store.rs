@@ -618,14 +618,13 @@ impl Store {
             }
         }
         if let Some(Value::Array(ports)) = spec.get_mut("ports") {
-            for port in ports {
-                if port.get("protocol").is_none() {
-                    port["protocol"] = json!("TCP");
-                }
-                if port.get("targetPort").is_none()
+            // Items that are not objects are left for the client to see as stored.
+            for port in ports.iter_mut().filter_map(Value::as_object_mut) {
+                port.entry("protocol").or_insert_with(|| json!("TCP"));
+                if !port.contains_key("targetPort")
                     && let Some(p) = port.get("port").cloned()
                 {
-                    port["targetPort"] = p;
+                    port.insert("targetPort".into(), p);
                 }
             }
         }

@@ -233,6 +233,28 @@ fn kubectl_apply_get_label_patch_delete() {
             .object("egret.dev", "egresspolicies", "", "invalid")
             .is_none()
     );
+    // The rule list is a list map keyed by name, and names are DNS labels.
+    let duplicate = EGRESS_POLICY.replace("block-metadata", "duplicate").replace(
+        "  - name: metadata\n",
+        "  - name: Metadata\n    action: Deny\n    to: [{networks: [192.0.2.1/32]}]\n  - name: metadata\n    action: Deny\n    to: [{networks: [192.0.2.2/32]}]\n  - name: metadata\n",
+    );
+    std::fs::write(dir.path().join("duplicate.yaml"), duplicate).expect("write");
+    let err = kubectl.fail(&[
+        "apply",
+        "-f",
+        dir.path()
+            .join("duplicate.yaml")
+            .to_str()
+            .expect("utf-8 path"),
+    ]);
+    assert!(
+        err.contains(r#"spec.rules[2]: Duplicate value: {"name":"metadata"}"#),
+        "{err}"
+    );
+    assert!(
+        err.contains(r#"spec.rules[0].name: Invalid value: "Metadata""#),
+        "{err}"
+    );
 
     // get with label and field selectors.
     assert_eq!(
