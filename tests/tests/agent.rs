@@ -499,8 +499,22 @@ spec:
     ports: [{protocol: UDP, port: 5353}]
 ",
     );
-    // One valid and one invalid EgressPolicy (two rules with one name: the schema cannot say
-    // so, egret's validation does).
+    // One valid and one invalid EgressPolicy: two rules with one name. Today's CRD refuses
+    // that at the API; a cluster whose CRD is older than egret (here: without the rules'
+    // list-map keys) stores it, and egret's own validation must catch it.
+    let older_crd = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds/egresspolicy.yaml"),
+    )
+    .expect("CRD")
+    .replace(
+        "                x-kubernetes-list-map-keys:\n                - name\n                x-kubernetes-list-type: map\n",
+        "",
+    );
+    assert!(
+        !older_crd.contains("x-kubernetes-list-type: map"),
+        "the older CRD lacks the rules' list-map keys"
+    );
+    cluster.server.seed(&older_crd).expect("older CRD");
     cluster.apply(
         "apiVersion: egret.dev/v1alpha1
 kind: EgressPolicy
