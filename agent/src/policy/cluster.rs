@@ -509,11 +509,8 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
             document: index,
             item: None,
         };
-        // Leading newlines keep the parser's line numbers those of the file.
-        let padded = format!("{}{body}", "\n".repeat(first_line));
         let value =
-            match serde_saphyr::from_str_with_options::<serde_json::Value>(&padded, yaml_options())
-            {
+            match serde_saphyr::from_str_with_options::<serde_json::Value>(body, yaml_options()) {
                 Ok(serde_json::Value::Null) => continue,
                 Ok(value) => value,
                 Err(err) => {
@@ -522,7 +519,7 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
                         key: None,
                         result: Err(LoadError::Yaml {
                             location,
-                            message: one_line(&err.to_string()),
+                            message: file_line(&one_line(&err.to_string()), first_line),
                         }),
                     });
                     continue;
@@ -565,6 +562,19 @@ fn one_line(message: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The parser counts lines from the start of the document; a person counts them from the
+/// start of the file: `line 2 column 7: ...` becomes `line 14 column 7: ...`.
+fn file_line(message: &str, first_line: usize) -> String {
+    let Some(rest) = message.strip_prefix("line ") else {
+        return message.to_owned();
+    };
+    let digits = rest.chars().take_while(char::is_ascii_digit).count();
+    match rest[..digits].parse::<usize>() {
+        Ok(line) => format!("line {}{}", line + first_line, &rest[digits..]),
+        Err(_) => message.to_owned(),
+    }
 }
 
 fn string_at<'a>(value: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
@@ -1046,6 +1056,20 @@ metadata: {name: d}
             errors[0]
                 .to_string()
                 .starts_with("f.yaml document 1: not valid YAML: "),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn yaml_errors_give_the_line_in_the_file() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: [Namespace\n";
+        let errors = Cluster::default().add_yaml(Path::new("f.yaml"), text);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].to_string().starts_with(
+                "f.yaml document 1: not valid YAML: line 6 column 7: unclosed bracket"
+            ),
             "{}",
             errors[0]
         );
