@@ -18,6 +18,7 @@ use std::{
     io::Read as _,
     os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -66,13 +67,14 @@ impl Default for Limits {
     }
 }
 
-/// The objects a compile starts from, keyed by (namespace, name) or name.
+/// The objects a compile starts from, keyed by (namespace, name) or name. Shared with the
+/// [`PolicyStore`] that keeps them across reloads, so a load holds one copy of each object.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<(String, String), Pod>,
-    pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
-    pub egress_policies: BTreeMap<String, EgressPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<(String, String), Arc<Pod>>,
+    pub network_policies: BTreeMap<(String, String), Arc<NetworkPolicy>>,
+    pub egress_policies: BTreeMap<String, Arc<EgressPolicy>>,
     /// Where each object was read, to name it in messages.
     pub origins: BTreeMap<ObjectRef, Location>,
 }
@@ -98,10 +100,10 @@ impl fmt::Display for Location {
 /// One decoded object.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    NetworkPolicy(Box<NetworkPolicy>),
-    EgressPolicy(Box<EgressPolicy>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    NetworkPolicy(Arc<NetworkPolicy>),
+    EgressPolicy(Arc<EgressPolicy>),
 }
 
 /// Something that could not be read or was rejected. Each names the file (and document), the
@@ -637,13 +639,13 @@ fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
         detail,
     };
     let decoded = match object_kind {
-        ObjectKind::Namespace => decode::<Namespace>(value).map(|o| Object::Namespace(Box::new(o))),
-        ObjectKind::Pod => decode::<Pod>(value).map(|o| Object::Pod(Box::new(o))),
+        ObjectKind::Namespace => decode::<Namespace>(value).map(|o| Object::Namespace(Arc::new(o))),
+        ObjectKind::Pod => decode::<Pod>(value).map(|o| Object::Pod(Arc::new(o))),
         ObjectKind::NetworkPolicy => {
-            decode::<NetworkPolicy>(value).map(|o| Object::NetworkPolicy(Box::new(o)))
+            decode::<NetworkPolicy>(value).map(|o| Object::NetworkPolicy(Arc::new(o)))
         }
         ObjectKind::EgressPolicy => {
-            decode::<EgressPolicy>(value).map(|o| Object::EgressPolicy(Box::new(o)))
+            decode::<EgressPolicy>(value).map(|o| Object::EgressPolicy(Arc::new(o)))
         }
     }
     .map_err(decode_error);
@@ -847,22 +849,22 @@ impl PolicyStore {
             let namespace = key.namespace.clone().unwrap_or_default();
             match object {
                 Object::Namespace(ns) => {
-                    cluster.namespaces.insert(key.name.clone(), (**ns).clone());
+                    cluster.namespaces.insert(key.name.clone(), Arc::clone(ns));
                 }
                 Object::Pod(pod) => {
                     cluster
                         .pods
-                        .insert((namespace, key.name.clone()), (**pod).clone());
+                        .insert((namespace, key.name.clone()), Arc::clone(pod));
                 }
                 Object::NetworkPolicy(np) => {
                     cluster
                         .network_policies
-                        .insert((namespace, key.name.clone()), (**np).clone());
+                        .insert((namespace, key.name.clone()), Arc::clone(np));
                 }
                 Object::EgressPolicy(ep) => {
                     cluster
                         .egress_policies
-                        .insert(key.name.clone(), (**ep).clone());
+                        .insert(key.name.clone(), Arc::clone(ep));
                 }
             }
             cluster.origins.insert(key.clone(), location.clone());
