@@ -364,9 +364,10 @@ impl LocalSource {
         let outcome = state.0.load(&snapshot, &reserved);
         let mut cluster = outcome.cluster;
         for w in &config.workloads {
-            cluster
-                .pods
-                .insert((w.namespace.clone(), w.name.clone()), workload_pod(w));
+            cluster.pods.insert(
+                (w.namespace.clone(), w.name.clone()),
+                workload_pod(w).into(),
+            );
         }
         let world = World::new(&cluster);
         let mut rejected: Vec<LocalError> =

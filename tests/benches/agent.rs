@@ -63,29 +63,32 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let synthetic = cluster(&SHAPE);
     let mut objects: Vec<Value> = Vec::new();
     for ns in synthetic.namespaces.values() {
-        let mut v = serde_json::to_value(ns)?;
+        let mut v = serde_json::to_value(ns.as_ref())?;
         v["apiVersion"] = json!("v1");
         v["kind"] = json!("Namespace");
         objects.push(v);
     }
     let mut pod_ips = Vec::new();
     for pod in synthetic.pods.values() {
-        let mut v = serde_json::to_value(pod)?;
+        let mut v = serde_json::to_value(pod.as_ref())?;
         v["apiVersion"] = json!("v1");
         v["kind"] = json!("Pod");
         if let Some(ip) = v["status"]["podIP"].as_str() {
-            pod_ips.push((pod.metadata.namespace.clone().unwrap_or_default(), ip.to_owned()));
+            pod_ips.push((
+                pod.metadata.namespace.clone().unwrap_or_default(),
+                ip.to_owned(),
+            ));
         }
         objects.push(v);
     }
     for np in synthetic.network_policies.values() {
-        let mut v = serde_json::to_value(np)?;
+        let mut v = serde_json::to_value(np.as_ref())?;
         v["apiVersion"] = json!("networking.k8s.io/v1");
         v["kind"] = json!("NetworkPolicy");
         objects.push(v);
     }
     for ep in synthetic.egress_policies.values() {
-        objects.push(serde_json::to_value(ep)?);
+        objects.push(serde_json::to_value(ep.as_ref())?);
     }
     // 50 Services, each with three endpoints among the pods of its namespace.
     for s in 0..SERVICES {
@@ -211,7 +214,9 @@ fn measure(
         let (count, sum) = histogram(&http_get(&address, "/metrics")?);
         let mut pod = local[i % local.len()].clone();
         pod["metadata"]["labels"]["app"] = json!(format!("app-{}", (i + 3) % 10));
-        pod["metadata"].as_object_mut().map(|m| m.remove("resourceVersion"));
+        pod["metadata"]
+            .as_object_mut()
+            .map(|m| m.remove("resourceVersion"));
         server
             .seed(&serde_json::to_string(&pod)?)
             .map_err(|e| format!("label change: {e}"))?;
