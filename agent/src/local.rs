@@ -725,6 +725,7 @@ pub fn run(
         tick: options.poll_every,
         health: None,
         waiting: None,
+        pending_label: "pending",
     };
     // New cgroups wake the source at once; the poll is the backstop (and reads the files).
     let mut watch = crate::inotify::DirWatch::new()?;

@@ -331,7 +331,8 @@ fn policies_applied_through_the_api_follow_labels_pods_and_cgroups() {
         Duration::from_secs(3),
     );
 
-    // A pod cgroup no pod object explains: denied (`--unknown-pods deny`), counted as pending.
+    // A pod cgroup no pod object explains: denied (`--unknown-pods deny`), counted as
+    // `unknown-pod`.
     let stranger = kubepods.pod(&sandbox, "11111111-2222-3333-4444-555555555555");
     assert_eq!(
         connect(&sandbox, &late, &stranger, "192.0.2.11:80"),
@@ -370,7 +371,7 @@ fn policies_applied_through_the_api_follow_labels_pods_and_cgroups() {
             "source_workload=\"web\"",
             "policy=\"NetworkPolicy app/only-eleven\"",
         ]);
-        let pending = sum(&["verdict=\"blocked\"", "policy=\"pending\""]);
+        let pending = sum(&["verdict=\"blocked\"", "policy=\"unknown-pod\""]);
         if (blocked >= 1.0 && pending >= 2.0) || Instant::now() > deadline {
             break (blocked, pending);
         }
@@ -602,5 +603,51 @@ spec:
         )
         .expect("the status writer holds the Lease");
     assert_eq!(lease["spec"]["holderIdentity"], NODE);
+    // One Warning Event for the rejected policy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster
+        .server
+        .objects("events.k8s.io", "events")
+        .iter()
+        .any(|e| e["reason"] == "Invalid" && e["regarding"]["name"] == "broken")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no Event for the rejected policy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // `egret explain` asks the cluster itself, through the same compiler.
+    let explain = |to: &str, port: &str| -> Value {
+        let out = Command::new(egret_binary())
+            .arg("explain")
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args([
+                "--from",
+                "app/web",
+                "--to",
+                to,
+                "--port",
+                port,
+                "--protocol",
+                "UDP",
+            ])
+            .args(["-o", "json"])
+            .output()
+            .expect("egret explain");
+        assert!(
+            out.status.success(),
+            "egret explain: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("explain JSON")
+    };
+    let dns_answer = explain("203.0.113.53", "53");
+    assert_eq!(dns_answer["verdict"], "allow", "{dns_answer}");
+    let unexposed = explain("203.0.113.53", "54");
+    assert_eq!(unexposed["verdict"], "deny", "{unexposed}");
+    assert_eq!(unexposed["rule"], "no-such-port", "{unexposed}");
     let _ = std::fs::remove_dir_all(&dir);
 }
