@@ -128,3 +128,33 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<Batch<()>> {
         Err(err) => Err(err),
     }
 }
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i] -> values[i]` into map `fd` in one call per [`CHUNK`]. Returns how many
+/// are surely written (whole chunks before an error), so the caller can write the rest one by
+/// one and name the entry that fails.
+pub fn update<K: Pod, V: Pod>(
+    fd: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> Batch<(usize, Option<io::Error>)> {
+    let mut written = 0;
+    for (keys, values) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        let mut attr = BatchAttr {
+            keys: keys.as_ptr() as u64,
+            values: values.as_ptr() as u64,
+            count: keys.len().min(values.len()) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        match bpf(BPF_MAP_UPDATE_BATCH, &mut attr) {
+            Ok(()) => written += keys.len(),
+            Err(err) if written == 0 && unsupported(&err) => return Batch::Unsupported,
+            // The kernel reports how far it got only on some paths: count none of this chunk,
+            // the caller writes it again (an upsert is idempotent).
+            Err(err) => return Batch::Done((written, Some(err))),
+        }
+    }
+    Batch::Done((written, None))
+}

@@ -481,33 +481,50 @@ impl Datapath {
             )
             .map_err(|source| write_err(map_names::POLICY, m, source))?;
         }
-        for (net, class) in upsert_addr4 {
+        // Upserts in batches (`BPF_MAP_UPDATE_BATCH`: one syscall per few thousand entries);
+        // from the first refused entry on, one by one, so that an error names its entry.
+        let keys: Vec<_> = upsert_addr4
+            .iter()
+            .map(|(net, _)| addr4_key(generation, *net))
+            .collect();
+        let values: Vec<_> = upsert_addr4
+            .iter()
+            .map(|(_, class)| AddrValue { class_id: *class })
+            .collect();
+        for i in batched(self.addr4.map().fd().as_fd(), &keys, &values)..keys.len() {
             self.addr4
-                .insert(
-                    &addr4_key(generation, *net),
-                    AddrValue { class_id: *class },
-                    0,
-                )
-                .map_err(|source| write_err(map_names::ADDR4, net, source))?;
+                .insert(&keys[i], values[i], 0)
+                .map_err(|source| write_err(map_names::ADDR4, &upsert_addr4[i].0, source))?;
         }
-        for (net, class) in upsert_addr6 {
+        let keys: Vec<_> = upsert_addr6
+            .iter()
+            .map(|(net, _)| addr6_key(generation, *net))
+            .collect();
+        let values: Vec<_> = upsert_addr6
+            .iter()
+            .map(|(_, class)| AddrValue { class_id: *class })
+            .collect();
+        for i in batched(self.addr6.map().fd().as_fd(), &keys, &values)..keys.len() {
             self.addr6
-                .insert(
-                    &addr6_key(generation, *net),
-                    AddrValue { class_id: *class },
-                    0,
-                )
-                .map_err(|source| write_err(map_names::ADDR6, net, source))?;
+                .insert(&keys[i], values[i], 0)
+                .map_err(|source| write_err(map_names::ADDR6, &upsert_addr6[i].0, source))?;
         }
-        for (m, decision) in upsert_policy {
-            let value = PolicyValue {
+        let keys: Vec<_> = upsert_policy
+            .iter()
+            .map(|(m, _)| Key::new(m.prefix_len(), m.to_key(generation)))
+            .collect();
+        let values: Vec<_> = upsert_policy
+            .iter()
+            .map(|(_, decision)| PolicyValue {
                 verdict: decision.verdict.to_raw(),
                 _pad: [0; 3],
                 rule_id: decision.rule,
-            };
+            })
+            .collect();
+        for i in batched(self.policy.map().fd().as_fd(), &keys, &values)..keys.len() {
             self.policy
-                .insert(&Key::new(m.prefix_len(), m.to_key(generation)), value, 0)
-                .map_err(|source| write_err(map_names::POLICY, m, source))?;
+                .insert(&keys[i], values[i], 0)
+                .map_err(|source| write_err(map_names::POLICY, &upsert_policy[i].0, source))?;
         }
         Ok(())
     }
@@ -769,6 +786,24 @@ impl Datapath {
             capacity,
         })
         .collect()
+    }
+}
+
+/// Writes `keys[i] -> values[i]` in batches; returns how many were written. The caller writes
+/// the rest one by one: all of them where the kernel has no batch update for the map type.
+fn batched<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> usize {
+    match batch::update(fd, keys, values) {
+        batch::Batch::Done((written, error)) => {
+            if let Some(error) = error {
+                tracing::debug!(written, %error, "batch update stopped; writing the rest one by one");
+            }
+            written
+        }
+        batch::Batch::Unsupported => 0,
     }
 }
 
