@@ -44,12 +44,12 @@ pub fn decide_with(
     };
     // SAFETY: an element is written whole at insert and then neither replaced nor deleted while
     // a program can reach it (see the module doc), so the copy is never torn or aliased.
-    if let Some(decision) = unsafe { DECISION_CACHE.get(&key) } {
+    if let Some(decision) = unsafe { DECISION_CACHE.get(key) } {
         return *decision;
     }
     let decision = decide();
     // Fails when another CPU cached the same decision first, or the cache is full: either way
     // the next attempt is still decided correctly.
-    let _ = DECISION_CACHE.insert(&key, &decision, u64::from(BPF_NOEXIST));
+    let _ = DECISION_CACHE.insert(key, decision, u64::from(BPF_NOEXIST));
     decision
 }
