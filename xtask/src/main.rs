@@ -34,7 +34,7 @@ enum Task {
         once: bool,
     },
     /// Benchmarks the datapath against no enforcement, iptables and nftables with 10 to
-    /// 100,000 rules, and prints a markdown table (needs root; about 10 minutes, `--quick` 2).
+    /// 100,000 rules, and prints a markdown table (needs root; about 5 minutes, `--quick` 1).
     Bench {
         /// N = 10 and 100,000 only, one round.
         #[arg(long)]
