@@ -35,9 +35,12 @@ pub mod map_names {
     /// Endpoint and rule id -> what it stands for: the agent's id table, pinned beside the
     /// counters so that their labels survive a restart. Programs never read it.
     pub const IDS: &str = "EGRET_IDS";
+    /// (epoch, endpoint, destination, protocol, port) -> decision: the per-CPU LRU decision
+    /// cache that lets a repeated destination skip the two trie lookups.
+    pub const DECISION_CACHE: &str = "EGRET_DECISION_CACHE";
 
     /// Every map the object must hold.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -50,6 +53,7 @@ pub mod map_names {
         EVENTS_LOST,
         META,
         IDS,
+        DECISION_CACHE,
     ];
 }
 
@@ -81,6 +85,9 @@ pub mod capacity {
     /// Bytes of the event ring buffer: 4,681 events of 56 bytes (plus the kernel's 8-byte
     /// header each) between two reads.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Cached decisions, split between the CPUs' LRU lists (`BPF_F_NO_COMMON_LRU`): a working
+    /// set of a few thousand destinations per node; a miss only costs the trie lookups.
+    pub const DECISION_CACHE: u32 = 16_384;
 }
 
 /// How many cgroup levels the kernel walks up from the caller to find its endpoint.
@@ -106,7 +113,11 @@ pub const RULE_SOURCE_ROUTE: u32 = u32::MAX - 2;
 /// Version of the layout of egret's pinned maps (names, key and value types, sizes). Stamped
 /// into [`map_names::META`] when the maps are created; an agent refuses pinned maps stamped
 /// with another version instead of misreading them. Raise it with every incompatible change.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// Version 2: [`StateValue::generation`] became the flip count (the generation is its parity),
+/// which keys [`map_names::DECISION_CACHE`]; programs of version 1 would read it as a generation
+/// and find no policy.
+pub const LAYOUT_VERSION: u32 = 2;
 /// Rule id of a denial of a process whose cgroup lies under a guarded cgroup but is not an
 /// endpoint yet (fail closed until the agent has written its policy).
 pub const RULE_PENDING: u32 = u32::MAX - 1;
@@ -183,7 +194,9 @@ const _: () = assert!(size_of::<EndpointValue>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateValue {
-    /// The policy generation programs read (`0` or `1`).
+    /// The flip count: the agent adds one at every flip. Its parity (`% GENERATIONS`) is the
+    /// policy generation programs read; the whole count is the epoch that keys the decision
+    /// cache, so a flip makes every cached decision unreachable at once.
     pub generation: u32,
     /// Reserved, zero.
     pub flags: u32,
@@ -332,6 +345,25 @@ pub struct CounterValue {
 }
 const _: () = assert!(size_of::<CounterValue>() == 8);
 
+/// Key of [`map_names::DECISION_CACHE`]: one decision, valid only while `epoch` is the flip
+/// count in [`map_names::STATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DecisionCacheKey {
+    /// [`StateValue::generation`] (the flip count) the decision was made under.
+    pub epoch: u32,
+    pub endpoint_id: u32,
+    /// Destination in network byte order; IPv4 in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// One of [`family`].
+    pub family: u8,
+    /// The protocol byte of the policy key ([`protocol_key`]).
+    pub protocol: u8,
+}
+const _: () = assert!(size_of::<DecisionCacheKey>() == 28);
+
 /// Key of [`map_names::IDS`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -432,6 +464,8 @@ mod user {
     unsafe impl aya::Pod for IdKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for IdName {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DecisionCacheKey {}
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic add, see above")]
 
+mod cache;
 mod sockopt;
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
@@ -25,9 +26,9 @@ use aya_ebpf::{
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
-    DecisionEvent, EndpointValue, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue, POLICY_PREFIX_PORT,
-    PolicyKey, PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity, endpoint_flags,
-    family, protocol_key, verdict,
+    DecisionEvent, EndpointValue, GENERATIONS, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue,
+    POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity,
+    endpoint_flags, family, protocol_key, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -241,13 +242,19 @@ fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
     } else if endpoint.flags & endpoint_flags::PENDING != 0 {
         (PENDING_ENDPOINT, ON_PENDING)
     } else {
-        let generation = STATE.get(0).ok_or(ON_DATAPATH_FAULT)?.generation;
-        let class_id = class_of(generation, dest);
-        let key = Key::new(
-            POLICY_PREFIX_PORT,
-            PolicyKey::new(generation, endpoint.endpoint_id, class_id, protocol, port),
-        );
-        let decision = POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY);
+        // The state holds the flip count (the epoch); its parity is the generation.
+        let epoch = STATE.get(0).ok_or(ON_DATAPATH_FAULT)?.generation;
+        let generation = epoch % GENERATIONS;
+        // Fast path (cache.rs): a destination decided before in this epoch skips both tries.
+        let id = endpoint.endpoint_id;
+        let decision = cache::decide_with(epoch, id, dest.encode(), protocol, port, || {
+            let class_id = class_of(generation, dest);
+            let key = Key::new(
+                POLICY_PREFIX_PORT,
+                PolicyKey::new(generation, endpoint.endpoint_id, class_id, protocol, port),
+            );
+            POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY)
+        });
         (endpoint.endpoint_id, decision)
     };
     count(endpoint_id, dest, protocol, decision);
