@@ -2,8 +2,9 @@
 //! `cargo bench -p egret --bench input`. Prints one line per scenario: a 50 MB file at the
 //! default per-file cap (refused from its size), the same file with the caps raised so it is
 //! parsed (memory relative to the accepted input), a file just under the default cap, and an
-//! alias bomb. Peak resident memory comes from the kernel (`VmHWM`, reset between scenarios
-//! through `/proc/self/clear_refs`), so it is what the process really used.
+//! alias bomb. Each scenario runs in a fresh process (this binary, re-executed), and its peak
+//! resident memory comes from the kernel (`VmHWM` minus the resident size before loading), so
+//! it is what loading really used.
 
 use std::{path::Path, time::Instant};
 
@@ -30,7 +31,7 @@ fn many_policies(bytes: usize) -> String {
         text.push_str(&format!(
             "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np-{i}, namespace: ns-{}}}\n\
              spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Egress]\n  egress:\n\
-             - to: [{{ipBlock: {{cidr: 10.{}.{}.0/24, except: [10.{}.{}.128/25]}}}}]\n    ports: [{{protocol: TCP, port: 443}}, {{protocol: UDP, port: 53}}]\n",
+             \x20 - to: [{{ipBlock: {{cidr: 10.{}.{}.0/24, except: [10.{}.{}.128/25]}}}}]\n    ports: [{{protocol: TCP, port: 443}}, {{protocol: UDP, port: 53}}]\n",
             i % 100,
             i / 256 % 256,
             i % 256,
@@ -53,10 +54,13 @@ fn alias_bomb() -> String {
     text
 }
 
-fn scenario(name: &str, dir: &Path, text: &str, limits: Limits) {
+/// One scenario, in this process: writes the input, drops it, then loads it.
+fn scenario(name: &str, dir: &Path, text: String, limits: Limits) {
     let file = dir.join("policy.yaml");
-    std::fs::write(&file, text).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
-    // Reset the peak to what is resident now, so the figure is this scenario's.
+    std::fs::write(&file, &text).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+    let input_mib = text.len() as f64 / (1024.0 * 1024.0);
+    drop(text);
+    // The peak so far is the generated text: start counting from what is resident now.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = status_kib("VmRSS:");
     let start = Instant::now();
@@ -64,7 +68,6 @@ fn scenario(name: &str, dir: &Path, text: &str, limits: Limits) {
     let world = World::new(&cluster);
     let took = start.elapsed();
     let peak = status_kib("VmHWM:").saturating_sub(before);
-    let input_mib = text.len() as f64 / (1024.0 * 1024.0);
     println!(
         "{name:<44} input {input_mib:>7.1} MiB  peak +{:>8.1} MiB ({:>5.1}x input)  {:>8.1?}  {} policies loaded, {} errors{}",
         peak as f64 / 1024.0,
@@ -77,43 +80,53 @@ fn scenario(name: &str, dir: &Path, text: &str, limits: Limits) {
             .map(|e| format!(": {}", e.to_string().chars().take(110).collect::<String>()))
             .unwrap_or_default()
     );
-    drop((cluster, world, errors));
     let _ = std::fs::remove_file(&file);
 }
 
+const SCENARIOS: [&str; 4] = [
+    "50 MB file, default limits (refused)",
+    "50 MB file, caps raised to 64 MiB (parsed)",
+    "2.9 MB file, default limits (parsed)",
+    "alias bomb (refused by the parser)",
+];
+
 fn main() {
+    let Ok(which) = std::env::var("EGRET_BENCH_SCENARIO") else {
+        // Each scenario in its own process, so one's peak is not hidden by another's.
+        let exe = std::env::current_exe().unwrap_or_else(|e| panic!("current_exe: {e}"));
+        for (i, name) in SCENARIOS.iter().enumerate() {
+            let status = std::process::Command::new(&exe)
+                .env("EGRET_BENCH_SCENARIO", i.to_string())
+                .status()
+                .unwrap_or_else(|e| panic!("{}: {e}", exe.display()));
+            assert!(status.success(), "{name}: {status}");
+        }
+        return;
+    };
+    let index: usize = which.parse().unwrap_or(usize::MAX);
     let dir = std::env::temp_dir().join(format!("egret-bench-input-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let fifty = many_policies(50 * 1000 * 1000);
     let raised = Limits {
         max_file_bytes: 64 * 1024 * 1024,
         max_directory_bytes: 64 * 1024 * 1024,
     };
-    scenario(
-        "50 MB file, default limits (refused)",
-        &dir,
-        &fifty,
-        Limits::default(),
-    );
-    scenario(
-        "50 MB file, caps raised to 64 MiB (parsed)",
-        &dir,
-        &fifty,
-        raised,
-    );
-    drop(fifty);
-    scenario(
-        "2.9 MiB file, default limits (parsed)",
-        &dir,
-        &many_policies(3 * 1000 * 1000),
-        Limits::default(),
-    );
-    scenario(
-        "alias bomb (refused by the parser)",
-        &dir,
-        &alias_bomb(),
-        Limits::default(),
-    );
+    match index {
+        0 => scenario(
+            SCENARIOS[0],
+            &dir,
+            many_policies(50_000_000),
+            Limits::default(),
+        ),
+        1 => scenario(SCENARIOS[1], &dir, many_policies(50_000_000), raised),
+        2 => scenario(
+            SCENARIOS[2],
+            &dir,
+            many_policies(2_900_000),
+            Limits::default(),
+        ),
+        3 => scenario(SCENARIOS[3], &dir, alias_bomb(), Limits::default()),
+        _ => panic!("no scenario {which}"),
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

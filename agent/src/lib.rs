@@ -11,6 +11,7 @@ pub mod pipeline;
 pub mod policy;
 pub mod rules_file;
 pub mod runtime;
+#[cfg(feature = "kubernetes")]
 pub mod source;
 pub mod sys;
 pub mod telemetry;

@@ -369,9 +369,10 @@ impl LocalSource {
         let outcome = state.0.load(&snapshot, &reserved);
         let mut cluster = outcome.cluster;
         for w in &config.workloads {
-            cluster
-                .pods
-                .insert((w.namespace.clone(), w.name.clone()), workload_pod(w));
+            cluster.pods.insert(
+                (w.namespace.clone(), w.name.clone()),
+                workload_pod(w).into(),
+            );
         }
         let world = World::new(&cluster);
         let mut rejected: Vec<LocalError> =
@@ -736,6 +737,7 @@ pub fn run(
         tick: options.poll_every,
         health: None,
         waiting: None,
+        pending_label: "pending",
     };
     // New cgroups wake the source at once; the poll is the backstop (and reads the files).
     let mut watch = crate::inotify::DirWatch::new()?;

@@ -444,6 +444,7 @@ fn agent(
             tick: std::time::Duration::from_millis(200),
             health: Some(health),
             waiting: Some("waiting for the initial list of every watch".into()),
+            pending_label: "unknown-pod",
         },
     )?;
     Ok(())

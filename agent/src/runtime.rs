@@ -135,6 +135,9 @@ pub struct RuntimeOptions {
     pub health: Option<HealthCheck>,
     /// What readiness waits for at the start, before the first update.
     pub waiting: Option<String>,
+    /// The `policy` label of denials by a guard: `pending` (local workloads), `unknown-pod`
+    /// (the agent).
+    pub pending_label: &'static str,
 }
 
 /// A load's rejections as the log, the metric and `/readyz` show them: one message each
@@ -158,6 +161,7 @@ pub fn run(
         tick,
         health,
         waiting,
+        pending_label,
     } = options;
     // Metrics, health and readiness are served from the start: `/readyz` says what it waits for.
     let shared = match metrics {
@@ -190,7 +194,10 @@ pub fn run(
     let start = Instant::now();
     let pipeline = Pipeline::new(datapath, world, compile_options).map_err(Box::new)?;
     observe_compile(shared.as_deref(), start);
-    let names = Arc::new(Mutex::new(NameSnapshot::default()));
+    let names = Arc::new(Mutex::new(NameSnapshot {
+        pending_label,
+        ..NameSnapshot::default()
+    }));
     match crate::datapath::EventReader::open(pipeline.datapath().pin_dir()) {
         Ok(reader) => spawn_deny_log(reader, Arc::clone(&names), shared.clone())
             .map_err(|source| RuntimeError::DenyLog { source })?,
@@ -235,7 +242,7 @@ pub fn run(
             crate::datapath::tc::reconcile_logged(tc, &runtime.plan.interfaces, endpoints);
         }
         if let Some(shared) = &runtime.shared {
-            drain(shared, &runtime.pipeline);
+            drain(shared, &runtime.pipeline, pending_label);
         }
         // Pins someone removed come back, and the attached-programs gauge says what the kernel
         // reports, within a second, not only at the next policy write.
@@ -328,8 +335,10 @@ impl Runtime {
         }
         let changes = result?;
         self.dirty = false;
-        *self.names.lock().unwrap_or_else(|e| e.into_inner()) =
-            NameSnapshot::of(self.pipeline.compiled());
+        {
+            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            *names = NameSnapshot::of(self.pipeline.compiled(), names.pending_label);
+        }
         if let Some(shared) = &self.shared {
             if let Some(since) = self.since.take() {
                 shared
@@ -380,16 +389,19 @@ fn record_rejections(metrics: Option<&Shared>, r: Rejections) {
 struct NameSnapshot {
     workloads: BTreeMap<EndpointId, (String, String)>,
     ids: crate::policy::ids::IdTable,
+    pending_label: &'static str,
 }
 
 impl NameSnapshot {
-    fn of(compiled: &crate::policy::compile::Compiled) -> Self {
+    /// The names of `compiled`, with guard denials labelled `pending_label`.
+    fn of(compiled: &crate::policy::compile::Compiled, pending_label: &'static str) -> Self {
         Self {
             workloads: labels(compiled)
                 .into_iter()
                 .map(|(id, s)| (id, (s.namespace, s.workload)))
                 .collect(),
             ids: compiled.ids.clone(),
+            pending_label,
         }
     }
 }
@@ -429,7 +441,11 @@ fn spawn_deny_log(
                         let names = crate::telemetry::denylog::Names {
                             namespace,
                             workload,
-                            policy: origin.policy_label(),
+                            policy: if event.rule_id == egret_common::RULE_PENDING {
+                                snapshot.pending_label.to_owned()
+                            } else {
+                                origin.policy_label()
+                            },
                             rule: origin.rule_label(),
                         };
                         if let Some(line) = log.line(event, now, &time, &names) {
@@ -535,7 +551,7 @@ fn labels(
 }
 
 /// Moves what the kernel counted since the last drain into the metrics.
-fn drain(shared: &Shared, pipeline: &Pipeline) {
+fn drain(shared: &Shared, pipeline: &Pipeline, pending_label: &str) {
     let counters = match pipeline.datapath().counters() {
         Ok(counters) => counters,
         Err(err) => {
@@ -552,7 +568,13 @@ fn drain(shared: &Shared, pipeline: &Pipeline) {
         .drain(
             &counters,
             |endpoint| sources.get(&endpoint).cloned(),
-            |rule| compiled.origin(rule).policy_label(),
+            |rule| {
+                if rule == egret_common::RULE_PENDING {
+                    pending_label.to_owned()
+                } else {
+                    compiled.origin(rule).policy_label()
+                }
+            },
         );
 }
 

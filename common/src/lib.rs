@@ -47,8 +47,12 @@ pub mod map_names {
     /// no TC program covers, such as workloads in the host's network namespace.
     pub const RAW_REFUSED: &str = "EGRET_RAW_REFUSED";
 
+    /// (epoch, endpoint, destination, protocol, port) -> decision: the per-CPU LRU decision
+    /// cache that lets a repeated destination skip the two trie lookups.
+    pub const DECISION_CACHE: &str = "EGRET_DECISION_CACHE";
+
     /// Every map the object must hold.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -66,6 +70,7 @@ pub mod map_names {
         CONNTRACK,
         FRAGMENTS,
         RAW_REFUSED,
+        DECISION_CACHE,
     ];
 }
 
@@ -127,6 +132,9 @@ pub mod capacity {
     pub const FRAGMENTS: u32 = 4_096;
     /// One entry per endpoint at most.
     pub const RAW_REFUSED: u32 = ENDPOINTS;
+    /// Cached decisions, split between the CPUs' LRU lists (`BPF_F_NO_COMMON_LRU`): a working
+    /// set of a few thousand destinations per node; a miss only costs the trie lookups.
+    pub const DECISION_CACHE: u32 = 16_384;
 }
 
 /// How many cgroup levels the kernel walks up from the caller to find its endpoint.
@@ -161,7 +169,11 @@ pub const RULE_RAW_SOCKET: u32 = u32::MAX - 4;
 /// Version of the layout of egret's pinned maps (names, key and value types, sizes). Stamped
 /// into [`map_names::META`] when the maps are created; an agent refuses pinned maps stamped
 /// with another version instead of misreading them. Raise it with every incompatible change.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// Version 2: [`StateValue::generation`] became the flip count (the generation is its parity),
+/// which keys [`map_names::DECISION_CACHE`]; programs of version 1 would read it as a generation
+/// and find no policy.
+pub const LAYOUT_VERSION: u32 = 2;
 /// Rule id of a denial of a process whose cgroup lies under a guarded cgroup but is not an
 /// endpoint yet (fail closed until the agent has written its policy).
 pub const RULE_PENDING: u32 = u32::MAX - 1;
@@ -242,7 +254,9 @@ const _: () = assert!(size_of::<EndpointValue>() == 8);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StateValue {
-    /// The policy generation programs read (`0` or `1`).
+    /// The flip count: the agent adds one at every flip. Its parity (`% GENERATIONS`) is the
+    /// policy generation programs read; the whole count is the epoch that keys the decision
+    /// cache, so a flip makes every cached decision unreachable at once.
     pub generation: u32,
     /// Reserved, zero.
     pub flags: u32,
@@ -390,6 +404,25 @@ pub struct CounterValue {
     pub attempts: u64,
 }
 const _: () = assert!(size_of::<CounterValue>() == 8);
+
+/// Key of [`map_names::DECISION_CACHE`]: one decision, valid only while `epoch` is the flip
+/// count in [`map_names::STATE`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DecisionCacheKey {
+    /// [`StateValue::generation`] (the flip count) the decision was made under.
+    pub epoch: u32,
+    pub endpoint_id: u32,
+    /// Destination in network byte order; IPv4 in the first four bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// Destination port, host byte order.
+    pub port: u16,
+    /// One of [`family`].
+    pub family: u8,
+    /// The protocol byte of the policy key ([`protocol_key`]).
+    pub protocol: u8,
+}
+const _: () = assert!(size_of::<DecisionCacheKey>() == 28);
 
 /// Key of [`map_names::IDS`].
 #[repr(C)]
@@ -587,6 +620,7 @@ mod user {
     unsafe impl aya::Pod for FlowValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for DecisionCacheKey {}
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 #![feature(core_intrinsics)]
 #![expect(internal_features, reason = "atomic add, see above")]
 
+mod cache;
 mod sock;
 mod sockopt;
 mod tc;
@@ -27,9 +28,9 @@ use aya_ebpf::{
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
-    DecisionEvent, EndpointValue, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue, POLICY_PREFIX_PORT,
-    PolicyKey, PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity, endpoint_flags,
-    family, protocol_key, verdict,
+    DecisionEvent, EndpointValue, GENERATIONS, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue,
+    POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity,
+    endpoint_flags, family, protocol_key, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -243,8 +244,13 @@ fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
     } else if endpoint.flags & endpoint_flags::PENDING != 0 {
         (PENDING_ENDPOINT, ON_PENDING)
     } else {
-        let generation = active_generation().ok_or(ON_DATAPATH_FAULT)?;
-        let decision = lookup_policy(generation, endpoint.endpoint_id, dest, protocol, port);
+        // The state holds the flip count (the epoch); its parity is the generation.
+        let epoch = active_epoch().ok_or(ON_DATAPATH_FAULT)?;
+        // Fast path (cache.rs): a destination decided before in this epoch skips both tries.
+        let id = endpoint.endpoint_id;
+        let decision = cache::decide_with(epoch, id, dest.encode(), protocol, port, || {
+            lookup_policy(epoch, id, dest, protocol, port)
+        });
         (endpoint.endpoint_id, decision)
     };
     record(
@@ -262,22 +268,25 @@ fn decide(sa: *mut bpf_sock_addr, dest: Destination) -> Result<i32, i32> {
     })
 }
 
-/// The active policy generation; `None` when the state map cannot be read (a datapath fault).
-fn active_generation() -> Option<u32> {
+/// The active epoch (the flip count; its parity is the policy generation); `None` when the state
+/// map cannot be read (a datapath fault). The TC path stores it in its tracked flows, so any
+/// flip, not only one to the other generation, makes a flow be decided again.
+fn active_epoch() -> Option<u32> {
     STATE.get(0).map(|state| state.generation)
 }
 
-/// The decision of the policy of `generation` for `endpoint_id` reaching `dest` over `protocol`
+/// The decision of the policy of `epoch`'s generation for `endpoint_id` reaching `dest` over `protocol`
 /// (a key byte, see [`protocol_key`]) at `port` (host order; `0` for protocols without ports,
 /// which only rules without a port restriction match). Shared by the socket hooks and the TC
 /// programs: two lookups, the address class and the policy.
 fn lookup_policy(
-    generation: u32,
+    epoch: u32,
     endpoint_id: u32,
     dest: Destination,
     protocol: u8,
     port: u16,
 ) -> PolicyValue {
+    let generation = epoch % GENERATIONS;
     let class_id = class_of(generation, dest);
     let key = Key::new(
         POLICY_PREFIX_PORT,

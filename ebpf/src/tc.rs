@@ -24,7 +24,7 @@ use egret_common::{
     SourceKey, capacity, family, flow_origin, protocol, verdict,
 };
 
-use crate::{Caller, Destination, active_generation, lookup_policy, record};
+use crate::{Caller, Destination, active_epoch, lookup_policy, record};
 
 /// `TCX_NEXT` (`TC_ACT_UNSPEC`): egret has no objection; the next program, if any, decides.
 const PASS: i32 = -1;
@@ -374,7 +374,7 @@ fn from_pod(ctx: &TcContext, ifindex: u32, endpoint_id: u32, ip: &Ip) -> i32 {
     if ip.source_routed && !(ip.family == family::INET && ip.dst[0] & 0xf0 == 0xe0) {
         return drop_to(endpoint_id, ip, port, SOURCE_ROUTE);
     }
-    let Some(generation) = active_generation() else {
+    let Some(generation) = active_epoch() else {
         return ON_TC_FAULT;
     };
 

@@ -347,6 +347,21 @@ fn maps_pinned_with_another_layout_version_are_refused_naming_both() {
 }
 
 #[test]
+fn maps_pinned_before_the_stamp_existed_are_refused_as_layout_1() {
+    let sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    drop(open(sandbox.pin_dir(), Some(sandbox.cgroup())).expect("attach"));
+    // What an egret from before the layout stamp left: every map but the stamp.
+    fs::remove_file(PinLayout::new(sandbox.pin_dir()).map(map_names::META)).expect("rm stamp");
+    let err = open(sandbox.pin_dir(), Some(sandbox.cgroup()))
+        .err()
+        .expect("unstamped maps must be refused");
+    assert!(
+        matches!(&*err, DatapathError::LayoutVersion { pinned: 1, supported, .. } if *supported == LAYOUT_VERSION),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn bpffs_mounted_by_egret_is_root_only() {
     let sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
     let mount_point = std::env::temp_dir().join(format!("{}-bpffs", sandbox.id()));

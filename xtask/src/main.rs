@@ -1,5 +1,6 @@
-//! Developer tasks: `cargo xtask setup | test | run`. Each installs what is missing first.
+//! Developer tasks: `cargo xtask setup | test | run | bench`. Each installs what is missing first.
 
+mod bench;
 mod bench_tc;
 mod demo;
 mod setup;
@@ -43,6 +44,16 @@ enum Task {
     /// Measures what the TC programs cost an allowed flow: iperf3 through a sandbox pod's veth
     /// with and without them, printed as a ratio (needs root and iperf3).
     BenchTc,
+    /// Benchmarks the datapath against no enforcement, iptables and nftables with 10 to
+    /// 100,000 rules, and prints a markdown table (needs root; about 5 minutes, `--quick` 1).
+    Bench {
+        /// N = 10 and 100,000 only, one round.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// The bench's client, run inside the sandbox's pod (not for direct use).
+    #[command(hide = true)]
+    BenchClient { args: Vec<String> },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +65,9 @@ fn main() -> ExitCode {
         Task::Fuzz { seconds } => setup::setup().and_then(|()| fuzz(seconds)),
         Task::Run { once } => setup::setup().and_then(|()| demo::run(once)),
         Task::BenchTc => setup::setup().and_then(|()| bench_tc::run()),
+        Task::Bench { quick } => setup::setup().and_then(|()| bench::run(quick)),
+        // Runs inside the sandbox: no setup, nothing but the timed loop.
+        Task::BenchClient { args } => bench::client(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

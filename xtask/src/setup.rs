@@ -1,7 +1,7 @@
 //! Installs what building egret needs and the machine lacks, idempotently: the nightly's
 //! `rust-src` (the BPF target builds `core` from source) and bpf-linker 0.13 built against the
-//! nightly's own LLVM, Debian's prometheus and cargo-fuzz. A machine that has them pays a few
-//! `--version` calls.
+//! nightly's own LLVM, Debian's prometheus and kubectl, and cargo-fuzz. A machine that has them
+//! pays a few `--version` calls.
 
 use std::{
     os::unix::fs::symlink,
@@ -21,9 +21,29 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_rust_src()?;
     ensure_bpf_linker()?;
     ensure_prometheus()?;
+    ensure_kubectl()?;
     ensure_cargo_fuzz()?;
     ensure_iperf3()?;
     Ok(())
+}
+
+/// kubectl: the test API server's tests drive the real one against it. These machines ship the
+/// `kubectl` package; where it is missing, apt installs it, or Debian's older
+/// `kubernetes-client` where no archive carries `kubectl`.
+fn ensure_kubectl() -> anyhow::Result<()> {
+    if capture(Command::new("kubectl").args(["version", "--client"])).is_ok() {
+        return Ok(());
+    }
+    println!("setup: installing kubectl (Debian's kubectl, else kubernetes-client)");
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    let install = |package: &str| {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    install("kubectl")
+        .or_else(|_| install("kubernetes-client"))
+        .context("failed to install kubectl (needs root and Debian's package archive)")
 }
 
 /// cargo-fuzz, for `cargo xtask fuzz` (and its bounded run in `cargo xtask test`).

@@ -384,6 +384,15 @@ fn pinned_map_ids(layout: &PinLayout) -> Result<Option<BTreeSet<u32>>> {
 fn check_layout_version(layout: &PinLayout) -> Result<()> {
     let path = layout.map(map_names::META);
     if !sys::check_pin_file(&path)? {
+        // Maps pinned before the stamp existed have layout 1, whose programs read the state
+        // word as a generation, not a flip count: adopting them would open the node.
+        if sys::check_pin_file(&layout.map(map_names::STATE))? {
+            return Err(DatapathError::LayoutVersion {
+                pin_dir: layout.root().into(),
+                pinned: 1,
+                supported: LAYOUT_VERSION,
+            });
+        }
         return Ok(());
     }
     let meta: Array<MapData, MetaValue> = open_map(&layout.maps(), map_names::META)?;

@@ -7,6 +7,7 @@
 //! new one's.
 
 pub mod barrier;
+pub mod batch;
 pub mod load;
 pub mod lower;
 pub mod state;
@@ -16,19 +17,20 @@ use std::{
     collections::BTreeMap,
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use aya::{
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     pin::PinError,
     programs::ProgramError,
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CounterKey, CounterValue,
-    EndpointValue, GENERATIONS, ID_NAME_BYTES, IdKey, IdName, PolicyKey, PolicyValue, StateValue,
-    endpoint_flags, family, map_names,
+    DecisionCacheKey, EndpointValue, GENERATIONS, ID_NAME_BYTES, IdKey, IdName, PolicyKey,
+    PolicyValue, StateValue, endpoint_flags, family, map_names,
 };
 use ipnet::{Ipv4Net, Ipv6Net};
 use load::{Attachment, open_map};
@@ -263,8 +265,11 @@ pub struct Datapath {
     counters_overflow: HashMap<MapData, CounterKey, CounterValue>,
     counters_lost: PerCpuArray<MapData, u64>,
     ids: HashMap<MapData, IdKey, IdName>,
-    /// The generation the kernel reads.
+    decision_cache: HashMap<MapData, DecisionCacheKey, PolicyValue>,
+    /// The generation the kernel reads: the parity of `epoch`.
     generation: u32,
+    /// The flip count in the state map; keys the kernel's decision cache.
+    epoch: u32,
     /// What each generation holds, as read at open and kept in step by `apply`.
     shadow: [DesiredState; GENERATIONS as usize],
     barrier: barrier::ProgramBarrier,
@@ -281,14 +286,13 @@ impl Datapath {
         let attachment = Attachment::open(config)?;
         let maps_dir = attachment.layout().maps();
         let state: Array<MapData, StateValue> = open_map(&maps_dir, map_names::STATE)?;
-        let generation = state
+        let epoch = state
             .get(&0, 0)
             .map_err(|source| DatapathError::ReadMap {
                 name: map_names::STATE,
                 source,
             })?
-            .generation
-            % GENERATIONS;
+            .generation;
         let mut datapath = Self {
             attachment,
             endpoints: open_map(&maps_dir, map_names::ENDPOINTS)?,
@@ -300,7 +304,9 @@ impl Datapath {
             counters_overflow: open_map(&maps_dir, map_names::COUNTERS_OVERFLOW)?,
             counters_lost: open_map(&maps_dir, map_names::COUNTERS_LOST)?,
             ids: open_map(&maps_dir, map_names::IDS)?,
-            generation,
+            decision_cache: open_map(&maps_dir, map_names::DECISION_CACHE)?,
+            generation: epoch % GENERATIONS,
+            epoch,
             shadow: Default::default(),
             barrier: barrier::ProgramBarrier::new()
                 .map_err(|source| DatapathError::Barrier { source })?,
@@ -361,6 +367,7 @@ impl Datapath {
                 .wait()
                 .map_err(|source| DatapathError::Barrier { source })?;
             self.unsettled = false;
+            self.purge_decision_cache();
         }
         let next = (self.generation + 1) % GENERATIONS;
         let changes = diff(&self.shadow[next as usize], desired);
@@ -379,24 +386,31 @@ impl Datapath {
     /// Makes the kernel read generation `next`, then waits until no program can still be
     /// reading the other one, so that the next [`Self::prepare`] may rewrite it.
     fn flip(&mut self, next: u32) -> Result<()> {
+        // The flip count's parity is the generation; 2^32 is even, so wrapping keeps it.
+        let epoch = self.epoch.wrapping_add(1);
+        debug_assert_eq!(epoch % GENERATIONS, next);
         self.state
             .set(
                 0,
                 StateValue {
-                    generation: next,
+                    generation: epoch,
                     flags: 0,
                 },
                 0,
             )
             .map_err(|source| DatapathError::WriteMap {
                 name: map_names::STATE,
-                entry: format!("generation {next}"),
+                entry: format!("generation {next} (flip {epoch})"),
                 source,
             })?;
         self.generation = next;
+        self.epoch = epoch;
         self.unsettled = true;
         match self.barrier.wait() {
-            Ok(()) => self.unsettled = false,
+            Ok(()) => {
+                self.unsettled = false;
+                self.purge_decision_cache();
+            }
             // Enforcement is right (the flip happened); only the next write has to wait.
             Err(err) => tracing::warn!(
                 error = %err,
@@ -405,6 +419,42 @@ impl Datapath {
         }
         tracing::debug!(generation = next, "policy generation flipped");
         Ok(())
+    }
+
+    /// Deletes the kernel's cached decisions of past epochs. No program can compute their keys
+    /// any more, and after the wait for running programs none still holds one, so the deleted
+    /// elements cannot be read while the kernel reuses them. Only makes room: a failure is
+    /// logged, and costs cache misses, never a wrong verdict.
+    fn purge_decision_cache(&mut self) {
+        let epoch = self.epoch;
+        let stale = |key: &DecisionCacheKey| key.epoch != epoch;
+        let fd = self.decision_cache.map().fd().as_fd();
+        let result = match batch::lookup_all::<DecisionCacheKey, PolicyValue>(fd) {
+            Ok(batch::Batch::Done(entries)) => {
+                let keys: Vec<_> = entries.into_iter().map(|(k, _)| k).filter(stale).collect();
+                match batch::delete(fd, &keys) {
+                    Ok(batch::Batch::Done(())) => Ok(keys.len()),
+                    Ok(batch::Batch::Unsupported) => self.purge_key_by_key(&keys),
+                    Err(err) => Err(err.to_string()),
+                }
+            }
+            Ok(batch::Batch::Unsupported) => {
+                let keys: Vec<_> = self.decision_cache.keys().flatten().filter(stale).collect();
+                self.purge_key_by_key(&keys)
+            }
+            Err(err) => Err(err.to_string()),
+        };
+        match result {
+            Ok(purged) => tracing::debug!(epoch, purged, "decision cache purged"),
+            Err(error) => tracing::warn!(epoch, %error, "failed to purge the decision cache"),
+        }
+    }
+
+    fn purge_key_by_key(&mut self, keys: &[DecisionCacheKey]) -> Result<usize, String> {
+        for key in keys {
+            ignore_missing(self.decision_cache.remove(key)).map_err(|e| e.to_string())?;
+        }
+        Ok(keys.len())
     }
 
     fn write_generation(&mut self, generation: u32, changes: &Changes) -> Result<()> {
@@ -432,33 +482,50 @@ impl Datapath {
             )
             .map_err(|source| write_err(map_names::POLICY, m, source))?;
         }
-        for (net, class) in upsert_addr4 {
+        // Upserts in batches (`BPF_MAP_UPDATE_BATCH`: one syscall per few thousand entries);
+        // from the first refused entry on, one by one, so that an error names its entry.
+        let keys: Vec<_> = upsert_addr4
+            .iter()
+            .map(|(net, _)| addr4_key(generation, *net))
+            .collect();
+        let values: Vec<_> = upsert_addr4
+            .iter()
+            .map(|(_, class)| AddrValue { class_id: *class })
+            .collect();
+        for i in batched(self.addr4.map().fd().as_fd(), &keys, &values)..keys.len() {
             self.addr4
-                .insert(
-                    &addr4_key(generation, *net),
-                    AddrValue { class_id: *class },
-                    0,
-                )
-                .map_err(|source| write_err(map_names::ADDR4, net, source))?;
+                .insert(&keys[i], values[i], 0)
+                .map_err(|source| write_err(map_names::ADDR4, &upsert_addr4[i].0, source))?;
         }
-        for (net, class) in upsert_addr6 {
+        let keys: Vec<_> = upsert_addr6
+            .iter()
+            .map(|(net, _)| addr6_key(generation, *net))
+            .collect();
+        let values: Vec<_> = upsert_addr6
+            .iter()
+            .map(|(_, class)| AddrValue { class_id: *class })
+            .collect();
+        for i in batched(self.addr6.map().fd().as_fd(), &keys, &values)..keys.len() {
             self.addr6
-                .insert(
-                    &addr6_key(generation, *net),
-                    AddrValue { class_id: *class },
-                    0,
-                )
-                .map_err(|source| write_err(map_names::ADDR6, net, source))?;
+                .insert(&keys[i], values[i], 0)
+                .map_err(|source| write_err(map_names::ADDR6, &upsert_addr6[i].0, source))?;
         }
-        for (m, decision) in upsert_policy {
-            let value = PolicyValue {
+        let keys: Vec<_> = upsert_policy
+            .iter()
+            .map(|(m, _)| Key::new(m.prefix_len(), m.to_key(generation)))
+            .collect();
+        let values: Vec<_> = upsert_policy
+            .iter()
+            .map(|(_, decision)| PolicyValue {
                 verdict: decision.verdict.to_raw(),
                 _pad: [0; 3],
                 rule_id: decision.rule,
-            };
+            })
+            .collect();
+        for i in batched(self.policy.map().fd().as_fd(), &keys, &values)..keys.len() {
             self.policy
-                .insert(&Key::new(m.prefix_len(), m.to_key(generation)), value, 0)
-                .map_err(|source| write_err(map_names::POLICY, m, source))?;
+                .insert(&keys[i], values[i], 0)
+                .map_err(|source| write_err(map_names::POLICY, &upsert_policy[i].0, source))?;
         }
         Ok(())
     }
@@ -654,16 +721,16 @@ impl Datapath {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Reads every counter. The kernel only ever adds to them.
+    /// Reads every counter. The kernel only ever adds to them. Each map is read in batches
+    /// (a full 65,536-entry map in a few calls); a kernel without batch lookups for hash maps
+    /// is read key by key.
     pub fn counters(&self) -> Result<Counters> {
         let mut samples = Vec::new();
         for (name, map) in [
             (map_names::COUNTERS, &self.counters),
             (map_names::COUNTERS_OVERFLOW, &self.counters_overflow),
         ] {
-            for item in map.iter() {
-                let (key, value) =
-                    item.map_err(|source| DatapathError::ReadMap { name, source })?;
+            for (key, value) in read_all(name, map)? {
                 let Some(verdict) = Verdict::from_raw(key.verdict) else {
                     continue;
                 };
@@ -721,6 +788,52 @@ impl Datapath {
         })
         .collect()
     }
+}
+
+/// Writes `keys[i] -> values[i]` in batches; returns how many were written. The caller writes
+/// the rest one by one: all of them where the kernel has no batch update for the map type.
+fn batched<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> usize {
+    match batch::update(fd, keys, values) {
+        batch::Batch::Done((written, error)) => {
+            if let Some(error) = error {
+                tracing::debug!(written, %error, "batch update stopped; writing the rest one by one");
+            }
+            written
+        }
+        batch::Batch::Unsupported => 0,
+    }
+}
+
+/// Every entry of a counter map: in batches, else key by key.
+fn read_all(
+    name: &'static str,
+    map: &HashMap<MapData, CounterKey, CounterValue>,
+) -> Result<Vec<(CounterKey, CounterValue)>> {
+    match batch::lookup_all(map.map().fd().as_fd()) {
+        Ok(batch::Batch::Done(entries)) => Ok(entries),
+        Ok(batch::Batch::Unsupported) => read_key_by_key(name, map),
+        Err(io_error) => Err(DatapathError::ReadMap {
+            name,
+            source: MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_lookup_batch",
+                io_error,
+            }),
+        }),
+    }
+}
+
+/// Every entry of a counter map, one `get_next_key` and one lookup per entry.
+pub fn read_key_by_key(
+    name: &'static str,
+    map: &HashMap<MapData, CounterKey, CounterValue>,
+) -> Result<Vec<(CounterKey, CounterValue)>> {
+    map.iter()
+        .collect::<Result<_, _>>()
+        .map_err(|source| DatapathError::ReadMap { name, source })
 }
 
 fn addr4_key(generation: u32, net: Ipv4Net) -> Key<Addr4Key> {

@@ -18,6 +18,7 @@ use std::{
     io::Read as _,
     os::unix::fs::{FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use k8s_openapi::api::{
@@ -66,13 +67,14 @@ impl Default for Limits {
     }
 }
 
-/// The objects a compile starts from, keyed by (namespace, name) or name.
+/// The objects a compile starts from, keyed by (namespace, name) or name. Shared with the
+/// [`PolicyStore`] that keeps them across reloads, so a load holds one copy of each object.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub pods: BTreeMap<(String, String), Pod>,
-    pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
-    pub egress_policies: BTreeMap<String, EgressPolicy>,
+    pub namespaces: BTreeMap<String, Arc<Namespace>>,
+    pub pods: BTreeMap<(String, String), Arc<Pod>>,
+    pub network_policies: BTreeMap<(String, String), Arc<NetworkPolicy>>,
+    pub egress_policies: BTreeMap<String, Arc<EgressPolicy>>,
     /// Where each object was read, to name it in messages.
     pub origins: BTreeMap<ObjectRef, Location>,
 }
@@ -98,10 +100,10 @@ impl fmt::Display for Location {
 /// One decoded object.
 #[derive(Clone, Debug)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    NetworkPolicy(Box<NetworkPolicy>),
-    EgressPolicy(Box<EgressPolicy>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    NetworkPolicy(Arc<NetworkPolicy>),
+    EgressPolicy(Arc<EgressPolicy>),
 }
 
 /// Something that could not be read or was rejected. Each names the file (and document), the
@@ -509,11 +511,8 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
             document: index,
             item: None,
         };
-        // Leading newlines keep the parser's line numbers those of the file.
-        let padded = format!("{}{body}", "\n".repeat(first_line));
         let value =
-            match serde_saphyr::from_str_with_options::<serde_json::Value>(&padded, yaml_options())
-            {
+            match serde_saphyr::from_str_with_options::<serde_json::Value>(body, yaml_options()) {
                 Ok(serde_json::Value::Null) => continue,
                 Ok(value) => value,
                 Err(err) => {
@@ -522,7 +521,7 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
                         key: None,
                         result: Err(LoadError::Yaml {
                             location,
-                            message: one_line(&err.to_string()),
+                            message: file_line(&one_line(&err.to_string()), first_line),
                         }),
                     });
                     continue;
@@ -565,6 +564,19 @@ fn one_line(message: &str) -> String {
         .filter(|l| !l.is_empty())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The parser counts lines from the start of the document; a person counts them from the
+/// start of the file: `line 2 column 7: ...` becomes `line 14 column 7: ...`.
+fn file_line(message: &str, first_line: usize) -> String {
+    let Some(rest) = message.strip_prefix("line ") else {
+        return message.to_owned();
+    };
+    let digits = rest.chars().take_while(char::is_ascii_digit).count();
+    match rest[..digits].parse::<usize>() {
+        Ok(line) => format!("line {}{}", line + first_line, &rest[digits..]),
+        Err(_) => message.to_owned(),
+    }
 }
 
 fn string_at<'a>(value: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
@@ -627,13 +639,13 @@ fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
         detail,
     };
     let decoded = match object_kind {
-        ObjectKind::Namespace => decode::<Namespace>(value).map(|o| Object::Namespace(Box::new(o))),
-        ObjectKind::Pod => decode::<Pod>(value).map(|o| Object::Pod(Box::new(o))),
+        ObjectKind::Namespace => decode::<Namespace>(value).map(|o| Object::Namespace(Arc::new(o))),
+        ObjectKind::Pod => decode::<Pod>(value).map(|o| Object::Pod(Arc::new(o))),
         ObjectKind::NetworkPolicy => {
-            decode::<NetworkPolicy>(value).map(|o| Object::NetworkPolicy(Box::new(o)))
+            decode::<NetworkPolicy>(value).map(|o| Object::NetworkPolicy(Arc::new(o)))
         }
         ObjectKind::EgressPolicy => {
-            decode::<EgressPolicy>(value).map(|o| Object::EgressPolicy(Box::new(o)))
+            decode::<EgressPolicy>(value).map(|o| Object::EgressPolicy(Arc::new(o)))
         }
     }
     .map_err(decode_error);
@@ -837,22 +849,22 @@ impl PolicyStore {
             let namespace = key.namespace.clone().unwrap_or_default();
             match object {
                 Object::Namespace(ns) => {
-                    cluster.namespaces.insert(key.name.clone(), (**ns).clone());
+                    cluster.namespaces.insert(key.name.clone(), Arc::clone(ns));
                 }
                 Object::Pod(pod) => {
                     cluster
                         .pods
-                        .insert((namespace, key.name.clone()), (**pod).clone());
+                        .insert((namespace, key.name.clone()), Arc::clone(pod));
                 }
                 Object::NetworkPolicy(np) => {
                     cluster
                         .network_policies
-                        .insert((namespace, key.name.clone()), (**np).clone());
+                        .insert((namespace, key.name.clone()), Arc::clone(np));
                 }
                 Object::EgressPolicy(ep) => {
                     cluster
                         .egress_policies
-                        .insert(key.name.clone(), (**ep).clone());
+                        .insert(key.name.clone(), Arc::clone(ep));
                 }
             }
             cluster.origins.insert(key.clone(), location.clone());
@@ -1046,6 +1058,20 @@ metadata: {name: d}
             errors[0]
                 .to_string()
                 .starts_with("f.yaml document 1: not valid YAML: "),
+            "{}",
+            errors[0]
+        );
+    }
+
+    #[test]
+    fn yaml_errors_give_the_line_in_the_file() {
+        let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: [Namespace\n";
+        let errors = Cluster::default().add_yaml(Path::new("f.yaml"), text);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].to_string().starts_with(
+                "f.yaml document 1: not valid YAML: line 6 column 7: unclosed bracket"
+            ),
             "{}",
             errors[0]
         );

@@ -620,7 +620,29 @@ impl Expander {
             Some(list) => list.iter().map(Some).collect(),
         };
         let mut out = Vec::new();
+        // Plain ipBlocks (no `except`) of one rule share its ports and action, so together
+        // they are one address set: N such peers cost one address class and one set of policy
+        // entries, not N. Only with numeric ports (a named port is resolved per peer below).
+        let plain: Vec<IpNet> = peers
+            .iter()
+            .filter_map(|peer| match peer {
+                Some(Peer::Block { cidr, except }) if except.is_empty() => Some(*cidr),
+                _ => None,
+            })
+            .collect();
+        let numeric: Option<Vec<L4>> = port_entries.iter().map(|spec| numeric_l4(*spec)).collect();
+        let merged = match numeric {
+            Some(l4s) if plain.len() > 1 => {
+                let set = self.set(plain, Vec::new());
+                out.extend(l4s.into_iter().map(|l4| (set, l4)));
+                true
+            }
+            _ => false,
+        };
         for peer in &peers {
+            if merged && matches!(peer, Some(Peer::Block { except, .. }) if except.is_empty()) {
+                continue;
+            }
             // Indices of the destination pods this peer can name; `None`: any pod.
             let selected: Option<Vec<usize>> = match peer {
                 Some(p @ Peer::Pods { .. }) => Some(world.peer_pod_indices(p)),
@@ -720,6 +742,30 @@ impl Expander {
         self.cache.insert(key, Rc::clone(&out));
         out
     }
+}
+
+/// The protocol and ports of a numeric port entry (`None`: every protocol and port); `None`
+/// for a named port.
+fn numeric_l4(spec: Option<&PortSpec>) -> Option<L4> {
+    Some(match spec {
+        None => L4::Any,
+        Some(PortSpec {
+            protocol,
+            port: PortMatch::All,
+        }) => L4::Protocol(protocol.number()),
+        Some(PortSpec {
+            protocol,
+            port: PortMatch::Range(first, last),
+        }) => L4::Ports {
+            protocol: protocol.number(),
+            first: *first,
+            last: *last,
+        },
+        Some(PortSpec {
+            port: PortMatch::Named(_),
+            ..
+        }) => return None,
+    })
 }
 
 /// Appends an expansion's rules with `action` to an endpoint's list.

@@ -877,17 +877,18 @@ mod tests {
         .unwrap();
         cluster
             .network_policies
-            .insert(("x".into(), "bad".into()), np.clone());
-        cluster
-            .network_policies
-            .insert(("x".into(), "Bad_Name!".into()), NetworkPolicy::default());
+            .insert(("x".into(), "bad".into()), np.into());
+        cluster.network_policies.insert(
+            ("x".into(), "Bad_Name!".into()),
+            NetworkPolicy::default().into(),
+        );
         let good: NetworkPolicy = serde_json::from_value(serde_json::json!({
             "spec": {"podSelector": {}, "policyTypes": ["Egress"]}
         }))
         .unwrap();
         cluster
             .network_policies
-            .insert(("x".into(), "good".into()), good);
+            .insert(("x".into(), "good".into()), good.into());
         let w = World::new(&cluster);
         let messages: Vec<String> = w.invalid.iter().map(ToString::to_string).collect();
         assert_eq!(

@@ -75,18 +75,22 @@ pub struct AgentOptions {
 pub fn world(objects: &Objects) -> World {
     let mut cluster = Cluster::default();
     for ns in &objects.namespaces {
-        cluster.namespaces.insert(ns.name_any(), ns.clone());
+        cluster
+            .namespaces
+            .insert(ns.name_any(), Arc::new(ns.clone()));
     }
     for pod in &objects.pods {
         let key = (pod.namespace().unwrap_or_default(), pod.name_any());
-        cluster.pods.insert(key, pod.clone());
+        cluster.pods.insert(key, Arc::new(pod.clone()));
     }
     for np in &objects.network_policies {
         let key = (np.namespace().unwrap_or_default(), np.name_any());
-        cluster.network_policies.insert(key, np.clone());
+        cluster.network_policies.insert(key, Arc::new(np.clone()));
     }
     for ep in &objects.egress_policies {
-        cluster.egress_policies.insert(ep.name_any(), ep.clone());
+        cluster
+            .egress_policies
+            .insert(ep.name_any(), Arc::new(ep.clone()));
     }
     let mut world = World::new(&cluster);
     world.services = services::from_objects(&objects.services, &objects.endpoint_slices);

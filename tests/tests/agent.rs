@@ -1,0 +1,653 @@
+//! End-to-end tests of `egret agent`: the real binary against the in-repo test API server
+//! (driven with the real `kubectl`, as an operator would), enforcing on sandbox pods whose
+//! cgroups are laid out as the kubelet's systemd driver makes them. Needs root, like every test
+//! here.
+#![expect(
+    clippy::expect_used,
+    reason = "a test fails by panicking with what it expected"
+)]
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use egret_test_apiserver::{ApiServer, Config};
+use egret_tests::{
+    agent::{http_get, samples},
+    probe::{Outcome, egret_binary},
+    sandbox::{Host, Pod, Sandbox},
+};
+use serde_json::Value;
+
+const NODE: &str = "node-1";
+
+/// A running `egret agent`, killed on drop.
+struct Agent {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl Agent {
+    fn start(sandbox: &Sandbox, dir: &Path, kubeconfig: &Path, args: &[&str]) -> Self {
+        let stderr = dir.join("agent.log");
+        let child = Command::new(egret_binary())
+            .arg("--pin-dir")
+            .arg(sandbox.pin_dir())
+            .arg("agent")
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
+            .arg("--cgroup")
+            .arg(sandbox.cgroup())
+            .arg("--cgroup-root")
+            .arg(sandbox.cgroup())
+            .args(args)
+            .env("EGRET_LOG", "info,egret=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).expect("log file"))
+            .spawn()
+            .expect("spawn egret agent");
+        Self { child, stderr }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn wait_log(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "egret agent never logged {needle:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn metrics_address(&self) -> String {
+        self.wait_log("serving metrics", Duration::from_secs(20));
+        self.log()
+            .lines()
+            .find(|l| l.contains("serving metrics"))
+            .and_then(|l| l.split("address=").nth(1))
+            .and_then(|a| a.split_whitespace().next())
+            .map(str::to_owned)
+            .expect("metrics address")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test API server, a kubeconfig for it, and `kubectl` pointed at it.
+struct Cluster {
+    server: ApiServer,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    fn start(dir: &Path) -> Self {
+        let server = ApiServer::start("127.0.0.1:0".parse().expect("addr"), Config::default())
+            .expect("test API server");
+        let kubeconfig = dir.join("kubeconfig");
+        server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let crd = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds/egresspolicy.yaml"),
+        )
+        .expect("CRD");
+        server.seed(&crd).expect("CRD accepted");
+        server
+            .seed(
+                "apiVersion: v1\nkind: Namespace\nmetadata: {name: egret-system}\n---\n\
+                 apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n---\n\
+                 apiVersion: v1\nkind: Namespace\nmetadata: {name: kube-system}\n",
+            )
+            .expect("namespaces");
+        Self { server, kubeconfig }
+    }
+
+    /// Runs `kubectl` as an operator would; panics with its output when it fails.
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        use std::io::Write as _;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl (cargo xtask setup installs it)");
+        if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+            input.write_all(text.as_bytes()).expect("kubectl stdin");
+        }
+        let out = child.wait_with_output().expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.kubectl(&["apply", "-f", "-"], Some(yaml));
+    }
+
+    /// Creates a pod object on this node with `ip` and returns its uid.
+    fn pod(&self, namespace: &str, name: &str, labels: &str, ip: IpAddr) -> String {
+        let created = self
+            .server
+            .seed(&format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{{labels}}}}}\n\
+                 spec: {{nodeName: {NODE}, containers: [{{name: c, image: scratch, ports: [{{name: dns, containerPort: 5353, protocol: UDP}}]}}]}}\n\
+                 status: {{phase: Running, podIP: \"{ip}\", podIPs: [{{ip: \"{ip}\"}}]}}\n"
+            ))
+            .expect("pod");
+        created[0]["metadata"]["uid"]
+            .as_str()
+            .expect("uid")
+            .to_owned()
+    }
+}
+
+/// The kubelet's systemd-driver layout below the sandbox's cgroup.
+struct Kubepods {
+    burstable: PathBuf,
+}
+
+impl Kubepods {
+    fn new(sandbox: &Sandbox) -> Self {
+        let root = sandbox
+            .add_unmanaged_cgroup("kubepods.slice")
+            .expect("kubepods.slice");
+        let burstable = sandbox
+            .add_cgroup_below(&root, "kubepods-burstable.slice")
+            .expect("burstable");
+        Self { burstable }
+    }
+
+    /// Creates the pod cgroup of `uid`, as the kubelet does when it starts the pod.
+    fn pod(&self, sandbox: &Sandbox, uid: &str) -> PathBuf {
+        sandbox
+            .add_cgroup_below(
+                &self.burstable,
+                &format!("kubepods-burstable-pod{}.slice", uid.replace('-', "_")),
+            )
+            .expect("pod cgroup")
+    }
+}
+
+fn connect(sandbox: &Sandbox, pod: &Pod, cgroup: &Path, target: &str) -> Outcome {
+    sandbox
+        .probe(
+            pod,
+            Some(cgroup),
+            &["connect", target, "--timeout-ms", "500"],
+        )
+        .expect("probe")
+        .first()
+        .map(|a| a.outcome)
+        .expect("one attempt")
+}
+
+fn udp(sandbox: &Sandbox, pod: &Pod, cgroup: &Path, target: &str) -> Outcome {
+    sandbox
+        .probe(pod, Some(cgroup), &["udp", target])
+        .expect("probe")
+        .first()
+        .map(|a| a.outcome)
+        .expect("one attempt")
+}
+
+/// Probes until `target` gives `want`, failing after `within`.
+fn until(
+    sandbox: &Sandbox,
+    pod: &Pod,
+    cgroup: &Path,
+    target: &str,
+    want: Outcome,
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = connect(sandbox, pod, cgroup, target);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{target} still {got:?} after {within:?}, wanted {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn temp_dir(sandbox: &Sandbox, what: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{}-{what}", sandbox.id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+fn hosts(sandbox: &mut Sandbox) -> (Host, Vec<std::net::TcpListener>) {
+    let addrs: Vec<IpAddr> = ["192.0.2.10", "192.0.2.11"]
+        .iter()
+        .map(|a| a.parse().expect("ip"))
+        .collect();
+    let host = sandbox.add_host("ext", &addrs).expect("host");
+    let listeners = ["192.0.2.10:80", "192.0.2.11:80"]
+        .iter()
+        .map(|a| {
+            sandbox
+                .listen_tcp(&host, a.parse().expect("addr"))
+                .expect("listen")
+        })
+        .collect();
+    (host, listeners)
+}
+
+const LOCKED: &str = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-eleven, namespace: app}
+spec:
+  podSelector: {matchLabels: {role: locked}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 192.0.2.11/32}}]
+";
+
+#[test]
+fn policies_applied_through_the_api_follow_labels_pods_and_cgroups() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let (_host, _listeners) = hosts(&mut sandbox);
+    let dir = temp_dir(&sandbox, "agent");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &uid);
+
+    let agent = Agent::start(
+        &sandbox,
+        &dir,
+        &cluster.kubeconfig,
+        &["--unknown-pods", "deny"],
+    );
+    agent.wait_log("policy enforced", Duration::from_secs(30));
+    assert_eq!(
+        connect(&sandbox, &web, &web_cgroup, "192.0.2.10:80"),
+        Outcome::Connected,
+        "no policy isolates app/web yet"
+    );
+
+    // A NetworkPolicy applied with kubectl, then a label that makes it select the pod.
+    cluster.apply(LOCKED);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        connect(&sandbox, &web, &web_cgroup, "192.0.2.10:80"),
+        Outcome::Connected,
+        "the policy selects role=locked only"
+    );
+    cluster.kubectl(&["-n", "app", "label", "pod", "web", "role=locked"], None);
+    until(
+        &sandbox,
+        &web,
+        &web_cgroup,
+        "192.0.2.10:80",
+        Outcome::Denied,
+        Duration::from_secs(3),
+    );
+    assert_eq!(
+        connect(&sandbox, &web, &web_cgroup, "192.0.2.11:80"),
+        Outcome::Connected
+    );
+
+    // A pod whose cgroup appears after its object: enforced from its first connect.
+    let late = sandbox.add_pod("late").expect("pod");
+    let late_uid = cluster.pod("app", "late", "role: locked", IpAddr::V4(late.ipv4));
+    std::thread::sleep(Duration::from_millis(300));
+    let late_cgroup = kubepods.pod(&sandbox, &late_uid);
+    assert_eq!(
+        connect(&sandbox, &late, &late_cgroup, "192.0.2.10:80"),
+        Outcome::Denied,
+        "first connect of a pod whose cgroup just appeared"
+    );
+    until(
+        &sandbox,
+        &late,
+        &late_cgroup,
+        "192.0.2.11:80",
+        Outcome::Connected,
+        Duration::from_secs(3),
+    );
+
+    // A pod cgroup no pod object explains: denied (`--unknown-pods deny`), counted as
+    // `unknown-pod`.
+    let stranger = kubepods.pod(&sandbox, "11111111-2222-3333-4444-555555555555");
+    assert_eq!(
+        connect(&sandbox, &late, &stranger, "192.0.2.11:80"),
+        Outcome::Denied
+    );
+
+    // A deleted pod's entries go: its cgroup is unknown now, so pending.
+    cluster.kubectl(
+        &["-n", "app", "delete", "pod", "late", "--wait=false"],
+        None,
+    );
+    until(
+        &sandbox,
+        &late,
+        &late_cgroup,
+        "192.0.2.11:80",
+        Outcome::Denied,
+        Duration::from_secs(3),
+    );
+
+    // Metrics: per destination, with the pod's namespace and workload.
+    let address = agent.metrics_address();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (blocked, pending) = loop {
+        let metrics = http_get(&address, "/metrics").expect("scrape");
+        let sum = |needles: &[&str]| -> f64 {
+            samples(&metrics, "egret_egress_connections_total")
+                .filter(|(labels, _)| needles.iter().all(|n| labels.contains(n)))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let blocked = sum(&[
+            "verdict=\"blocked\"",
+            "destination_ip=\"192.0.2.10\"",
+            "source_namespace=\"app\"",
+            "source_workload=\"web\"",
+            "policy=\"NetworkPolicy app/only-eleven\"",
+        ]);
+        let pending = sum(&["verdict=\"blocked\"", "policy=\"unknown-pod\""]);
+        if (blocked >= 1.0 && pending >= 2.0) || Instant::now() > deadline {
+            break (blocked, pending);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(blocked >= 1.0, "blocked by only-eleven: {blocked}");
+    assert!(pending >= 2.0, "unknown and deleted pods: {pending}");
+    let ready = http_get(&address, "/readyz").expect("readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn lost_watches_and_compacted_history_change_no_verdict() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let (_host, _listeners) = hosts(&mut sandbox);
+    let dir = temp_dir(&sandbox, "agent-410");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let uid = cluster.pod("app", "web", "role: locked", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &uid);
+    cluster.apply(LOCKED);
+    let agent = Agent::start(&sandbox, &dir, &cluster.kubeconfig, &[]);
+    agent.wait_log("policy enforced", Duration::from_secs(30));
+    until(
+        &sandbox,
+        &web,
+        &web_cgroup,
+        "192.0.2.10:80",
+        Outcome::Denied,
+        Duration::from_secs(3),
+    );
+
+    // Every watch dropped; while they cannot reconnect, the cluster changes and its history is
+    // compacted, so resuming gets 410 Gone and the watchers re-list. Meanwhile and after,
+    // nothing changes.
+    for round in 0..3 {
+        cluster.server.hold_watches(true);
+        cluster.server.drop_watches();
+        for _ in 0..5 {
+            assert_eq!(
+                connect(&sandbox, &web, &web_cgroup, "192.0.2.10:80"),
+                Outcome::Denied
+            );
+        }
+        cluster.pod(
+            "app",
+            &format!("other-{round}"),
+            "app: other",
+            "198.51.100.200".parse().expect("ip"),
+        );
+        cluster.server.compact();
+        cluster.server.hold_watches(false);
+        for _ in 0..5 {
+            assert_eq!(
+                connect(&sandbox, &web, &web_cgroup, "192.0.2.10:80"),
+                Outcome::Denied
+            );
+            assert_eq!(
+                connect(&sandbox, &web, &web_cgroup, "192.0.2.11:80"),
+                Outcome::Connected
+            );
+        }
+    }
+    // And the re-listed watches still follow changes.
+    cluster.kubectl(&["-n", "app", "label", "pod", "web", "role-"], None);
+    until(
+        &sandbox,
+        &web,
+        &web_cgroup,
+        "192.0.2.10:80",
+        Outcome::Connected,
+        Duration::from_secs(5),
+    );
+    let relists = cluster
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.verb == "list" && r.resource == "pods")
+        .count();
+    assert!(
+        relists >= 2,
+        "the pod watch re-listed after 410: {relists} lists"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn dns_through_its_service_and_invalid_egress_policies_get_a_status() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let dns = sandbox.add_pod("dns").expect("pod");
+    let (_host, _listeners) = hosts(&mut sandbox);
+    let dir = temp_dir(&sandbox, "agent-dns");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &uid);
+    cluster.pod("kube-system", "dns", "app: dns", IpAddr::V4(dns.ipv4));
+    // The DNS Service's ClusterIP is a TEST-NET address the sandbox routes; kube-proxy would
+    // send its datagrams to the DNS pod's 5353.
+    cluster
+        .server
+        .seed(&format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: kube-dns, namespace: kube-system}}\n\
+             spec: {{clusterIP: 203.0.113.53, clusterIPs: [203.0.113.53], selector: {{app: dns}}, ports: [{{name: dns, port: 53, protocol: UDP, targetPort: dns}}]}}\n\
+             ---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+             metadata: {{name: kube-dns-1, namespace: kube-system, labels: {{kubernetes.io/service-name: kube-dns}}}}\n\
+             addressType: IPv4\nports: [{{name: dns, port: 5353, protocol: UDP}}]\n\
+             endpoints: [{{addresses: [\"{}\"], conditions: {{ready: true}}}}]\n",
+            dns.ipv4
+        ))
+        .expect("service");
+    // Default deny for app, and an allow to the DNS pods at their port.
+    cluster.apply(
+        "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny-but-dns, namespace: app}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}, podSelector: {matchLabels: {app: dns}}}]
+    ports: [{protocol: UDP, port: 5353}]
+",
+    );
+    // One valid and one invalid EgressPolicy: two rules with one name. Today's CRD refuses
+    // that at the API; a cluster whose CRD is older than egret (here: without the rules'
+    // list-map keys) stores it, and egret's own validation must catch it.
+    let older_crd = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/crds/egresspolicy.yaml"),
+    )
+    .expect("CRD")
+    .replace(
+        "                x-kubernetes-list-map-keys:\n                - name\n                x-kubernetes-list-type: map\n",
+        "",
+    );
+    assert!(
+        !older_crd.contains("x-kubernetes-list-type: map"),
+        "the older CRD lacks the rules' list-map keys"
+    );
+    cluster.server.seed(&older_crd).expect("older CRD");
+    cluster.apply(
+        "apiVersion: egret.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: valid}
+spec:
+  priority: 10
+  subject: {podSelector: {}}
+  rules:
+  - {name: metadata, action: Deny, to: [{networks: [192.0.2.254/32]}]}
+---
+apiVersion: egret.dev/v1alpha1
+kind: EgressPolicy
+metadata: {name: broken}
+spec:
+  priority: 20
+  subject: {podSelector: {}}
+  rules:
+  - {name: twice, action: Deny, to: [{networks: [192.0.2.10/32]}]}
+  - {name: twice, action: Allow, to: [{networks: [192.0.2.11/32]}]}
+",
+    );
+    let agent = Agent::start(&sandbox, &dir, &cluster.kubeconfig, &[]);
+    agent.wait_log("policy enforced", Duration::from_secs(30));
+
+    assert_eq!(
+        udp(&sandbox, &web, &web_cgroup, "203.0.113.53:53"),
+        Outcome::Sent,
+        "DNS to the Service's ClusterIP: its endpoint is allowed at 5353"
+    );
+    assert_eq!(
+        udp(&sandbox, &web, &web_cgroup, "203.0.113.53:54"),
+        Outcome::Denied,
+        "a port the Service does not expose"
+    );
+    assert_eq!(
+        udp(&sandbox, &web, &web_cgroup, &format!("{}:53", dns.ipv4)),
+        Outcome::Denied,
+        "the DNS pod itself at 53: not allowed"
+    );
+    assert_eq!(
+        connect(&sandbox, &web, &web_cgroup, "192.0.2.11:80"),
+        Outcome::Denied,
+        "default deny; the invalid policy's Allow is not enforced"
+    );
+
+    // Status, written by the Lease holder: Accepted True for the valid policy, False with
+    // reason Invalid and the field for the other.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let condition = |name: &str| -> Option<Value> {
+        cluster
+            .server
+            .object("egret.dev", "egresspolicies", "", name)
+            .and_then(|o| o["status"]["conditions"].as_array().cloned())
+            .and_then(|c| c.into_iter().find(|c| c["type"] == "Accepted"))
+    };
+    let (valid, broken) = loop {
+        if let (Some(v), Some(b)) = (condition("valid"), condition("broken")) {
+            break (v, b);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no status written:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(valid["status"], "True", "{valid}");
+    assert_eq!(broken["status"], "False", "{broken}");
+    assert_eq!(broken["reason"], "Invalid", "{broken}");
+    assert!(
+        broken["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("rules[1].name"),
+        "{broken}"
+    );
+    assert!(broken["observedGeneration"].as_i64().is_some(), "{broken}");
+    let lease = cluster
+        .server
+        .object(
+            "coordination.k8s.io",
+            "leases",
+            "egret-system",
+            "egret-status-writer",
+        )
+        .expect("the status writer holds the Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], NODE);
+    // One Warning Event for the rejected policy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster
+        .server
+        .objects("events.k8s.io", "events")
+        .iter()
+        .any(|e| e["reason"] == "Invalid" && e["regarding"]["name"] == "broken")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no Event for the rejected policy"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // `egret explain` asks the cluster itself, through the same compiler.
+    let explain = |to: &str, port: &str| -> Value {
+        let out = Command::new(egret_binary())
+            .arg("explain")
+            .arg("--kubeconfig")
+            .arg(&cluster.kubeconfig)
+            .args([
+                "--from",
+                "app/web",
+                "--to",
+                to,
+                "--port",
+                port,
+                "--protocol",
+                "UDP",
+            ])
+            .args(["-o", "json"])
+            .output()
+            .expect("egret explain");
+        assert!(
+            out.status.success(),
+            "egret explain: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("explain JSON")
+    };
+    let dns_answer = explain("203.0.113.53", "53");
+    assert_eq!(dns_answer["verdict"], "allow", "{dns_answer}");
+    let unexposed = explain("203.0.113.53", "54");
+    assert_eq!(unexposed["verdict"], "deny", "{unexposed}");
+    assert_eq!(unexposed["rule"], "no-such-port", "{unexposed}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
