@@ -552,7 +552,8 @@ pub mod flow_origin {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
-    /// The policy generation that allowed an outbound flow.
+    /// The epoch (the state's flip count, whose parity is the generation) that decided an
+    /// outbound flow: any flip decides it again.
     pub generation: u32,
     /// One of [`flow_origin`].
     pub origin: u8,
@@ -562,7 +563,7 @@ pub struct FlowValue {
 }
 const _: () = assert!(size_of::<FlowValue>() == 8);
 
-/// Key of [`map_names::FRAGMENTS`]: one fragmented datagram. The value is the generation that
+/// Key of [`map_names::FRAGMENTS`]: one fragmented datagram. The value is the epoch that
 /// allowed its first fragment (`u32`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -9,7 +9,7 @@
 //! `tc_to_pod` (TCX egress of the same interface) only notes flows that peers open towards the
 //! workload, so that the workload's replies pass: egress policy decides what a workload opens.
 //!
-//! `EGRET_CONNTRACK` remembers flows already allowed, with the generation that allowed them, so a
+//! `EGRET_CONNTRACK` remembers flows already allowed, with the epoch that allowed them, so a
 //! flow's later packets cost one hash lookup; after a generation flip the flow is decided again
 //! and a revoked destination stops it. See `docs/datapath.md`, "The TC path".
 
