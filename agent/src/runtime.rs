@@ -441,11 +441,8 @@ fn spawn_deny_log(
                         let names = crate::telemetry::denylog::Names {
                             namespace,
                             workload,
-                            policy: if event.rule_id == egret_common::RULE_PENDING {
-                                snapshot.pending_label.to_owned()
-                            } else {
-                                origin.policy_label()
-                            },
+                            policy: reserved_label(event.rule_id, snapshot.pending_label)
+                                .map_or_else(|| origin.policy_label(), str::to_owned),
                             rule: origin.rule_label(),
                         };
                         if let Some(line) = log.line(event, now, &time, &names) {
@@ -551,6 +548,19 @@ fn labels(
 }
 
 /// Moves what the kernel counted since the last drain into the metrics.
+/// The `policy` label of the datapath's own rule ids, which no policy compiles to: a guard's
+/// denial (`pending_label`), a refused source route, a malformed or forged packet, a refused
+/// raw socket.
+fn reserved_label(rule: u32, pending_label: &str) -> Option<&str> {
+    match rule {
+        egret_common::RULE_PENDING => Some(pending_label),
+        egret_common::RULE_SOURCE_ROUTE => Some("source-route"),
+        egret_common::RULE_MALFORMED => Some("malformed-packet"),
+        egret_common::RULE_RAW_SOCKET => Some("raw-socket"),
+        _ => None,
+    }
+}
+
 fn drain(shared: &Shared, pipeline: &Pipeline, pending_label: &str) {
     let counters = match pipeline.datapath().counters() {
         Ok(counters) => counters,
@@ -569,11 +579,8 @@ fn drain(shared: &Shared, pipeline: &Pipeline, pending_label: &str) {
             &counters,
             |endpoint| sources.get(&endpoint).cloned(),
             |rule| {
-                if rule == egret_common::RULE_PENDING {
-                    pending_label.to_owned()
-                } else {
-                    compiled.origin(rule).policy_label()
-                }
+                reserved_label(rule, pending_label)
+                    .map_or_else(|| compiled.origin(rule).policy_label(), str::to_owned)
             },
         );
 }
