@@ -164,16 +164,7 @@ fn run(args: &[String]) -> Result<(), String> {
                         v6.port(),
                     )),
                 };
-                let outcome = send_on(&fd, target, o.payload.as_bytes());
-                *outcomes
-                    .entry(
-                        serde_json::to_value(outcome)
-                            .unwrap_or_default()
-                            .as_str()
-                            .unwrap_or("?")
-                            .to_owned(),
-                    )
-                    .or_default() += 1;
+                tally(&mut outcomes, send_on(&fd, target, o.payload.as_bytes()));
             }
             println!(
                 "{}",
@@ -188,17 +179,8 @@ fn run(args: &[String]) -> Result<(), String> {
             let mut outcomes = std::collections::BTreeMap::<String, u64>::new();
             let mut count = 0u64;
             while !count.is_multiple_of(1024) || !stop.exists() {
-                let outcome = send_on(&fd, target, o.payload.as_bytes());
+                tally(&mut outcomes, send_on(&fd, target, o.payload.as_bytes()));
                 count += 1;
-                *outcomes
-                    .entry(
-                        serde_json::to_value(outcome)
-                            .unwrap_or_default()
-                            .as_str()
-                            .unwrap_or("?")
-                            .to_owned(),
-                    )
-                    .or_default() += 1;
             }
             println!(
                 "{}",
@@ -416,6 +398,15 @@ fn lsrr(via: SocketAddrV4) -> Vec<u8> {
     let mut out = vec![1, 0x83, 7, 4];
     out.extend_from_slice(&via.ip().octets());
     out
+}
+
+/// Counts one outcome under its JSON name, for the summary modes.
+fn tally(outcomes: &mut std::collections::BTreeMap<String, u64>, outcome: Outcome) {
+    let name = serde_json::to_value(outcome)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_else(|| "?".into());
+    *outcomes.entry(name).or_default() += 1;
 }
 
 fn report(protocol: &str, target: SocketAddr, outcome: Outcome) {
