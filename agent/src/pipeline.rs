@@ -86,9 +86,11 @@ impl Pipeline {
         self.store_ids()?;
         let changes = self.datapath.sync(&self.compiled.desired, &cgroups)?;
         self.cgroups = cgroups;
-        let retired = self.compiled.ids.endpoint_names().len() + self.compiled.ids.origins().len()
-            - self.compiled.workloads.len();
-        if retired > RETIRED_IDS_BEFORE_GC {
+        // Ids the table holds beyond the live ones: only when there are many does a sync pay
+        // for reading every counter.
+        let held = self.compiled.ids.endpoint_names().len() + self.compiled.ids.origins().len();
+        let live = self.compiled.workloads.len() + self.compiler.live_rules().len();
+        if held.saturating_sub(live) > RETIRED_IDS_BEFORE_GC {
             match self.datapath.counters() {
                 Ok(counters) => self.forget_unused_ids(&counters)?,
                 Err(err) => tracing::warn!(error = %err, "not forgetting ids: counters unreadable"),
