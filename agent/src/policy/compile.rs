@@ -702,24 +702,8 @@ impl Expander {
                     }
                     continue;
                 }
-                let l4 = match spec {
-                    None => L4::Any,
-                    Some(PortSpec {
-                        protocol,
-                        port: PortMatch::All,
-                    }) => L4::Protocol(protocol.number()),
-                    Some(PortSpec {
-                        protocol,
-                        port: PortMatch::Range(first, last),
-                    }) => L4::Ports {
-                        protocol: protocol.number(),
-                        first: *first,
-                        last: *last,
-                    },
-                    Some(PortSpec {
-                        port: PortMatch::Named(_),
-                        ..
-                    }) => continue,
+                let Some(l4) = numeric_l4(*spec) else {
+                    continue;
                 };
                 let (to, except) = match peer {
                     None => (everywhere.to_vec(), Vec::new()),
