@@ -31,6 +31,7 @@ use serde::Deserialize;
 
 use crate::{
     datapath::{CgroupRole, EndpointId, Verdict},
+    pipeline::StateChange,
     policy::{
         cluster::{self, Limits, LoadError, Location, PolicyStore, Snapshot},
         model::{ObjectKind, ObjectRef, World},
@@ -723,7 +724,7 @@ pub fn run(
     )));
     let first_plan = plan_cgroups(&config, cgroup_root);
     let _ = events.send(SourceEvent::Update(Box::new(Update {
-        world: loaded.world,
+        change: StateChange::World(loaded.world),
         options: compile_options(&config),
         cgroups: first_plan.clone(),
         since: None,
@@ -798,7 +799,7 @@ fn follow(
                     )))
                     .and_then(|()| {
                         events.send(SourceEvent::Update(Box::new(Update {
-                            world: loaded.world,
+                            change: StateChange::World(loaded.world),
                             options: compile_options(&config),
                             cgroups: plan.clone(),
                             since: Some(changed_at),

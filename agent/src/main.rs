@@ -251,8 +251,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .build()?;
                 runtime.block_on(async {
                     let client = egret::source::kubernetes::client(kubeconfig.as_deref()).await?;
-                    let objects = egret::source::kubernetes::list(&client).await?;
-                    anyhow::Ok(egret::source::kubernetes::world(&objects))
+                    let view = egret::source::kubernetes::list(&client).await?;
+                    anyhow::Ok(view.world())
                 })?
             } else {
                 // The same messages, at the same level, as `egret run` logs for the same files.

@@ -14,13 +14,27 @@ use crate::{
     policy::{
         compile::{CompileOptions, Compiled, Compiler},
         ids::{IdKind, IdRecord, IdTable},
-        model::World,
+        model::{PodInfo, World},
     },
 };
 
 /// Retired ids the table may hold before a sync looks for ones to forget (each look reads
 /// every counter).
 const RETIRED_IDS_BEFORE_GC: usize = 1024;
+
+/// What changed in the cluster since the last compile.
+#[derive(Debug)]
+pub enum StateChange {
+    /// Anything: the whole validated cluster.
+    World(World),
+    /// Only pods (their other objects as before): the compiler redoes what they touch.
+    Pods {
+        /// Pods added or changed.
+        upsert: Vec<PodInfo>,
+        /// (namespace, name) of pods gone.
+        remove: Vec<(String, String)>,
+    },
+}
 
 /// Compiler and datapath, and what was last compiled and enforced.
 pub struct Pipeline {
@@ -56,10 +70,23 @@ impl Pipeline {
         self.compiled = self.compiler.compile();
     }
 
-    /// Recompiles for a new cluster state and options. Ids stay whatever changes.
-    pub fn set_world_with(&mut self, world: World, options: CompileOptions) {
-        self.compiler.set_options(options);
-        self.set_world(world);
+    /// Recompiles after `change` with `options` (not yet enforced). Ids stay whatever changes.
+    pub fn apply(&mut self, change: StateChange, options: CompileOptions) {
+        if &options != self.compiler.options() {
+            self.compiler.set_options(options);
+        }
+        match change {
+            StateChange::World(world) => self.compiler.set_world(world),
+            StateChange::Pods { upsert, remove } => {
+                for (namespace, name) in &remove {
+                    self.compiler.remove_pod(namespace, name);
+                }
+                for pod in upsert {
+                    self.compiler.update_pod(pod);
+                }
+            }
+        }
+        self.compiled = self.compiler.compile();
     }
 
     /// What the compiler last produced.

@@ -22,7 +22,7 @@ use std::{
 
 use crate::{
     datapath::{CgroupRole, Datapath, DatapathError, EndpointId, Verdict},
-    pipeline::Pipeline,
+    pipeline::{Pipeline, StateChange},
     policy::{compile::CompileOptions, model::World},
     telemetry::{
         Telemetry, TelemetryError,
@@ -98,7 +98,7 @@ impl CgroupPlan {
 
 /// The node's whole state, from a source.
 pub struct Update {
-    pub world: World,
+    pub change: StateChange,
     pub options: CompileOptions,
     pub cgroups: CgroupPlan,
     /// When the oldest change it includes happened (for the event-to-enforced latency).
@@ -186,13 +186,23 @@ pub fn run(
         }
     };
     let Update {
-        world,
+        change,
         options: compile_options,
         cgroups,
         since,
     } = first;
     let start = Instant::now();
-    let pipeline = Pipeline::new(datapath, world, compile_options).map_err(Box::new)?;
+    let pipeline = match change {
+        StateChange::World(world) => Pipeline::new(datapath, world, compile_options),
+        // A source that starts with a delta: from nothing.
+        pods @ StateChange::Pods { .. } => {
+            Pipeline::new(datapath, World::default(), compile_options.clone()).map(|mut p| {
+                p.apply(pods, compile_options);
+                p
+            })
+        }
+    }
+    .map_err(Box::new)?;
     observe_compile(shared.as_deref(), start);
     let names = Arc::new(Mutex::new(NameSnapshot {
         pending_label,
@@ -303,13 +313,14 @@ impl Runtime {
         match event {
             SourceEvent::Update(update) => {
                 let Update {
-                    world,
+                    change,
                     options,
                     cgroups,
                     since,
                 } = *update;
                 let start = Instant::now();
-                self.pipeline.set_world_with(world, options);
+                self.pipeline.apply(change, options);
+                tracing::debug!(seconds = start.elapsed().as_secs_f64(), "compiled");
                 observe_compile(self.shared.as_deref(), start);
                 self.plan = cgroups;
                 self.dirty = true;
@@ -329,6 +340,7 @@ impl Runtime {
         if !self.dirty && &roles == self.pipeline.cgroups() {
             return Ok(());
         }
+        let start = Instant::now();
         let result = self.pipeline.enforce(roles);
         if let Some(shared) = &self.shared {
             record_sync(shared, &self.pipeline, result.is_ok());
@@ -354,6 +366,7 @@ impl Runtime {
             endpoints = self.pipeline.compiled().endpoints.len(),
             entries = self.pipeline.compiled().desired.len(),
             changes = changes.len(),
+            seconds = start.elapsed().as_secs_f64(),
             "policy enforced"
         );
         Ok(())

@@ -15,7 +15,7 @@ use std::{
 use egret::{
     datapath::{Datapath, DatapathConfig},
     local::{LocalSource, resolve_cgroups},
-    pipeline::Pipeline,
+    pipeline::{Pipeline, StateChange},
     policy::compile::CompileOptions,
 };
 use egret_tests::{
@@ -132,7 +132,7 @@ fn a_workload_that_sorts_first_coming_and_going_never_opens_another_workloads_de
     let rounds = 500;
     for _ in 0..rounds {
         for loaded in [&with, &without] {
-            pipeline.set_world_with(loaded.world.clone(), options.clone());
+            pipeline.apply(StateChange::World(loaded.world.clone()), options.clone());
             let next = cgroups(loaded, &pipeline);
             pipeline.enforce(next).expect("enforce");
         }

@@ -28,7 +28,7 @@ use crate::datapath::{
 };
 
 /// How the node treats pods no NetworkPolicy isolates.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompileOptions {
     /// `Allow` (Kubernetes' default), or `Deny` for a REGISTRY_ONLY-style default deny.
     pub baseline: Verdict,
@@ -193,52 +193,67 @@ impl Compiler {
         self.expander.cache.clear();
     }
 
-    /// Adds or replaces one pod. A change of labels only invalidates the expansions of rules
-    /// whose peers could select the pod before or after; any other change (addresses, ports,
-    /// node) invalidates every expansion.
+    /// Adds or replaces one pod. Only the expansions of rules that could name the pod, before
+    /// or after, are dropped: rules whose pod peers could select it, and rules that resolve a
+    /// named port on every pod their peers allow (no peers, or address blocks). Everything else
+    /// stays expanded, so a pod's churn costs what it touches.
     pub fn update_pod(&mut self, pod: PodInfo) {
-        let Some(i) = self
+        let at = self
             .world
             .pods
-            .iter()
-            .position(|p| p.namespace == pod.namespace && p.name == pod.name)
-        else {
-            let mut world = std::mem::take(&mut self.world);
-            world.insert_pod(pod);
-            self.set_world(world);
-            return;
+            .binary_search_by(|p| (&p.namespace, &p.name).cmp(&(&pod.namespace, &pod.name)));
+        let old = match at {
+            Ok(i) if self.world.pods[i] == pod => return,
+            Ok(i) => Some(std::mem::replace(&mut self.world.pods[i], pod.clone())),
+            Err(_) => {
+                self.world.insert_pod(pod.clone());
+                None
+            }
         };
-        let old = std::mem::replace(&mut self.world.pods[i], pod);
-        let new = &self.world.pods[i];
-        if old.ips != new.ips
-            || old.ports != new.ports
-            || old.host_network != new.host_network
-            || old.node != new.node
-        {
-            self.expander.cache.clear();
-            return;
+        self.forget_expansions_naming(old.as_ref(), Some(&pod));
+    }
+
+    /// Removes one pod (nothing if it is not there), dropping the expansions that could name
+    /// it.
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) {
+        if let Some(old) = self.world.remove_pod(namespace, name) {
+            self.forget_expansions_naming(Some(&old), None);
         }
+    }
+
+    /// Drops the cached expansion of every rule whose result may differ because `old` became
+    /// `new` (either `None`: the pod was added or removed).
+    fn forget_expansions_naming(&mut self, old: Option<&PodInfo>, new: Option<&PodInfo>) {
         let world = &self.world;
-        let touches = |peers: Option<&[Peer]>| {
-            peers.is_none_or(|peers| {
-                peers
-                    .iter()
-                    .any(|p| world.could_select(p, &old) || world.could_select(p, new))
-            })
+        let names = |to: Option<&[Peer]>, ports: Option<&[PortSpec]>| {
+            let named = ports
+                .is_some_and(|ports| ports.iter().any(|p| matches!(p.port, PortMatch::Named(_))));
+            let selects = |peer: &Peer| {
+                [old, new]
+                    .into_iter()
+                    .flatten()
+                    .any(|pod| world.could_select(peer, pod))
+            };
+            match to {
+                // Every destination: pods matter only through named ports.
+                None => named,
+                Some(peers) => peers.iter().any(|peer| match peer {
+                    Peer::Pods { .. } => selects(peer),
+                    Peer::Block { .. } => named,
+                }),
+            }
         };
         let mut stale = Vec::new();
         for ep in &world.egress_policies {
             for rule in &ep.rules {
-                if touches(Some(&rule.to)) {
+                if names(Some(&rule.to), rule.ports.as_deref()) {
                     stale.push(egress_origin(&ep.name, &rule.name, rule.action));
                 }
             }
         }
         for np in &world.network_policies {
             for (r, rule) in np.rules.iter().enumerate() {
-                // A rule without peers names every pod only through named ports, and those
-                // resolve on addresses and ports, which did not change.
-                if rule.to.is_some() && touches(rule.to.as_deref()) {
+                if names(rule.to.as_deref(), rule.ports.as_deref()) {
                     stale.push(Origin::NetworkPolicyRule {
                         namespace: np.namespace.clone(),
                         name: np.name.clone(),
@@ -375,7 +390,13 @@ impl Compiler {
             decide(matching.iter().map(|a| **a), isolation, baseline)
         });
         if !service_addresses.is_empty() {
-            desired.policy.retain(|m, _| m.endpoint != CLASS_HOLDER);
+            // The holder's id is the largest: its entries are the map's tail.
+            drop(desired.policy.split_off(&PolicyMatch {
+                endpoint: CLASS_HOLDER,
+                class: None,
+                protocol: None,
+                port: None,
+            }));
             let ids: Vec<EndpointId> = endpoints.values().copied().collect();
             apply_services(&mut desired, &world.services, &ids, origins);
         }
@@ -397,9 +418,30 @@ fn apply_services(
     endpoints: &[EndpointId],
     ids: &mut IdTable,
 ) {
+    // Every address's class, found once: the same few addresses are looked up for every
+    // endpoint (a class lookup is a search per prefix length).
+    let mut classes: HashMap<std::net::IpAddr, ClassId> = HashMap::new();
+    for service in services {
+        let ready = service
+            .ports
+            .iter()
+            .flat_map(|p| p.endpoints.iter().map(|(address, _)| *address));
+        for address in service.addresses.iter().copied().chain(ready) {
+            classes
+                .entry(address)
+                .or_insert_with(|| desired.class_of(address));
+        }
+    }
+    let class_of = |desired: &DesiredState, address| {
+        classes
+            .get(&address)
+            .copied()
+            .unwrap_or_else(|| desired.class_of(address))
+    };
     let direct = |desired: &DesiredState, endpoint, address, protocol, port| {
+        let class = class_of(desired, address);
         desired
-            .lookup(endpoint, address, protocol, port)
+            .lookup_class(endpoint, class, protocol, port)
             .entry
             .map_or(
                 Decision {
@@ -423,7 +465,7 @@ fn apply_services(
                 }),
             };
             for &address in &service.addresses {
-                let class = desired.class_of(address);
+                let class = class_of(desired, address);
                 let entries = rewrites.entry((endpoint, class)).or_default();
                 entries.push((
                     PolicyMatch {
@@ -469,10 +511,32 @@ fn apply_services(
             }
         }
     }
-    desired.policy.retain(|m, _| {
-        !m.class
-            .is_some_and(|c| rewrites.contains_key(&(m.endpoint, c)))
-    });
+    // Each rewritten (endpoint, class) is one run of keys: removed by range, not by a pass
+    // over every entry.
+    for &(endpoint, class) in rewrites.keys() {
+        let first = PolicyMatch {
+            endpoint,
+            class: Some(class),
+            protocol: None,
+            port: None,
+        };
+        let last = PolicyMatch {
+            protocol: Some(u8::MAX),
+            port: Some(PortPrefix {
+                port: u16::MAX,
+                bits: u8::MAX,
+            }),
+            ..first
+        };
+        let run: Vec<PolicyMatch> = desired
+            .policy
+            .range(first..=last)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in run {
+            desired.policy.remove(&key);
+        }
+    }
     for entries in rewrites.into_values() {
         desired.policy.extend(entries);
     }

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
     plural = "egresspolicies",
     shortname = "egp",
     status = "EgressPolicyStatus",
+    derive = "PartialEq",
     printcolumn = r#"{"name":"Priority","type":"integer","jsonPath":".spec.priority"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#
 )]

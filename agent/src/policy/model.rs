@@ -377,6 +377,22 @@ impl World {
             .pods
             .partition_point(|p| (&p.namespace, &p.name) < (&pod.namespace, &pod.name));
         self.pods.insert(at, pod);
+        self.index_pods();
+    }
+
+    /// Removes the pod `namespace/name`, if there is one; returns it.
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Option<PodInfo> {
+        let at = self
+            .pods
+            .binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
+            .ok()?;
+        let pod = self.pods.remove(at);
+        self.index_pods();
+        Some(pod)
+    }
+
+    /// Rebuilds the per-namespace indices into `pods`.
+    pub(super) fn index_pods(&mut self) {
         self.pods_by_namespace.clear();
         for (i, pod) in self.pods.iter().enumerate() {
             self.pods_by_namespace

@@ -395,3 +395,108 @@ proptest! {
         }
     }
 }
+
+/// One change to one pod, as the agent's watch sees it.
+#[derive(Clone, Debug)]
+enum PodChange {
+    Remove,
+    Labels(&'static str, bool),
+    Address(&'static str),
+    /// A named port renamed (or given to a pod that had none).
+    Port(&'static str, u16),
+    /// A new pod, a copy of this one with another name and address.
+    Add(&'static str),
+}
+
+fn pod_change() -> impl Strategy<Value = PodChange> {
+    let addresses = &["10.9.0.1", "10.9.0.2", "198.51.100.2", "2001:db8:1::3"][..];
+    prop_oneof![
+        Just(PodChange::Remove),
+        (prop::sample::select(&APPS[..]), any::<bool>())
+            .prop_map(|(app, tier)| PodChange::Labels(app, tier)),
+        prop::sample::select(addresses).prop_map(PodChange::Address),
+        (
+            prop::sample::select(&PORT_NAMES[..]),
+            prop::sample::select(&PORTS[..])
+        )
+            .prop_map(|(name, port)| PodChange::Port(name, port)),
+        prop::sample::select(addresses).prop_map(PodChange::Add),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// After a series of pod changes of every kind (added, removed, relabelled, readdressed,
+    /// ports renamed), the incremental compile the agent runs decides every probe exactly as a
+    /// compile from scratch of the changed cluster.
+    #[test]
+    fn incremental_compile_after_pod_changes_equals_fresh_compile(
+        cluster in cluster(),
+        changes in prop::collection::vec((any::<prop::sample::Index>(), pod_change()), 1..5),
+        probes in prop::collection::vec(
+            (any::<prop::sample::Index>(), any::<prop::sample::Index>(),
+             prop::sample::select(&[6u8, 17][..]), prop::sample::select(&PORTS[..])),
+            30,
+        ),
+    ) {
+        let mut world = World::new(&cluster);
+        let options = CompileOptions::default();
+        let mut compiler = super::compile::Compiler::new(world.clone(), options.clone());
+        let _ = compiler.compile();
+        for (n, (which, change)) in changes.into_iter().enumerate() {
+            if world.pods.is_empty() {
+                break;
+            }
+            let mut pod = which.get(&world.pods).clone();
+            match change {
+                PodChange::Remove => {
+                    world.remove_pod(&pod.namespace, &pod.name);
+                    compiler.remove_pod(&pod.namespace, &pod.name);
+                    let _ = compiler.compile();
+                    continue;
+                }
+                PodChange::Labels(app, tier) => {
+                    pod.labels.insert("app".into(), app.into());
+                    if tier {
+                        pod.labels.insert("tier".into(), "1".into());
+                    } else {
+                        pod.labels.remove("tier");
+                    }
+                }
+                PodChange::Address(address) => pod.ips = vec![address.parse().unwrap()],
+                PodChange::Port(name, number) => {
+                    pod.ports = vec![super::model::NamedPort {
+                        name: name.into(),
+                        protocol: super::model::Protocol::Tcp,
+                        number,
+                    }];
+                }
+                PodChange::Add(address) => {
+                    pod.name = format!("added-{n}");
+                    pod.ips = vec![address.parse().unwrap()];
+                }
+            }
+            world.remove_pod(&pod.namespace, &pod.name);
+            world.insert_pod(pod.clone());
+            compiler.update_pod(pod);
+            // Compiling between changes exercises what the compiler keeps from one to the next.
+            let _ = compiler.compile();
+        }
+        prop_assume!(!world.pods.is_empty());
+        let incremental = compiler.compile();
+        let fresh = compile(&world, &options);
+        let addresses: Vec<IpAddr> = world.pods.iter().flat_map(|p| p.ips.iter().copied())
+            .chain(OUTSIDE.iter().map(|a| a.parse().unwrap())).collect();
+        for (from, to, protocol, port) in probes {
+            let pod = from.get(&world.pods);
+            let key = (pod.namespace.clone(), pod.name.clone());
+            let dest = *to.get(&addresses);
+            let decide = |c: &super::compile::Compiled| {
+                let (_, d) = c.desired.lookup(c.endpoints[&key], dest, protocol, port).entry.unwrap();
+                (d.verdict, c.origin(d.rule).clone())
+            };
+            prop_assert_eq!(decide(&incremental), decide(&fresh), "{:?} -> {} {}/{}", key, dest, protocol, port);
+        }
+    }
+}

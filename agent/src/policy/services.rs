@@ -95,7 +95,10 @@ pub fn decide_port(
 /// The Services pods can connect to, from the API objects: Services with a ClusterIP (not
 /// headless, not ExternalName) or external addresses, with each port's ready endpoints from the
 /// Service's EndpointSlices. Sorted by namespace and name.
-pub fn from_objects(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServiceInfo> {
+pub fn from_objects<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+) -> Vec<ServiceInfo> {
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for slice in slices {
         let (Some(namespace), Some(name)) = (
@@ -112,7 +115,7 @@ pub fn from_objects(services: &[Service], slices: &[EndpointSlice]) -> Vec<Servi
         by_service.entry((namespace, name)).or_default().push(slice);
     }
     let mut out: Vec<ServiceInfo> = services
-        .iter()
+        .into_iter()
         .filter_map(|service| {
             let namespace = service.metadata.namespace.clone()?;
             let name = service.metadata.name.clone()?;

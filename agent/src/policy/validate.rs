@@ -770,10 +770,11 @@ impl World {
     /// whose CRD is older than egret) gets its objects checked here.
     pub fn new(cluster: &Cluster) -> Self {
         let mut world = Self::default();
+        let mut namespaces = BTreeMap::new();
         for (name, ns) in &cluster.namespaces {
             match namespace(name, ns) {
                 Ok(labels) => {
-                    world.namespaces.insert(name.clone(), labels);
+                    namespaces.insert(name.clone(), labels);
                 }
                 Err(e) => reject(
                     &mut world,
@@ -782,20 +783,17 @@ impl World {
                 ),
             }
         }
+        let mut pods = Vec::new();
         for ((ns, name), p) in &cluster.pods {
             match pod(ns, name, p) {
-                Ok(info) => {
-                    world.namespaces.entry(ns.clone()).or_insert_with(|| {
-                        Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), ns.clone())])
-                    });
-                    world.pods.push(info);
-                }
+                Ok(info) => pods.push(info),
                 Err(e) => reject(&mut world, ObjectRef::new(ObjectKind::Pod, ns, name), e),
             }
         }
+        let mut network_policies = Vec::new();
         for ((ns, name), np) in &cluster.network_policies {
             match network_policy(ns, name, np) {
-                Ok(Some(np)) => world.network_policies.push(np),
+                Ok(Some(np)) => network_policies.push(np),
                 Ok(None) => {}
                 Err(e) => reject(
                     &mut world,
@@ -804,9 +802,10 @@ impl World {
                 ),
             }
         }
+        let mut egress_policies = Vec::new();
         for (name, ep) in &cluster.egress_policies {
             match egress_policy(name, ep) {
-                Ok(ep) => world.egress_policies.push(ep),
+                Ok(ep) => egress_policies.push(ep),
                 Err(e) => reject(
                     &mut world,
                     ObjectRef::new(ObjectKind::EgressPolicy, "", name),
@@ -814,17 +813,45 @@ impl World {
                 ),
             }
         }
-        world
-            .egress_policies
-            .sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
-        let mut by_namespace: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (i, pod) in world.pods.iter().enumerate() {
-            by_namespace
-                .entry(pod.namespace.clone())
-                .or_default()
-                .push(i);
+        Self::from_validated(
+            namespaces,
+            pods,
+            network_policies,
+            egress_policies,
+            world.invalid,
+        )
+    }
+
+    /// A world of objects validated one at a time (the agent keeps them so): puts them in the
+    /// order the compiler relies on and indexes the pods. A namespace that only pods name gets
+    /// the labels the API server gives every namespace.
+    pub fn from_validated(
+        mut namespaces: BTreeMap<String, Labels>,
+        mut pods: Vec<PodInfo>,
+        mut network_policies: Vec<NetPol>,
+        mut egress_policies: Vec<EgressPol>,
+        invalid: Vec<InvalidPolicy>,
+    ) -> Self {
+        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for pod in &pods {
+            if !namespaces.contains_key(&pod.namespace) {
+                namespaces.insert(
+                    pod.namespace.clone(),
+                    Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())]),
+                );
+            }
         }
-        world.pods_by_namespace = by_namespace;
+        network_policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        egress_policies.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+        let mut world = Self {
+            namespaces,
+            pods,
+            network_policies,
+            egress_policies,
+            invalid,
+            ..Self::default()
+        };
+        world.index_pods();
         world
     }
 }

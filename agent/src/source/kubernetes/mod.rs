@@ -2,9 +2,10 @@
 //! node ([`cgroups`]), turned into the node's state for the shared runtime; EgressPolicy status
 //! and Events ([`status`]).
 //!
-//! The unit sent is the node's whole snapshot, debounced: a burst of API events costs one
-//! compile and one write. While a watch is broken its store keeps the last state, so the last
-//! good policy stays enforced, unchanged; `/healthz` fails only if a watch loop dies, and
+//! Changes are debounced: a burst of API events costs one compile and one write. Pod changes
+//! alone are sent as such, for an incremental compile; any other change sends the whole
+//! validated cluster. While a watch is broken its kind keeps the last state, so the last good
+//! policy stays enforced, unchanged; `/healthz` fails only if a watch loop dies, and
 //! `/readyz` waits for every watch's initial list and the first write.
 
 pub mod cgroups;
@@ -12,35 +13,33 @@ pub mod status;
 pub mod watch;
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
     sync::{Arc, mpsc},
     time::Duration,
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Client, ResourceExt as _};
+use kube::Client;
 use tokio::sync::Notify;
 
 use self::{
     cgroups::Kubepods,
     status::{Election, StatusWriter},
-    watch::{KINDS, Objects, Watches},
+    watch::{KINDS, Kept, PodEntry, Taken, View, Watches},
 };
 use crate::{
     datapath::Verdict,
-    policy::{
-        cluster::Cluster,
-        compile::CompileOptions,
-        model::{ObjectKind, World},
-        services,
-    },
+    pipeline::StateChange,
+    policy::compile::CompileOptions,
     runtime::{CgroupPlan, SourceEvent, Update},
     sys,
 };
 
-/// How long the source waits for more API events after one before it takes a snapshot.
-pub const DEBOUNCE: Duration = Duration::from_millis(50);
+/// How long the API must be quiet after an event before the source takes the change: a burst
+/// (a rollout, a re-list) costs one compile and one write...
+pub const QUIET: Duration = Duration::from_millis(20);
+/// ...but a steady stream of events delays a write by at most this.
+pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 /// How often watch health is reported, the status Lease renewed and the cgroup hierarchy
 /// rescanned (the backstop of inotify).
 const PERIOD: Duration = Duration::from_secs(5);
@@ -70,37 +69,10 @@ pub struct AgentOptions {
     pub cgroup_root: PathBuf,
 }
 
-/// The cluster state the compiler takes, from the watched objects; invalid objects are left
-/// out and listed in `invalid` (a CRD's schema may be older than egret's checks).
-pub fn world(objects: &Objects) -> World {
-    let mut cluster = Cluster::default();
-    for ns in &objects.namespaces {
-        cluster
-            .namespaces
-            .insert(ns.name_any(), Arc::new(ns.clone()));
-    }
-    for pod in &objects.pods {
-        let key = (pod.namespace().unwrap_or_default(), pod.name_any());
-        cluster.pods.insert(key, Arc::new(pod.clone()));
-    }
-    for np in &objects.network_policies {
-        let key = (np.namespace().unwrap_or_default(), np.name_any());
-        cluster.network_policies.insert(key, Arc::new(np.clone()));
-    }
-    for ep in &objects.egress_policies {
-        cluster
-            .egress_policies
-            .insert(ep.name_any(), Arc::new(ep.clone()));
-    }
-    let mut world = World::new(&cluster);
-    world.services = services::from_objects(&objects.services, &objects.endpoint_slices);
-    world
-}
-
 /// The cgroups of this node's pods, and (with `--unknown-pods deny`) the kubelet's directories
 /// as guards, so that a pod cgroup egret has not written yet is denied.
 pub fn plan(
-    pods: &[Pod],
+    pods: &Kept<PodEntry>,
     node: &str,
     kubepods: Option<&Kubepods>,
     unknown: UnknownPods,
@@ -122,7 +94,7 @@ pub fn plan(
 
 /// [`plan`] with the cgroup id lookup given (a fake hierarchy in tests).
 fn plan_with(
-    pods: &[Pod],
+    pods: &Kept<PodEntry>,
     node: &str,
     kubepods: Option<&Kubepods>,
     unknown: UnknownPods,
@@ -133,19 +105,15 @@ fn plan_with(
         return plan;
     };
     let on_disk = kubepods.pods();
-    for pod in pods {
-        let on_node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
-        let Some(uid) = pod.metadata.uid.as_deref() else {
+    for (key, pod) in pods.iter() {
+        if pod.node.as_deref() != Some(node) {
             continue;
-        };
-        let Some(dir) = on_disk.get(uid).filter(|_| on_node) else {
+        }
+        let Some(dir) = pod.uid.as_deref().and_then(|uid| on_disk.get(uid)) else {
             continue;
         };
         if let Some(id) = cgroup_id(dir) {
-            plan.workloads
-                .entry((pod.namespace().unwrap_or_default(), pod.name_any()))
-                .or_default()
-                .insert(id);
+            plan.workloads.entry(key.clone()).or_default().insert(id);
         }
     }
     if unknown == UnknownPods::Deny {
@@ -153,16 +121,6 @@ fn plan_with(
             .extend(kubepods.parents().iter().filter_map(|p| cgroup_id(p)));
     }
     plan
-}
-
-/// Problems of invalid EgressPolicies, by name, for their status.
-fn egress_problems(world: &World) -> BTreeMap<String, String> {
-    world
-        .invalid
-        .iter()
-        .filter(|i| i.object.kind == ObjectKind::EgressPolicy)
-        .map(|i| (i.object.name.clone(), format!("{}: {}", i.field, i.message)))
-        .collect()
 }
 
 /// A client from `kubeconfig`, else as kube infers one (`$KUBECONFIG` or `~/.kube/config`,
@@ -217,48 +175,35 @@ pub enum ClientError {
     },
 }
 
-/// Every object the compiler needs, listed once (for `egret explain` against a cluster).
-pub async fn list(client: &Client) -> Result<Objects, ClientError> {
-    async fn all<K>(client: &Client, kind: &'static str) -> Result<Vec<K>, ClientError>
+/// Every object the compiler needs, listed once and kept as the agent keeps them (for
+/// `egret explain` against a cluster).
+pub async fn list(client: &Client) -> Result<View, ClientError> {
+    async fn all<K>(client: &Client, view: &mut View) -> Result<(), ClientError>
     where
-        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
+        K: watch::Watched,
         K::DynamicType: Default,
     {
         let api: kube::Api<K> = kube::Api::all(client.clone());
-        api.list(&kube::api::ListParams::default())
+        let list = api
+            .list(&kube::api::ListParams::default())
             .await
-            .map(|list| list.items)
-            .map_err(|source| ClientError::List { kind, source })
+            .map_err(|source| ClientError::List {
+                kind: K::KIND,
+                source,
+            })?;
+        for object in list.items {
+            view.apply(kube::runtime::watcher::Event::Apply(object));
+        }
+        Ok(())
     }
-    let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
-        kube::Api::all(client.clone());
-    let egress: kube::Api<crate::policy::crd::EgressPolicy> = kube::Api::all(client.clone());
-    let params = kube::api::ListParams::default();
-    Ok(Objects {
-        pods: all(client, "Pod").await?,
-        namespaces: namespaces
-            .list(&params)
-            .await
-            .map_err(|source| ClientError::List {
-                kind: "Namespace",
-                source,
-            })?
-            .items,
-        network_policies: all(client, "NetworkPolicy").await?,
-        egress_policies: egress
-            .list(&params)
-            .await
-            .map_err(|source| ClientError::List {
-                kind: "EgressPolicy",
-                source,
-            })?
-            .items,
-        services: all(client, "Service").await?,
-        endpoint_slices: all(client, "EndpointSlice").await?,
-    })
+    let mut view = View::default();
+    all::<Pod>(client, &mut view).await?;
+    all::<k8s_openapi::api::core::v1::Namespace>(client, &mut view).await?;
+    all::<k8s_openapi::api::networking::v1::NetworkPolicy>(client, &mut view).await?;
+    all::<crate::policy::crd::EgressPolicy>(client, &mut view).await?;
+    all::<k8s_openapi::api::core::v1::Service>(client, &mut view).await?;
+    all::<k8s_openapi::api::discovery::v1::EndpointSlice>(client, &mut view).await?;
+    Ok(view)
 }
 
 /// Runs the source until the runtime hangs up: watches, cgroups, status.
@@ -278,13 +223,9 @@ pub async fn run(
     };
     let mut period = tokio::time::interval(PERIOD);
     let mut listed = false;
-    let mut pods: Vec<Pod> = Vec::new();
     let mut last_plan = None;
     let mut leader = false;
-    let mut pending_status: Option<(
-        Vec<crate::policy::crd::EgressPolicy>,
-        BTreeMap<String, String>,
-    )> = None;
+    let mut status_due = false;
     loop {
         let (mut state, mut cgroups, mut periodic) = (false, false, false);
         tokio::select! {
@@ -293,8 +234,18 @@ pub async fn run(
             _ = period.tick() => periodic = true,
         }
         if state {
-            // More events of the same burst go into the same snapshot.
-            tokio::time::sleep(DEBOUNCE).await;
+            // More events of the same burst go into the same compile.
+            let deadline = tokio::time::Instant::now() + DEBOUNCE_MAX;
+            loop {
+                let quiet = tokio::time::sleep(QUIET);
+                tokio::select! {
+                    () = watches.changed() => {}
+                    () = quiet => break,
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+            }
         }
         let health = watches.health();
         if !listed {
@@ -312,48 +263,47 @@ pub async fn run(
             }
             listed = true;
             state = true;
+            watches.view().touch_all();
             if events.send(SourceEvent::Waiting(None)).is_err() {
                 return;
             }
         }
-        let sent = if state {
-            let (objects, since) = watches.snapshot();
-            let world = world(&objects);
-            for invalid in &world.invalid {
-                tracing::warn!("rejected: {invalid}");
+        // The view stays locked (every watch waits) only while the change and plan are taken.
+        let (taken, plan) = {
+            let mut view = watches.view();
+            let taken = if state { view.take() } else { Taken::default() };
+            let plan = (state || cgroups || periodic).then(|| {
+                let kubepods = Kubepods::find(&options.cgroup_root);
+                plan(
+                    &view.pods,
+                    &options.node,
+                    kubepods.as_ref(),
+                    options.unknown_pods,
+                )
+            });
+            (taken, plan)
+        };
+        status_due |= taken.status;
+        let sent = match (taken.change, plan) {
+            (Some(change), Some(plan)) => {
+                if let StateChange::World(world) = &change {
+                    for invalid in &world.invalid {
+                        tracing::warn!("rejected: {invalid}");
+                    }
+                }
+                last_plan = Some(plan.clone());
+                events.send(SourceEvent::Update(Box::new(Update {
+                    change,
+                    options: compile_options.clone(),
+                    cgroups: plan,
+                    since: taken.since,
+                })))
             }
-            let kubepods = Kubepods::find(&options.cgroup_root);
-            let plan = plan(
-                &objects.pods,
-                &options.node,
-                kubepods.as_ref(),
-                options.unknown_pods,
-            );
-            pods = objects.pods;
-            pending_status = Some((objects.egress_policies, egress_problems(&world)));
-            last_plan = Some(plan.clone());
-            events.send(SourceEvent::Update(Box::new(Update {
-                world,
-                options: compile_options.clone(),
-                cgroups: plan,
-                since,
-            })))
-        } else if cgroups || periodic {
-            let kubepods = Kubepods::find(&options.cgroup_root);
-            let plan = plan(
-                &pods,
-                &options.node,
-                kubepods.as_ref(),
-                options.unknown_pods,
-            );
-            if last_plan.as_ref() == Some(&plan) {
-                Ok(())
-            } else {
+            (None, Some(plan)) if last_plan.as_ref() != Some(&plan) => {
                 last_plan = Some(plan.clone());
                 events.send(SourceEvent::Cgroups(plan))
             }
-        } else {
-            Ok(())
+            _ => Ok(()),
         };
         if sent.is_err() {
             return;
@@ -377,12 +327,14 @@ pub async fn run(
                 }
             };
         }
-        if leader
-            && let Some((policies, problems)) = pending_status.take()
-            && let Err(err) = writer.write(&policies, &problems).await
-        {
-            tracing::warn!("EgressPolicy status: {err:#}; retried at the next change");
-            pending_status = Some((policies, problems));
+        if leader && status_due {
+            let (policies, problems) = watches.view().egress_status();
+            match writer.write(&policies, &problems).await {
+                Ok(_) => status_due = false,
+                Err(err) => {
+                    tracing::warn!("EgressPolicy status: {err:#}; retried at the next change");
+                }
+            }
         }
     }
 }
@@ -435,6 +387,8 @@ pub fn identity(node: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     fn pod(namespace: &str, name: &str, uid: &str, node: &str) -> Pod {
@@ -448,36 +402,36 @@ mod tests {
 
     #[test]
     fn objects_become_the_world_with_services_and_invalid_policies_left_out() {
-        let objects = Objects {
-            pods: vec![pod(
-                "a",
-                "web",
-                "6f0c7c9e-2d3b-4b53-9a52-2c1d9b3e8a01",
-                "n1",
-            )],
-            egress_policies: vec![
-                serde_json::from_value(serde_json::json!({
-                    "apiVersion": "egret.dev/v1alpha1", "kind": "EgressPolicy",
-                    "metadata": {"name": "bad"},
-                    "spec": {"priority": 5000, "subject": {"podSelector": {}}, "rules": []}
-                }))
-                .unwrap(),
-            ],
-            services: vec![
-                serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": "dns", "namespace": "kube-system"},
-                    "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 53, "protocol": "UDP"}]}
-                }))
-                .unwrap(),
-            ],
-            ..Objects::default()
-        };
-        let world = world(&objects);
+        use kube::runtime::watcher::Event;
+        let mut view = View::default();
+        view.apply(Event::Apply(pod(
+            "a",
+            "web",
+            "6f0c7c9e-2d3b-4b53-9a52-2c1d9b3e8a01",
+            "n1",
+        )));
+        view.apply(Event::Apply(
+            serde_json::from_value::<crate::policy::crd::EgressPolicy>(serde_json::json!({
+                "apiVersion": "egret.dev/v1alpha1", "kind": "EgressPolicy",
+                "metadata": {"name": "bad"},
+                "spec": {"priority": 5000, "subject": {"podSelector": {}}, "rules": []}
+            }))
+            .unwrap(),
+        ));
+        view.apply(Event::Apply(
+            serde_json::from_value::<k8s_openapi::api::core::v1::Service>(serde_json::json!({
+                "metadata": {"name": "dns", "namespace": "kube-system"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 53, "protocol": "UDP"}]}
+            }))
+            .unwrap(),
+        ));
+        let world = view.world();
         assert_eq!(world.pods.len(), 1);
         assert_eq!(world.pods[0].node.as_deref(), Some("n1"));
         assert_eq!(world.services.len(), 1);
         assert!(world.egress_policies.is_empty(), "priority 5000 is invalid");
-        let problems = egress_problems(&world);
+        let (policies, problems) = view.egress_status();
+        assert_eq!(policies.len(), 1, "an invalid policy still gets its status");
         assert!(problems["bad"].contains("priority"), "{problems:?}");
     }
 
@@ -495,14 +449,18 @@ mod tests {
             .unwrap();
         }
         let kubepods = Kubepods::find(&root).unwrap();
-        let pods = [pod("a", "web", here, "n1"), pod("a", "db", there, "n2")];
+        let mut view = View::default();
+        for pod in [pod("a", "web", here, "n1"), pod("a", "db", there, "n2")] {
+            view.apply(kube::runtime::watcher::Event::Apply(pod));
+        }
+        let pods = &view.pods;
         // Inode numbers stand in for cgroup ids (on cgroup2 they are the same thing).
         let inode = |dir: &std::path::Path| {
             use std::os::unix::fs::MetadataExt as _;
             std::fs::metadata(dir).ok().map(|m| m.ino())
         };
         let web_dir = &kubepods.pods()[here];
-        let allow = plan_with(&pods, "n1", Some(&kubepods), UnknownPods::Allow, &inode);
+        let allow = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Allow, &inode);
         assert_eq!(
             allow.workloads,
             BTreeMap::from([(
@@ -512,7 +470,7 @@ mod tests {
             "only this node's pod, by its uid's cgroup"
         );
         assert!(allow.guards.is_empty());
-        let deny = plan_with(&pods, "n1", Some(&kubepods), UnknownPods::Deny, &inode);
+        let deny = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Deny, &inode);
         let parents: std::collections::BTreeSet<u64> =
             kubepods.parents().iter().filter_map(|p| inode(p)).collect();
         assert_eq!(

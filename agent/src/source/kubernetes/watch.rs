@@ -1,36 +1,46 @@
-//! The agent's view of the cluster: one kube-runtime watcher and reflector store per kind it
-//! needs, each re-listing on its own after an error or a `410 Gone` (with kube's default
-//! backoff), and one notification when anything changed. While a watch is broken its store keeps
-//! the last state it had, so the last good policy stays enforced, unchanged.
+//! The agent's view of the cluster: one kube-runtime watcher per kind it needs, each re-listing
+//! on its own after an error or a `410 Gone` (with kube's default backoff).
 //!
-//! Pods are the one kind whose count grows with the cluster; each is cut down to the fields the
-//! compiler reads before it is stored ([`slim_pod`]), so memory stays bounded.
+//! Each object is validated once, when it arrives, and kept only as the compiler reads it: a pod
+//! as its [`PodInfo`] with its uid and node, a policy as its model, a Service or EndpointSlice
+//! cut down. The [`View`] records which pods changed and whether anything else did, so that a
+//! pod's churn costs an incremental compile of what it touches, not a rebuild of the cluster;
+//! an update that changes nothing the compiler reads (a pod's conditions, a resourceVersion)
+//! costs nothing. A re-list replaces a kind's objects only once it is complete, and while a
+//! watch is broken its kind keeps the last state it had, so the last good policy stays
+//! enforced, unchanged.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fmt::Debug,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
     time::Instant,
 };
 
 use futures::{Stream, StreamExt as _};
 use k8s_openapi::api::{
-    core::v1::{Namespace, Pod, PodSpec, PodStatus, Service},
+    core::v1::{Namespace, Pod, Service},
     discovery::v1::EndpointSlice,
     networking::v1::NetworkPolicy,
 };
 use kube::{
-    Api, Client, Resource,
-    runtime::{
-        WatchStreamExt as _,
-        reflector::{self, Store, store::Writer},
-        watcher,
-    },
+    Api, Client, Resource, ResourceExt as _,
+    runtime::{WatchStreamExt as _, watcher},
 };
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
-use crate::policy::crd::EgressPolicy;
+use crate::{
+    pipeline::StateChange,
+    policy::{
+        crd::EgressPolicy,
+        model::{
+            EgressPol, FieldError, InvalidPolicy, Labels, NetPol, ObjectKind, ObjectRef, PodInfo,
+            World,
+        },
+        services, validate,
+    },
+};
 
 /// The kinds watched, as named in logs and metrics.
 pub const KINDS: [&str; 6] = [
@@ -51,7 +61,7 @@ pub struct KindHealth {
     pub alive: bool,
     /// Errors after which the watcher backed off and resumed or re-listed.
     pub restarts: u64,
-    /// Objects in the store.
+    /// Objects kept.
     pub objects: usize,
     /// The last error, for the readiness detail.
     pub last_error: Option<String>,
@@ -94,53 +104,460 @@ impl WatchHealth {
     }
 }
 
-/// Everything the watches hold now, as plain objects.
-#[derive(Clone, Debug, Default)]
-pub struct Objects {
-    pub pods: Vec<Pod>,
-    pub namespaces: Vec<Namespace>,
-    pub network_policies: Vec<NetworkPolicy>,
-    pub egress_policies: Vec<EgressPolicy>,
-    pub services: Vec<Service>,
-    pub endpoint_slices: Vec<EndpointSlice>,
+/// (namespace, name); the namespace is empty for cluster-scoped kinds.
+pub type Key = (String, String);
+
+/// A pod as the agent keeps it: the compiler's model, and what finds its cgroup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodEntry {
+    pub uid: Option<String>,
+    pub node: Option<String>,
+    pub model: Result<PodInfo, InvalidPolicy>,
+}
+
+/// An EgressPolicy as the agent keeps it: the object (its status is written back) and its
+/// model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EgressEntry {
+    pub object: Arc<EgressPolicy>,
+    pub model: Result<EgressPol, InvalidPolicy>,
+}
+
+/// One kind's objects: the live set, and a re-list in progress.
+#[derive(Debug)]
+pub struct Kept<V> {
+    live: BTreeMap<Key, V>,
+    relist: Option<BTreeMap<Key, V>>,
+}
+
+impl<V> Default for Kept<V> {
+    fn default() -> Self {
+        Self {
+            live: BTreeMap::new(),
+            relist: None,
+        }
+    }
+}
+
+impl<V> Kept<V> {
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &V)> {
+        self.live.iter()
+    }
+
+    pub fn get(&self, key: &Key) -> Option<&V> {
+        self.live.get(key)
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+}
+
+/// What a changed object means for the next compile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Touch {
+    /// One pod: an incremental compile.
+    Pod,
+    /// A policy, namespace or Service: the whole cluster is compiled again.
+    Cluster,
+    /// Only an EgressPolicy's status: written again, nothing compiled.
+    Status,
+}
+
+/// What changed since the last [`View::take`].
+#[derive(Debug, Default)]
+struct Dirty {
+    pods: BTreeSet<Key>,
+    cluster: bool,
+    status: bool,
+    /// When the oldest change not taken yet arrived.
+    since: Option<Instant>,
+}
+
+/// What changed since the last take, for the compiler and the status writer.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// `None`: nothing to compile.
+    pub change: Option<StateChange>,
+    /// EgressPolicy objects or problems changed: write their statuses.
+    pub status: bool,
+    /// When the oldest change it includes arrived.
+    pub since: Option<Instant>,
+}
+
+/// Everything the watches keep, and what changed since the compiler last took it.
+#[derive(Debug, Default)]
+pub struct View {
+    pub pods: Kept<PodEntry>,
+    pub namespaces: Kept<Result<Labels, InvalidPolicy>>,
+    pub network_policies: Kept<Result<Option<NetPol>, InvalidPolicy>>,
+    pub egress_policies: Kept<EgressEntry>,
+    pub services: Kept<Arc<Service>>,
+    pub endpoint_slices: Kept<Arc<EndpointSlice>>,
+    dirty: Dirty,
+}
+
+impl View {
+    /// Applies one watcher event of kind `K`; true if it changed anything the agent acts on.
+    pub fn apply<K: Watched>(&mut self, event: watcher::Event<K>) -> bool {
+        match event {
+            watcher::Event::Apply(object) => {
+                let (key, kept) = K::keep(object);
+                let old = K::kept(self).live.insert(key.clone(), kept);
+                self.note::<K>(&key, old)
+            }
+            watcher::Event::Delete(object) => {
+                let key = key_of(&object);
+                let old = K::kept(self).live.remove(&key);
+                self.note::<K>(&key, old)
+            }
+            watcher::Event::Init => {
+                K::kept(self).relist = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(object) => {
+                let (key, kept) = K::keep(object);
+                K::kept(self)
+                    .relist
+                    .get_or_insert_default()
+                    .insert(key, kept);
+                false
+            }
+            watcher::Event::InitDone => {
+                let kept = K::kept(self);
+                let listed = kept.relist.take().unwrap_or_default();
+                let old = std::mem::replace(&mut kept.live, listed);
+                let keys: BTreeSet<Key> = old.keys().chain(kept.live.keys()).cloned().collect();
+                let mut old = old;
+                let mut changed = false;
+                for key in keys {
+                    changed |= self.note::<K>(&key, old.remove(&key));
+                }
+                changed
+            }
+        }
+    }
+
+    /// Records what replacing `old` with the kept object at `key` (if any) means.
+    fn note<K: Watched>(&mut self, key: &Key, old: Option<K::Kept>) -> bool {
+        let new = K::kept(self).live.get(key);
+        if old.as_ref() == new {
+            return false;
+        }
+        match K::touches(old.as_ref(), new) {
+            Touch::Pod => {
+                self.dirty.pods.insert(key.clone());
+            }
+            Touch::Cluster => self.dirty.cluster = true,
+            Touch::Status => {}
+        }
+        // A changed EgressPolicy's status may need writing whatever changed in it.
+        if K::KIND == "EgressPolicy" {
+            self.dirty.status = true;
+        }
+        self.dirty.since.get_or_insert_with(Instant::now);
+        true
+    }
+
+    /// Marks everything changed (the next take compiles the whole cluster and writes every
+    /// status).
+    pub fn touch_all(&mut self) {
+        self.dirty.cluster = true;
+        self.dirty.status = true;
+    }
+
+    /// What changed since the last take: the whole cluster when anything but pods changed,
+    /// else the pods that did.
+    pub fn take(&mut self) -> Taken {
+        let dirty = std::mem::take(&mut self.dirty);
+        let change = if dirty.cluster {
+            Some(StateChange::World(self.world()))
+        } else if dirty.pods.is_empty() {
+            None
+        } else {
+            let mut upsert = Vec::new();
+            let mut remove = Vec::new();
+            for key in dirty.pods {
+                match self.pods.get(&key).map(|p| &p.model) {
+                    Some(Ok(pod)) => upsert.push(pod.clone()),
+                    _ => remove.push(key),
+                }
+            }
+            Some(StateChange::Pods { upsert, remove })
+        };
+        Taken {
+            change,
+            status: dirty.status,
+            since: dirty.since,
+        }
+    }
+
+    /// The validated cluster: every kept model, the Services with their endpoints, and every
+    /// object left out as invalid.
+    pub fn world(&self) -> World {
+        let mut invalid = Vec::new();
+        let namespaces = self
+            .namespaces
+            .iter()
+            .filter_map(|((_, name), r)| {
+                valid(r, &mut invalid).map(|labels| (name.clone(), labels))
+            })
+            .collect();
+        let pods = self
+            .pods
+            .iter()
+            .filter_map(|(_, p)| valid(&p.model, &mut invalid))
+            .collect();
+        let network_policies = self
+            .network_policies
+            .iter()
+            .filter_map(|(_, r)| valid(r, &mut invalid).flatten())
+            .collect();
+        let egress_policies = self
+            .egress_policies
+            .iter()
+            .filter_map(|(_, e)| valid(&e.model, &mut invalid))
+            .collect();
+        let mut world =
+            World::from_validated(namespaces, pods, network_policies, egress_policies, invalid);
+        world.services = services::from_objects(
+            self.services.iter().map(|(_, s)| s.as_ref()),
+            self.endpoint_slices.iter().map(|(_, s)| s.as_ref()),
+        );
+        world
+    }
+
+    /// Every EgressPolicy as stored, and the problem of each invalid one (name -> message), for
+    /// their status.
+    pub fn egress_status(&self) -> (Vec<EgressPolicy>, BTreeMap<String, String>) {
+        let policies = self
+            .egress_policies
+            .iter()
+            .map(|(_, e)| e.object.as_ref().clone())
+            .collect();
+        let problems = self
+            .egress_policies
+            .iter()
+            .filter_map(|((_, name), e)| {
+                e.model
+                    .as_ref()
+                    .err()
+                    .map(|i| (name.clone(), format!("{}: {}", i.field, i.message)))
+            })
+            .collect();
+        (policies, problems)
+    }
+
+    /// Objects kept per kind.
+    fn counts(&self) -> [(&'static str, usize); 6] {
+        [
+            ("Pod", self.pods.len()),
+            ("Namespace", self.namespaces.len()),
+            ("NetworkPolicy", self.network_policies.len()),
+            ("EgressPolicy", self.egress_policies.len()),
+            ("Service", self.services.len()),
+            ("EndpointSlice", self.endpoint_slices.len()),
+        ]
+    }
+}
+
+/// A valid model's copy; an invalid one's rejection goes to `invalid`.
+fn valid<T: Clone>(
+    model: &Result<T, InvalidPolicy>,
+    invalid: &mut Vec<InvalidPolicy>,
+) -> Option<T> {
+    match model {
+        Ok(model) => Some(model.clone()),
+        Err(rejection) => {
+            invalid.push(rejection.clone());
+            None
+        }
+    }
+}
+
+fn key_of<K: Resource>(object: &K) -> Key {
+    (object.namespace().unwrap_or_default(), object.name_any())
+}
+
+fn rejected(kind: ObjectKind, (namespace, name): &Key, error: FieldError) -> InvalidPolicy {
+    let FieldError { field, message } = error;
+    InvalidPolicy {
+        object: ObjectRef::new(kind, namespace, name),
+        field,
+        message,
+    }
+}
+
+/// One watched kind: what the agent keeps of an object, where, and what a change means.
+pub trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
+    /// As named in logs and metrics.
+    const KIND: &'static str;
+    type Kept: Clone + PartialEq + Debug + Send + 'static;
+    /// Validates and cuts down one object.
+    fn keep(self) -> (Key, Self::Kept);
+    fn kept(view: &mut View) -> &mut Kept<Self::Kept>;
+    /// What `old` becoming `new` means (either `None`: added or deleted); they differ.
+    fn touches(_old: Option<&Self::Kept>, _new: Option<&Self::Kept>) -> Touch {
+        Touch::Cluster
+    }
+}
+
+impl Watched for Pod {
+    const KIND: &'static str = "Pod";
+    type Kept = PodEntry;
+
+    fn keep(self) -> (Key, PodEntry) {
+        let key = key_of(&self);
+        let model =
+            validate::pod(&key.0, &key.1, &self).map_err(|e| rejected(ObjectKind::Pod, &key, e));
+        let entry = PodEntry {
+            uid: self.metadata.uid,
+            node: self.spec.and_then(|s| s.node_name),
+            model,
+        };
+        (key, entry)
+    }
+
+    fn kept(view: &mut View) -> &mut Kept<PodEntry> {
+        &mut view.pods
+    }
+
+    fn touches(old: Option<&PodEntry>, new: Option<&PodEntry>) -> Touch {
+        // An invalid pod is listed in the world's rejections: only a whole compile updates
+        // them.
+        let invalid = |p: Option<&PodEntry>| p.is_some_and(|p| p.model.is_err());
+        if invalid(old) || invalid(new) {
+            Touch::Cluster
+        } else {
+            Touch::Pod
+        }
+    }
+}
+
+impl Watched for Namespace {
+    const KIND: &'static str = "Namespace";
+    type Kept = Result<Labels, InvalidPolicy>;
+
+    fn keep(self) -> (Key, Self::Kept) {
+        let key = (String::new(), self.name_any());
+        let labels = validate::namespace(&key.1, &self)
+            .map_err(|e| rejected(ObjectKind::Namespace, &key, e));
+        (key, labels)
+    }
+
+    fn kept(view: &mut View) -> &mut Kept<Self::Kept> {
+        &mut view.namespaces
+    }
+}
+
+impl Watched for NetworkPolicy {
+    const KIND: &'static str = "NetworkPolicy";
+    type Kept = Result<Option<NetPol>, InvalidPolicy>;
+
+    fn keep(self) -> (Key, Self::Kept) {
+        let key = key_of(&self);
+        let model = validate::network_policy(&key.0, &key.1, &self)
+            .map_err(|e| rejected(ObjectKind::NetworkPolicy, &key, e));
+        (key, model)
+    }
+
+    fn kept(view: &mut View) -> &mut Kept<Self::Kept> {
+        &mut view.network_policies
+    }
+}
+
+impl Watched for EgressPolicy {
+    const KIND: &'static str = "EgressPolicy";
+    type Kept = EgressEntry;
+
+    fn keep(mut self) -> (Key, EgressEntry) {
+        let key = (String::new(), self.name_any());
+        let model = validate::egress_policy(&key.1, &self)
+            .map_err(|e| rejected(ObjectKind::EgressPolicy, &key, e));
+        slim_meta(&mut self);
+        let entry = EgressEntry {
+            object: Arc::new(self),
+            model,
+        };
+        (key, entry)
+    }
+
+    fn kept(view: &mut View) -> &mut Kept<EgressEntry> {
+        &mut view.egress_policies
+    }
+
+    fn touches(old: Option<&EgressEntry>, new: Option<&EgressEntry>) -> Touch {
+        match (old, new) {
+            (Some(old), Some(new)) if old.model == new.model => Touch::Status,
+            _ => Touch::Cluster,
+        }
+    }
+}
+
+impl Watched for Service {
+    const KIND: &'static str = "Service";
+    type Kept = Arc<Service>;
+
+    fn keep(mut self) -> (Key, Arc<Service>) {
+        slim_meta(&mut self);
+        (key_of(&self), Arc::new(self))
+    }
+
+    fn kept(view: &mut View) -> &mut Kept<Arc<Service>> {
+        &mut view.services
+    }
+}
+
+impl Watched for EndpointSlice {
+    const KIND: &'static str = "EndpointSlice";
+    type Kept = Arc<EndpointSlice>;
+
+    fn keep(mut self) -> (Key, Arc<EndpointSlice>) {
+        slim_meta(&mut self);
+        (key_of(&self), Arc::new(self))
+    }
+
+    fn kept(view: &mut View) -> &mut Kept<Arc<EndpointSlice>> {
+        &mut view.endpoint_slices
+    }
+}
+
+/// Drops what no compile reads from an object's metadata: managed fields, annotations (the
+/// last-applied one alone can be larger than the rest of the object) and the resourceVersion
+/// (so that an update that changes nothing else compares equal).
+fn slim_meta<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
+    meta.resource_version = None;
 }
 
 /// The running watches.
 pub struct Watches {
-    pods: Store<Pod>,
-    namespaces: Store<Namespace>,
-    network_policies: Store<NetworkPolicy>,
-    egress_policies: Store<EgressPolicy>,
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
+    view: Arc<Mutex<View>>,
     health: Arc<WatchHealth>,
     changed: Arc<Notify>,
-    /// When the oldest change not yet taken by [`Self::snapshot`] arrived.
-    pending_since: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Watches {
     /// Starts every watch on the current tokio runtime.
     pub fn start(client: &Client) -> Self {
-        let health = Arc::new(WatchHealth::default());
-        let changed = Arc::new(Notify::new());
-        let pending_since = Arc::new(Mutex::new(None));
-        let shared = Shared {
-            health: Arc::clone(&health),
-            changed: Arc::clone(&changed),
-            pending_since: Arc::clone(&pending_since),
+        let watches = Self {
+            view: Arc::default(),
+            health: Arc::default(),
+            changed: Arc::default(),
         };
-        Self {
-            pods: shared.spawn("Pod", Api::all(client.clone()), slim_pod),
-            namespaces: shared.spawn("Namespace", Api::all(client.clone()), slim_meta),
-            network_policies: shared.spawn("NetworkPolicy", Api::all(client.clone()), slim_meta),
-            egress_policies: shared.spawn("EgressPolicy", Api::all(client.clone()), slim_meta),
-            services: shared.spawn("Service", Api::all(client.clone()), slim_meta),
-            endpoint_slices: shared.spawn("EndpointSlice", Api::all(client.clone()), slim_meta),
-            health,
-            changed,
-            pending_since,
-        }
+        watches.spawn::<Pod>(Api::all(client.clone()));
+        watches.spawn::<Namespace>(Api::all(client.clone()));
+        watches.spawn::<NetworkPolicy>(Api::all(client.clone()));
+        watches.spawn::<EgressPolicy>(Api::all(client.clone()));
+        watches.spawn::<Service>(Api::all(client.clone()));
+        watches.spawn::<EndpointSlice>(Api::all(client.clone()));
+        watches
     }
 
     /// Waits for the next change (returns at once if one came since the last call).
@@ -153,166 +570,71 @@ impl Watches {
         &self.health
     }
 
-    /// Everything the stores hold, and when the oldest change it includes arrived.
-    pub fn snapshot(&self) -> (Objects, Option<Instant>) {
-        let since = self
-            .pending_since
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        let objects = Objects {
-            pods: owned(&self.pods),
-            namespaces: owned(&self.namespaces),
-            network_policies: owned(&self.network_policies),
-            egress_policies: owned(&self.egress_policies),
-            services: owned(&self.services),
-            endpoint_slices: owned(&self.endpoint_slices),
-        };
-        for (kind, count) in [
-            ("Pod", objects.pods.len()),
-            ("Namespace", objects.namespaces.len()),
-            ("NetworkPolicy", objects.network_policies.len()),
-            ("EgressPolicy", objects.egress_policies.len()),
-            ("Service", objects.services.len()),
-            ("EndpointSlice", objects.endpoint_slices.len()),
-        ] {
+    /// The view, locked (briefly: every watch waits on it).
+    pub fn view(&self) -> MutexGuard<'_, View> {
+        let view = self.view.lock().unwrap_or_else(PoisonError::into_inner);
+        for (kind, count) in view.counts() {
             self.health.update(kind, |h| h.objects = count);
         }
-        (objects, since)
+        view
     }
-}
 
-fn owned<K: Clone + kube::runtime::reflector::Lookup + 'static>(store: &Store<K>) -> Vec<K>
-where
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    store.state().iter().map(|k| (**k).clone()).collect()
-}
-
-/// What every watch task shares.
-struct Shared {
-    health: Arc<WatchHealth>,
-    changed: Arc<Notify>,
-    pending_since: Arc<Mutex<Option<Instant>>>,
-}
-
-impl Shared {
-    /// Spawns the watch of one kind; returns its store.
-    fn spawn<K>(&self, kind: &'static str, api: Api<K>, slim: fn(&mut K)) -> Store<K>
+    /// Spawns the watch of one kind.
+    fn spawn<K>(&self, api: Api<K>)
     where
-        K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-        K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+        K: Watched,
+        K::DynamicType: Default,
     {
-        let (store, writer) = reflector::store();
-        let stream = events(api, writer, slim);
+        let stream = watcher(api, watcher::Config::default()).default_backoff();
+        let view = Arc::clone(&self.view);
         let health = Arc::clone(&self.health);
         let changed = Arc::clone(&self.changed);
-        let pending_since = Arc::clone(&self.pending_since);
-        health.update(kind, |h| h.alive = true);
+        health.update(K::KIND, |h| h.alive = true);
         tokio::spawn(async move {
-            follow(kind, stream, &health, &changed, &pending_since).await;
-            health.update(kind, |h| h.alive = false);
-            tracing::error!(kind, "watch loop ended; /healthz fails");
+            follow(stream, &view, &health, &changed).await;
+            health.update(K::KIND, |h| h.alive = false);
+            tracing::error!(kind = K::KIND, "watch loop ended; /healthz fails");
         });
-        store
     }
 }
 
-/// The reflected watch of one kind, cut down by `slim`.
-fn events<K>(
-    api: Api<K>,
-    writer: Writer<K>,
-    slim: fn(&mut K),
-) -> impl Stream<Item = watcher::Result<watcher::Event<K>>> + Send
-where
-    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    watcher(api, watcher::Config::default())
-        .default_backoff()
-        .modify(slim)
-        .reflect(writer)
-}
-
-/// Drives one reflected watch: records health, and notifies on every change. Takes any stream
-/// of watcher events, so tests can feed it `stream::iter(...)`.
-pub async fn follow<K>(
-    kind: &'static str,
+/// Drives one watch into the view: records health, and notifies on every change. Takes any
+/// stream of watcher events, so tests can feed it `stream::iter(...)`.
+pub async fn follow<K: Watched>(
     stream: impl Stream<Item = watcher::Result<watcher::Event<K>>>,
+    view: &Mutex<View>,
     health: &WatchHealth,
     changed: &Notify,
-    pending_since: &Mutex<Option<Instant>>,
 ) {
     let mut stream = std::pin::pin!(stream);
     while let Some(event) = stream.next().await {
-        let change = match event {
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => true,
-            Ok(watcher::Event::InitDone) => {
-                health.update(kind, |h| {
-                    h.listed = true;
-                    h.last_error = None;
-                });
-                tracing::debug!(kind, "listed");
-                true
-            }
-            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => false,
+        let event = match event {
+            Ok(event) => event,
             Err(err) => {
                 let text = err.to_string();
-                tracing::warn!(kind, error = %text, "watch failed; backing off, then resuming or re-listing (the last state stays enforced)");
-                health.update(kind, |h| {
+                tracing::warn!(kind = K::KIND, error = %text, "watch failed; backing off, then resuming or re-listing (the last state stays enforced)");
+                health.update(K::KIND, |h| {
                     h.restarts += 1;
                     h.last_error = Some(text);
                 });
-                false
+                continue;
             }
         };
-        if change {
-            pending_since
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_or_insert_with(Instant::now);
+        let listed = matches!(event, watcher::Event::InitDone);
+        let change = view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(event);
+        if listed {
+            health.update(K::KIND, |h| {
+                h.listed = true;
+                h.last_error = None;
+            });
+            tracing::debug!(kind = K::KIND, "listed");
+        }
+        if change || listed {
             changed.notify_one();
         }
-    }
-}
-
-/// Drops what no compile reads from any object's metadata: managed fields and annotations (the
-/// last-applied one alone can be larger than the rest of the object).
-fn slim_meta<K: Resource>(object: &mut K) {
-    let meta = object.meta_mut();
-    meta.managed_fields = None;
-    meta.annotations = None;
-}
-
-/// Cuts a pod down to what the compiler and the cgroup lookup read: identity, labels, owners,
-/// node, host networking, container port names and numbers, addresses and phase.
-pub fn slim_pod(pod: &mut Pod) {
-    slim_meta(pod);
-    if let Some(spec) = pod.spec.take() {
-        let containers = spec
-            .containers
-            .into_iter()
-            .map(|c| k8s_openapi::api::core::v1::Container {
-                name: c.name,
-                ports: c.ports,
-                ..Default::default()
-            })
-            .collect();
-        pod.spec = Some(PodSpec {
-            containers,
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            ..Default::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            host_ip: status.host_ip,
-            ..Default::default()
-        });
     }
 }
 
@@ -322,11 +644,11 @@ mod tests {
 
     use super::*;
 
-    fn pod(name: &str) -> Pod {
+    fn pod(name: &str, app: &str) -> Pod {
         serde_json::from_value(serde_json::json!({
             "metadata": {
                 "name": name, "namespace": "ns", "uid": "6f0c7c9e-2d3b-4b53-9a52-2c1d9b3e8a01",
-                "labels": {"app": "web"},
+                "labels": {"app": app, "pod-template-hash": "5d8f"},
                 "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "x".repeat(10_000)},
                 "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-5d8f", "uid": "u", "controller": true}]
@@ -349,45 +671,133 @@ mod tests {
         .unwrap()
     }
 
+    fn policy(name: &str, port: i64) -> NetworkPolicy {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns", "resourceVersion": "1"},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"],
+                     "egress": [{"ports": [{"port": port}]}]}
+        }))
+        .unwrap()
+    }
+
     #[test]
-    fn a_slim_pod_keeps_what_the_compiler_reads_and_nothing_else() {
-        let mut p = pod("web-1");
-        let before = serde_json::to_string(&p).unwrap().len();
-        slim_pod(&mut p);
-        let after = serde_json::to_string(&p).unwrap().len();
-        assert!(after * 10 < before, "{before} -> {after} bytes");
-        assert_eq!(p.metadata.labels.as_ref().unwrap()["app"], "web");
+    fn a_pod_is_kept_as_the_compiler_reads_it() {
+        let (key, entry) = pod("web-1", "web").keep();
+        assert_eq!(key, ("ns".to_owned(), "web-1".to_owned()));
+        assert_eq!(entry.node.as_deref(), Some("node-1"));
         assert_eq!(
-            p.metadata.owner_references.as_ref().unwrap()[0].name,
-            "web-5d8f"
+            entry.uid.as_deref(),
+            Some("6f0c7c9e-2d3b-4b53-9a52-2c1d9b3e8a01")
         );
-        assert!(p.metadata.annotations.is_none() && p.metadata.managed_fields.is_none());
-        let spec = p.spec.as_ref().unwrap();
-        assert_eq!(spec.node_name.as_deref(), Some("node-1"));
-        let ports = spec.containers[0].ports.as_ref().unwrap();
+        let info = entry.model.unwrap();
+        assert_eq!(info.labels["app"], "web");
+        assert_eq!(info.workload, "web", "the ReplicaSet's Deployment");
+        assert_eq!(info.ips, ["10.0.0.5".parse::<std::net::IpAddr>().unwrap()]);
         assert_eq!(
-            (ports[0].name.as_deref(), ports[0].container_port),
-            (Some("http"), 8080)
+            (info.ports[0].name.as_str(), info.ports[0].number),
+            ("http", 8080)
         );
-        assert!(spec.containers[0].image.is_none() && spec.volumes.is_none());
-        let status = p.status.as_ref().unwrap();
-        assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.5"));
-        assert!(status.conditions.is_none());
+    }
+
+    #[test]
+    fn pod_changes_are_incremental_and_status_only_updates_cost_nothing() {
+        let mut view = View::default();
+        assert!(view.apply(watcher::Event::Apply(pod("a", "web"))));
+        assert!(view.apply(watcher::Event::Apply(pod("b", "web"))));
+        let taken = view.take();
+        let Some(StateChange::Pods { upsert, remove }) = taken.change else {
+            panic!("pods only: {taken:?}");
+        };
+        assert_eq!(upsert.len(), 2);
+        assert!(remove.is_empty() && taken.since.is_some() && !taken.status);
+
+        // A new condition, a new resourceVersion: nothing the compiler reads.
+        let mut same = pod("a", "web");
+        same.metadata.resource_version = Some("99".into());
+        same.status.as_mut().unwrap().conditions = None;
+        assert!(!view.apply(watcher::Event::Apply(same)));
+        assert!(view.take().change.is_none());
+
+        assert!(view.apply(watcher::Event::Apply(pod("a", "db"))));
+        assert!(view.apply(watcher::Event::Delete(pod("b", "web"))));
+        let Some(StateChange::Pods { upsert, remove }) = view.take().change else {
+            panic!("pods only");
+        };
+        assert_eq!(upsert[0].labels["app"], "db");
+        assert_eq!(remove, [("ns".to_owned(), "b".to_owned())]);
+
+        // A policy: the whole cluster.
+        assert!(view.apply(watcher::Event::Apply(policy("p", 53))));
+        let Some(StateChange::World(world)) = view.take().change else {
+            panic!("a policy compiles the cluster");
+        };
+        assert_eq!(world.pods.len(), 1);
+        assert_eq!(world.network_policies.len(), 1);
+        // The same policy with a new resourceVersion: nothing.
+        let mut again = policy("p", 53);
+        again.metadata.resource_version = Some("2".into());
+        assert!(!view.apply(watcher::Event::Apply(again)));
+    }
+
+    #[test]
+    fn invalid_objects_are_left_out_and_named() {
+        let mut view = View::default();
+        view.apply(watcher::Event::Apply(policy("bad", 70_000)));
+        view.apply(watcher::Event::Apply(policy("good", 53)));
+        let world = view.world();
+        assert_eq!(world.network_policies.len(), 1);
+        assert_eq!(
+            world
+                .invalid
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "NetworkPolicy ns/bad: spec.egress[0].ports[0].port: Invalid value: 70000: must be between 1 and 65535, inclusive"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_relist_replaces_a_kind_only_when_complete_and_reports_what_it_changed() {
+        let mut view = View::default();
+        view.apply(watcher::Event::Apply(pod("a", "web")));
+        view.apply(watcher::Event::Apply(pod("b", "web")));
+        let _ = view.take();
+        // A re-list after a 410: "a" unchanged, "b" gone, "c" new.
+        assert!(!view.apply(watcher::Event::<Pod>::Init));
+        assert!(!view.apply(watcher::Event::InitApply(pod("a", "web"))));
+        assert!(!view.apply(watcher::Event::InitApply(pod("c", "web"))));
+        assert_eq!(
+            view.pods.len(),
+            2,
+            "the last state until the list completes"
+        );
+        assert!(view.pods.get(&("ns".into(), "b".into())).is_some());
+        assert!(view.apply(watcher::Event::<Pod>::InitDone));
+        let Some(StateChange::Pods { upsert, remove }) = view.take().change else {
+            panic!("pods only");
+        };
+        assert_eq!(
+            upsert.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            ["c"]
+        );
+        assert_eq!(remove, [("ns".to_owned(), "b".to_owned())]);
     }
 
     #[tokio::test]
     async fn changes_notify_and_errors_count_as_restarts_without_touching_readiness() {
         let health = WatchHealth::default();
         let changed = Notify::new();
-        let pending = Mutex::new(None);
+        let view = Mutex::new(View::default());
         let events: Vec<watcher::Result<watcher::Event<Pod>>> = vec![
             Ok(watcher::Event::Init),
-            Ok(watcher::Event::InitApply(pod("a"))),
+            Ok(watcher::Event::InitApply(pod("a", "web"))),
             Ok(watcher::Event::InitDone),
             Err(watcher::Error::NoResourceVersion),
-            Ok(watcher::Event::Apply(pod("b"))),
+            Ok(watcher::Event::Apply(pod("b", "web"))),
         ];
-        follow("Pod", stream::iter(events), &health, &changed, &pending).await;
+        follow(stream::iter(events), &view, &health, &changed).await;
         let pods = &health.snapshot()["Pod"];
         assert!(pods.listed);
         assert_eq!(pods.restarts, 1);
@@ -395,7 +805,7 @@ mod tests {
             pods.last_error.is_some(),
             "the last error is kept for /readyz"
         );
-        assert!(pending.lock().unwrap().is_some());
+        assert_eq!(view.lock().unwrap().pods.len(), 2);
         // A notification is waiting.
         tokio::time::timeout(std::time::Duration::from_millis(100), changed.notified())
             .await
@@ -409,11 +819,10 @@ mod tests {
             .map(|_| Err(watcher::Error::NoResourceVersion))
             .collect();
         follow(
-            "Pod",
             stream::iter(events),
+            &Mutex::new(View::default()),
             &health,
             &Notify::new(),
-            &Mutex::new(None),
         )
         .await;
         assert!(!health.snapshot()["Pod"].listed);
