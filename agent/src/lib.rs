@@ -15,3 +15,6 @@ pub mod runtime;
 pub mod source;
 pub mod sys;
 pub mod telemetry;
+
+/// egret's version: the crate's, which the image tag and the DaemonSet's image carry.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -41,10 +41,10 @@ fn prometheusrule_carries_the_same_groups() {
             .expect("yaml")
     };
     let rules = read("alerts/egret-rules.yaml");
-    let crd = read("prometheusrule.yaml");
+    let crd = read("components/monitoring/prometheusrule.yaml");
     assert_eq!(crd["kind"], "PrometheusRule");
     assert_eq!(
         crd["spec"]["groups"], rules["groups"],
-        "manifests/prometheusrule.yaml is stale: run `cargo xtask codegen`"
+        "manifests/components/monitoring/prometheusrule.yaml is stale: run `cargo xtask codegen`"
     );
 }

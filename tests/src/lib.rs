@@ -3,6 +3,7 @@
 //! attempts from inside a pod. The end-to-end tests in `tests/` and the xtask demo use it.
 
 pub mod agent;
+pub mod manifests;
 pub mod pressure;
 pub mod probe;
 pub mod sandbox;

@@ -17,6 +17,7 @@ use std::{
 use egret_test_apiserver::{ApiServer, Config};
 use egret_tests::{
     agent::{http_get, samples},
+    manifests::{self, Call},
     probe::{Outcome, egret_binary},
     sandbox::{Host, Pod, Sandbox},
 };
@@ -649,5 +650,55 @@ spec:
     let unexposed = explain("203.0.113.53", "54");
     assert_eq!(unexposed["verdict"], "deny", "{unexposed}");
     assert_eq!(unexposed["rule"], "no-such-port", "{unexposed}");
+
+    // Least privilege, proven on what happened: the shipped RBAC grants every call the agent
+    // and `egret explain` made (watches, the Lease, status, Events).
+    assert_rbac_grants(&cluster.server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every resource call egret made to `server` (kubectl's are the operator's) is granted to
+/// egret's ServiceAccount by the manifests; the calls include each kind of write.
+fn assert_rbac_grants(server: &ApiServer) {
+    let docs = manifests::build("").unwrap_or_else(|e| panic!("{e}"));
+    let grants = manifests::grants(&docs, "egret-system", "egret");
+    let calls: Vec<Call> = server
+        .requests()
+        .into_iter()
+        .filter(|r| !r.user_agent.starts_with("kubectl") && !r.resource.is_empty())
+        .map(|r| Call {
+            verb: r.verb,
+            group: r.api_group,
+            resource: r.resource,
+            subresource: r.subresource,
+            namespace: r.namespace,
+            name: r.name,
+        })
+        .collect();
+    let refused: std::collections::BTreeSet<String> = calls
+        .iter()
+        .filter(|c| !grants.iter().any(|g| g.allows(c)))
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "calls the shipped RBAC does not grant: {refused:#?}"
+    );
+    let made = |verb: &str, resource: &str| {
+        calls
+            .iter()
+            .any(|c| c.verb == verb && (c.resource == resource || c.subresource == resource))
+    };
+    for (verb, resource) in [
+        ("watch", "pods"),
+        ("list", "egresspolicies"),
+        ("create", "leases"),
+        ("patch", "status"),
+        ("create", "events"),
+    ] {
+        assert!(
+            made(verb, resource),
+            "the check saw no {verb} of {resource}"
+        );
+    }
 }

@@ -207,7 +207,8 @@ fn prometheus_scrapes_exact_counts_and_fires_the_blocked_egress_alert() {
     // Every query of the dashboard is one Prometheus accepts.
     let dashboard: Value = serde_json::from_str(
         &std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/grafana/egret-dashboard.json"),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../manifests/components/monitoring/egret-dashboard.json"),
         )
         .expect("dashboard"),
     )

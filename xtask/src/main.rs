@@ -206,8 +206,8 @@ fn codegen() -> anyhow::Result<()> {
          apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata:\n  name: egret\n  namespace: egret-system\n  \
          labels: {{app.kubernetes.io/name: egret}}\nspec:\n{indented}"
     );
-    std::fs::write("manifests/prometheusrule.yaml", rule)?;
-    println!("wrote manifests/prometheusrule.yaml");
+    std::fs::write("manifests/components/monitoring/prometheusrule.yaml", rule)?;
+    println!("wrote manifests/components/monitoring/prometheusrule.yaml");
     Ok(())
 }
 
