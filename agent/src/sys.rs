@@ -517,12 +517,10 @@ fn fs_magic(path: &Path) -> io::Result<i64> {
     if unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    // Not `expect`: the conversion is only useless on targets where `f_type` is already i64.
-    #[allow(
-        clippy::useless_conversion,
-        reason = "f_type is i64 on x86_64 glibc, narrower on other libc targets"
-    )]
-    Ok(i64::from(buf.f_type))
+    // `f_type` is i64 on glibc and u64 on musl (the image's static build); every filesystem
+    // magic number fits both.
+    let magic: i128 = buf.f_type.into();
+    Ok(i64::try_from(magic).unwrap_or(-1))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_tc;
 mod demo;
+mod image;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -24,6 +25,9 @@ enum Task {
     /// Runs every check: rustfmt, clippy (host and BPF target, warnings denied), unit tests and
     /// the privileged end-to-end tests against the real kernel (needs root).
     Test,
+    /// Builds the container image: a static (musl) egret `FROM scratch`, tagged with the crate
+    /// version as the DaemonSet references it (podman or buildah, offline).
+    Image,
     /// Regenerates checked-in files derived from others: the EgressPolicy CRD (from the Rust
     /// type) and the PrometheusRule (from the plain alert rules).
     Codegen,
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
         Task::Setup => setup::setup(),
         Task::Test => setup::setup().and_then(|()| test()),
         Task::Codegen => setup::setup().and_then(|()| codegen()),
+        Task::Image => setup::setup().and_then(|()| image::build().map(drop)),
         Task::Fuzz { seconds } => setup::setup().and_then(|()| fuzz(seconds)),
         Task::Run { once } => setup::setup().and_then(|()| demo::run(once)),
         Task::BenchTc => setup::setup().and_then(|()| bench_tc::run()),
@@ -104,6 +109,8 @@ fn test() -> anyhow::Result<()> {
             "the end-to-end tests load eBPF programs and create network namespaces: run `cargo xtask test` as root"
         );
     }
+    step("the container image (`cargo xtask image`; tests/tests/image.rs runs it)");
+    image::build()?;
     step("unit and privileged end-to-end tests");
     // The end-to-end tests run the `egret` and `egret-probe` binaries as a user would; `cargo
     // test` alone builds only test harnesses for them.

@@ -24,6 +24,52 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_kubectl()?;
     ensure_cargo_fuzz()?;
     ensure_iperf3()?;
+    ensure_image_tools()?;
+    Ok(())
+}
+
+/// Installs Debian `packages` (as root, from the package archive) for `why`.
+fn apt_install(packages: &[&str], why: &str) -> anyhow::Result<()> {
+    println!("setup: installing Debian's {} ({why})", packages.join(", "));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| {
+        format!(
+            "failed to install {} (needs root and Debian's package archive)",
+            packages.join(", ")
+        )
+    })
+}
+
+/// What `cargo xtask image` and the image test need: the musl target, musl-gcc (ring's C for
+/// that target), podman to build and run the image, and runc (crun, podman's default, refuses
+/// the hybrid cgroup layout of these machines).
+fn ensure_image_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [
+        ("podman", "podman"),
+        ("runc", "runc"),
+        ("musl-gcc", "musl-tools"),
+    ]
+    .into_iter()
+    .filter(|(binary, _)| {
+        capture(Command::new("sh").args(["-c", &format!("command -v {binary}")])).is_err()
+    })
+    .map(|(_, package)| package)
+    .collect();
+    if !missing.is_empty() {
+        apt_install(&missing, "the container image and its test")?;
+    }
+    let installed = capture(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|l| l == crate::image::TARGET) {
+        println!(
+            "setup: adding the {} target (the image's static binary)",
+            crate::image::TARGET
+        );
+        run(Command::new("rustup").args(["target", "add", crate::image::TARGET]))?;
+    }
     Ok(())
 }
 
@@ -61,12 +107,7 @@ fn ensure_iperf3() -> anyhow::Result<()> {
     if capture(Command::new("iperf3").arg("--version")).is_ok() {
         return Ok(());
     }
-    println!("setup: installing Debian's iperf3 package");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends", "iperf3"])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .context("failed to install iperf3 (needs root and Debian's package archive)")
+    apt_install(&["iperf3"], "cargo xtask bench-tc")
 }
 
 /// Debian's `prometheus` package: the alert tests run its `promtool`, and the end-to-end test
@@ -77,18 +118,7 @@ fn ensure_prometheus() -> anyhow::Result<()> {
     {
         return Ok(());
     }
-    println!("setup: installing Debian's prometheus package (prometheus, promtool)");
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "prometheus",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .context("failed to install prometheus (needs root and Debian's package archive)")
+    apt_install(&["prometheus"], "prometheus and promtool")
 }
 
 fn ensure_nightly() -> anyhow::Result<()> {
