@@ -158,7 +158,13 @@ enum Command {
     /// Prints the active generation and each map's fill.
     Status,
     /// Detaches the programs and removes every pin. Enforcement stops.
-    Detach,
+    Detach {
+        /// Then wait for SIGTERM or SIGINT instead of exiting, so that the pods of a cleanup
+        /// DaemonSet (`manifests/cleanup`) stay Running and `kubectl rollout status` says when
+        /// every node is done.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -397,9 +403,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 );
             }
         }
-        Command::Detach => {
+        Command::Detach { wait } => {
             datapath::uninstall(&pin_dir)?;
             tracing::info!(pin_dir = %pin_dir.display(), "detached");
+            if wait {
+                egret::sys::wait_for_termination()?;
+            }
         }
     }
     Ok(())

@@ -61,6 +61,29 @@ pub enum SysError {
     },
 }
 
+/// Blocks until the process gets SIGTERM or SIGINT (the signals are taken, not delivered, so
+/// the caller returns normally).
+pub fn wait_for_termination() -> io::Result<()> {
+    // SAFETY: `set` is plain data initialised by sigemptyset before use; the calls only read
+    // and write it and the thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        let mut signal = 0;
+        let rc = libc::sigwait(&set, &mut signal);
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(())
+}
+
 /// The mount point of the cgroup v2 hierarchy (`/sys/fs/cgroup` on most hosts, elsewhere on
 /// hybrid setups such as `/sys/fs/cgroup/unified`).
 pub fn cgroup2_mount() -> Result<PathBuf, SysError> {

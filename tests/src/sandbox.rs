@@ -353,7 +353,12 @@ impl Sandbox {
     /// Starts `egret-probe` with `args` in the background in `pod`; it is killed on drop unless
     /// the caller waits for it. Returns its pid.
     pub fn spawn_probe(&self, pod: &Pod, args: &[&str]) -> Result<u32> {
-        let mut command = self.command_in(&pod.netns, &pod.cgroup, &probe_binary())?;
+        self.spawn_probe_in(pod, &pod.cgroup, args)
+    }
+
+    /// [`Self::spawn_probe`] in another cgroup of the pod (a kubelet-style pod cgroup).
+    pub fn spawn_probe_in(&self, pod: &Pod, cgroup: &Path, args: &[&str]) -> Result<u32> {
+        let mut command = self.command_in(&pod.netns, cgroup, &probe_binary())?;
         let child = command
             .args(args)
             .stdout(Stdio::piped())

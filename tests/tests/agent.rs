@@ -702,3 +702,193 @@ fn assert_rbac_grants(server: &ApiServer) {
         );
     }
 }
+
+/// Sums `egret_egress_connections_total` samples whose labels hold every needle, by policy.
+fn by_policy(exposition: &str, needles: &[&str]) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for (labels, value) in samples(exposition, "egret_egress_connections_total") {
+        if needles.iter().all(|n| labels.contains(n)) {
+            let policy = labels
+                .split("policy=\"")
+                .nth(1)
+                .and_then(|p| p.split('"').next())
+                .unwrap_or_default()
+                .to_owned();
+            *out.entry(policy).or_default() += value;
+        }
+    }
+    out
+}
+
+#[test]
+fn a_rolling_update_changes_no_verdict_loses_no_count_and_keeps_every_label() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let (_host, listeners) = hosts(&mut sandbox);
+    let dir = temp_dir(&sandbox, "agent-upgrade");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &uid);
+    let policy = |name: &str| {
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: app}}\n\
+             spec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Egress]\n  egress:\n  \
+             - to: [{{ipBlock: {{cidr: 192.0.2.11/32}}}}]\n"
+        )
+    };
+    cluster.apply(&policy("only-eleven"));
+    // The allowed host accepts (and drops) every connection, so its queue never fills.
+    let stop_accepting = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepting = {
+        let stop = std::sync::Arc::clone(&stop_accepting);
+        let listeners: Vec<std::net::TcpListener> = listeners;
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut idle = true;
+                for l in &listeners {
+                    while let Ok((conn, _)) = l.accept() {
+                        drop(conn);
+                        idle = false;
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        })
+    };
+
+    let old = Agent::start(&sandbox, &dir, &cluster.kubeconfig, &[]);
+    old.wait_log("policy enforced", Duration::from_secs(30));
+    // Until the policy is live; these denials are counted too.
+    let mut denied_before = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while connect(&sandbox, &web, &web_cgroup, "192.0.2.10:80") != Outcome::Denied {
+        assert!(Instant::now() < deadline, "the policy never took effect");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    denied_before += 1;
+    let stop = dir.join("stop-probing");
+    let stop_arg = stop.to_str().expect("utf-8");
+    let probers: Vec<u32> = ["192.0.2.10:80", "192.0.2.11:80"]
+        .iter()
+        .map(|target| {
+            sandbox
+                .spawn_probe_in(
+                    &web,
+                    &web_cgroup,
+                    &[
+                        "loop",
+                        target,
+                        "--until-file",
+                        stop_arg,
+                        "--interval-ms",
+                        "5",
+                        "--timeout-ms",
+                        "1000",
+                    ],
+                )
+                .expect("prober")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The kubelet stops the old pod: SIGTERM, and it exits; its pins stay.
+    let mut old = old;
+    let pid = libc::pid_t::try_from(old.child.id()).expect("pid");
+    // SAFETY: plain syscall on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let _ = old.child.wait().expect("the old agent exits on SIGTERM");
+    // Meanwhile the policy is replaced by one of another name, and the pod relabelled.
+    cluster.kubectl(
+        &["-n", "app", "delete", "networkpolicy", "only-eleven"],
+        None,
+    );
+    cluster.apply(&policy("only-eleven-v2"));
+    cluster.kubectl(&["-n", "app", "label", "pod", "web", "tier=front"], None);
+    std::thread::sleep(Duration::from_millis(500));
+
+    // The new pod adopts the pins.
+    let new_dir = dir.join("new");
+    std::fs::create_dir_all(&new_dir).expect("dir");
+    let new = Agent::start(&sandbox, &new_dir, &cluster.kubeconfig, &[]);
+    new.wait_log("policy enforced", Duration::from_secs(30));
+    assert!(
+        new.log().contains("adopting pinned datapath"),
+        "the new agent adopts the pinned programs:\n{}",
+        new.log()
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    std::fs::write(&stop, "").expect("stop");
+    let attempts: Vec<_> = probers
+        .into_iter()
+        .map(|pid| sandbox.wait_probe(pid).expect("prober output"))
+        .collect();
+    stop_accepting.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = accepting.join();
+
+    // No wrong verdict at any moment: before, across SIGTERM, while no agent ran, after.
+    let denied = &attempts[0];
+    let allowed = &attempts[1];
+    assert!(
+        denied.len() > 100 && allowed.len() > 100,
+        "{} and {} attempts",
+        denied.len(),
+        allowed.len()
+    );
+    let wrong: Vec<_> = denied
+        .iter()
+        .filter(|a| a.outcome != Outcome::Denied)
+        .chain(allowed.iter().filter(|a| a.outcome != Outcome::Connected))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "wrong verdicts across the update: {wrong:?}"
+    );
+
+    // No lost count, and every count keeps its labels: the old policy's name for what it
+    // decided, the new one's after.
+    let address = new.metrics_address();
+    let needles = [
+        "destination_ip=\"192.0.2.10\"",
+        "verdict=\"blocked\"",
+        "source_namespace=\"app\"",
+        "source_workload=\"web\"",
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counts = loop {
+        let counts = by_policy(&http_get(&address, "/metrics").expect("scrape"), &needles);
+        let total: f64 = counts.values().sum();
+        if total as usize == denied.len() + denied_before || Instant::now() > deadline {
+            break counts;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let total: f64 = counts.values().sum();
+    assert_eq!(
+        total as usize,
+        denied.len() + denied_before,
+        "blocked counts by policy: {counts:?}"
+    );
+    let old_name = counts
+        .keys()
+        .any(|p| p.contains("only-eleven") && !p.contains("v2"));
+    let new_name = counts.keys().any(|p| p.contains("only-eleven-v2"));
+    assert!(
+        old_name && new_name,
+        "each count under the policy that decided it: {counts:?}"
+    );
+    let passed: f64 = by_policy(
+        &http_get(&address, "/metrics").expect("scrape"),
+        &[
+            "destination_ip=\"192.0.2.11\"",
+            "verdict=\"passthrough\"",
+            "source_workload=\"web\"",
+        ],
+    )
+    .values()
+    .sum();
+    assert_eq!(passed as usize, allowed.len(), "allowed attempts counted");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -154,6 +154,45 @@ fn every_variant_builds_offline_and_every_document_parses_into_its_type() {
 }
 
 #[test]
+fn the_cleanup_builds_detaches_on_every_node_and_needs_no_api_access() {
+    let docs = manifests::build("cleanup").unwrap_or_else(|e| panic!("{e}"));
+    for doc in &docs {
+        if let Err(e) = parse_as_its_type(doc) {
+            panic!(
+                "manifests/cleanup: {} {}: {e}",
+                doc["kind"], doc["metadata"]["name"]
+            );
+        }
+    }
+    let ds = find(&docs, "DaemonSet", "egret-cleanup");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert!(pod["tolerations"][0]["operator"] == "Exists");
+    let args = |k: &str| -> Vec<String> {
+        pod[k][0]["args"]
+            .as_array()
+            .expect("args")
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(args("initContainers").contains(&"detach".to_owned()));
+    assert!(args("containers").contains(&"--wait".to_owned()));
+    assert_eq!(
+        pod["containers"][0]["image"]
+            .as_str()
+            .and_then(|i| i.rsplit(':').next()),
+        Some(egret::VERSION)
+    );
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["kind"].as_str().is_some_and(|k| k.contains("Role"))),
+        "the cleanup needs no RBAC"
+    );
+}
+
+#[test]
 fn the_daemonset_runs_everywhere_unprivileged_with_probes_and_the_crate_version() {
     let docs = manifests::build("").unwrap_or_else(|e| panic!("{e}"));
     let ds = find(&docs, "DaemonSet", "egret");
@@ -366,6 +405,29 @@ fn daemonset_capabilities() -> Vec<String> {
         .collect()
 }
 
+/// What the cleanup DaemonSet's containers add to their capabilities (all of them dropped).
+fn cleanup_capabilities() -> Vec<String> {
+    let docs = manifests::build("cleanup").unwrap_or_else(|e| panic!("{e}"));
+    let spec = &find(&docs, "DaemonSet", "egret-cleanup")["spec"]["template"]["spec"];
+    let mut caps = Vec::new();
+    for container in ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[k].as_array().into_iter().flatten())
+    {
+        let security = &container["securityContext"];
+        assert_eq!(security["capabilities"]["drop"], serde_json::json!(["ALL"]));
+        assert_eq!(security["privileged"], false);
+        caps.extend(
+            security["capabilities"]["add"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str().map(str::to_owned)),
+        );
+    }
+    caps
+}
+
 /// Runs `egret run` with only `caps` in its bounding set (as root, like the container); returns
 /// whether it came to enforce, and its log.
 fn run_with_capabilities(sandbox: &Sandbox, dir: &Path, caps: &[String]) -> (bool, String) {
@@ -448,13 +510,55 @@ fn the_daemonsets_capabilities_are_enough_to_enforce_and_each_is_needed() {
         .map(|a| a.outcome)
         .expect("one attempt");
     assert_eq!(outcome, Outcome::Denied, "with {caps:?}");
-    let out = Command::new(egret_binary())
+
+    // Uninstall as the cleanup DaemonSet does it: `egret detach` with no capability at all
+    // removes the pins, and with the last reference gone the kernel detaches the programs.
+    let cleanup = cleanup_capabilities();
+    assert!(cleanup.is_empty(), "the cleanup asks for {cleanup:?}");
+    let out = Command::new("setpriv")
+        .args(["--reuid", "0", "--inh-caps=-all", "--bounding-set=-all"])
+        .arg(egret_binary())
         .arg("--pin-dir")
         .arg(sandbox.pin_dir())
         .arg("detach")
         .output()
         .expect("detach");
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!sandbox.pin_dir().exists(), "pins left behind");
+    let outcome = sandbox
+        .probe(
+            &web,
+            None,
+            &["connect", "192.0.2.10:80", "--timeout-ms", "500"],
+        )
+        .expect("probe")
+        .first()
+        .map(|a| a.outcome)
+        .expect("one attempt");
+    assert_ne!(outcome, Outcome::Denied, "still enforced after the cleanup");
+    // The cleanup pod's main container: detaches (nothing left), then stays until SIGTERM.
+    let mut waiting = Command::new(egret_binary())
+        .arg("--pin-dir")
+        .arg(sandbox.pin_dir())
+        .args(["detach", "--wait"])
+        .spawn()
+        .expect("detach --wait");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        waiting.try_wait().expect("wait").is_none(),
+        "detach --wait exited by itself"
+    );
+    let pid = libc::pid_t::try_from(waiting.id()).expect("pid");
+    // SAFETY: plain syscall on our own child's pid.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert!(
+        waiting.wait().expect("wait").success(),
+        "SIGTERM ends it cleanly"
+    );
 
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| c != &missing).cloned().collect();

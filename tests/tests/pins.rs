@@ -315,9 +315,21 @@ fn a_cgroup_other_than_the_adopted_attach_point_is_an_error_naming_both() {
 }
 
 #[test]
-fn maps_pinned_with_another_layout_version_are_refused_naming_both() {
-    let sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
-    drop(open(sandbox.pin_dir(), Some(sandbox.cgroup())).expect("attach"));
+fn maps_pinned_with_another_layout_version_are_refused_naming_both_while_enforcement_stays() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("web").expect("pod");
+    let host = sandbox
+        .add_host("ext", &["192.0.2.10".parse().expect("ip")])
+        .expect("host");
+    let _listener = sandbox
+        .listen_tcp(&host, "192.0.2.10:80".parse().expect("addr"))
+        .expect("listen");
+    let agent = start_agent(&sandbox, &pod, "layout");
+    agent.wait_log("policy enforced", 1, Duration::from_secs(20));
+    assert_eq!(connect(&sandbox, &pod, "192.0.2.10:80"), Outcome::Denied);
+    drop(agent);
+
+    // What a newer egret with another map layout would have pinned.
     let meta_path = PinLayout::new(sandbox.pin_dir()).map(map_names::META);
     let data = aya::maps::MapData::from_pin(&meta_path).expect("meta map");
     let mut meta: aya::maps::Array<_, MetaValue> =
@@ -343,6 +355,18 @@ fn maps_pinned_with_another_layout_version_are_refused_naming_both() {
     assert!(
         matches!(&*err, DatapathError::LayoutVersion { pinned, supported, .. } if *pinned == future && *supported == LAYOUT_VERSION),
         "{err:?}"
+    );
+    // The binary says so and exits, touching nothing: what was enforced stays enforced.
+    let agent = start_agent(&sandbox, &pod, "layout");
+    let log = agent.wait_log("layout", 1, Duration::from_secs(20));
+    assert!(
+        log.contains(&future.to_string()) && log.contains(&LAYOUT_VERSION.to_string()),
+        "the error names both layouts: {log}"
+    );
+    assert_eq!(
+        connect(&sandbox, &pod, "192.0.2.10:80"),
+        Outcome::Denied,
+        "the refused agent left the old enforcement in place"
     );
 }
 
