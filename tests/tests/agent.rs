@@ -892,3 +892,100 @@ fn a_rolling_update_changes_no_verdict_loses_no_count_and_keeps_every_label() {
     assert_eq!(passed as usize, allowed.len(), "allowed attempts counted");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Moves the calling thread (and what it starts) into `netns`.
+fn enter(netns: &str) {
+    use std::os::fd::AsRawFd as _;
+    let ns = std::fs::File::open(Path::new("/run/netns").join(netns)).expect("netns");
+    // SAFETY: setns on this thread only.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn a_pods_node_side_veth_gets_the_tc_programs_so_raw_packets_are_decided_too() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let (host, _listeners) = hosts(&mut sandbox);
+    let receiver = |addr: &str| {
+        sandbox
+            .bind_udp(&host, addr.parse().expect("addr"))
+            .expect("udp")
+    };
+    let denied_at = receiver("192.0.2.10:53");
+    let allowed_at = receiver("192.0.2.11:53");
+    // The agent runs where the pods' veths end, as the DaemonSet runs in the node's namespace;
+    // the API server and kubectl with it, so that it reaches them on loopback.
+    enter(&format!("{}-node", sandbox.id()));
+    let dir = temp_dir(&sandbox, "agent-tc");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &uid);
+    cluster.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-eleven, namespace: app}\n\
+         spec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  \
+         - to: [{ipBlock: {cidr: 192.0.2.11/32}}]\n",
+    );
+    // A process of the pod (as its pause container), through which the agent finds its veth.
+    let stop = dir.join("stop");
+    let resident = sandbox
+        .spawn_probe_in(
+            &web,
+            &web_cgroup,
+            &[
+                "loop",
+                "192.0.2.11:80",
+                "--until-file",
+                stop.to_str().expect("utf-8"),
+                "--interval-ms",
+                "500",
+            ],
+        )
+        .expect("pod process");
+
+    let agent = Agent::start(&sandbox, &dir, &cluster.kubeconfig, &[]);
+    agent.wait_log("TC programs attached", Duration::from_secs(30));
+    let raw_udp = |to: &str| {
+        let attempts = sandbox
+            .probe(&web, Some(&web_cgroup), &["raw", to, "--kind", "udp"])
+            .expect("probe");
+        assert_eq!(attempts[0].outcome, Outcome::Sent, "{to}: {attempts:?}");
+    };
+    let arrived = |at: &std::net::UdpSocket| at.recv(&mut [0u8; 64]).is_ok();
+    raw_udp("192.0.2.11:53");
+    assert!(
+        arrived(&allowed_at),
+        "raw UDP to the allowed address must arrive"
+    );
+    raw_udp("192.0.2.10:53");
+    assert!(
+        !arrived(&denied_at),
+        "raw UDP to the denied address passed the pod's veth"
+    );
+    // Counted as blocked under its destination, as the socket hooks count.
+    let address = agent.metrics_address();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = http_get(&address, "/metrics").expect("scrape");
+        let blocked: f64 = samples(&metrics, "egret_egress_connections_total")
+            .filter(|(labels, _)| {
+                labels.contains("destination_ip=\"192.0.2.10\"")
+                    && labels.contains("verdict=\"blocked\"")
+                    && labels.contains("source_workload=\"web\"")
+            })
+            .map(|(_, v)| v)
+            .sum();
+        if blocked >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no blocked count for the raw packet:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::fs::write(&stop, "").expect("stop");
+    let _ = sandbox.wait_probe(resident);
+    let _ = std::fs::remove_dir_all(&dir);
+}

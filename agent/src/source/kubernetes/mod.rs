@@ -10,6 +10,7 @@
 
 pub mod cgroups;
 pub mod status;
+pub mod veth;
 pub mod watch;
 
 use std::{
@@ -28,7 +29,7 @@ use self::{
     watch::{KINDS, Kept, PodEntry, Taken, View, Watches},
 };
 use crate::{
-    datapath::Verdict,
+    datapath::{Verdict, tc::WorkloadInterfaces},
     pipeline::StateChange,
     policy::compile::CompileOptions,
     runtime::{CgroupPlan, SourceEvent, Update},
@@ -69,14 +70,23 @@ pub struct AgentOptions {
     pub cgroup_root: PathBuf,
 }
 
+/// A pod of this node whose cgroup exists: what finds its veth.
+#[derive(Clone, Debug)]
+pub struct LocalPod {
+    pub key: (String, String),
+    pub cgroup: PathBuf,
+    pub addresses: Vec<std::net::IpAddr>,
+    pub host_network: bool,
+}
+
 /// The cgroups of this node's pods, and (with `--unknown-pods deny`) the kubelet's directories
-/// as guards, so that a pod cgroup egret has not written yet is denied.
+/// as guards, so that a pod cgroup egret has not written yet is denied; with the pods found.
 pub fn plan(
     pods: &Kept<PodEntry>,
     node: &str,
     kubepods: Option<&Kubepods>,
     unknown: UnknownPods,
-) -> CgroupPlan {
+) -> (CgroupPlan, Vec<LocalPod>) {
     plan_with(
         pods,
         node,
@@ -99,10 +109,11 @@ fn plan_with(
     kubepods: Option<&Kubepods>,
     unknown: UnknownPods,
     cgroup_id: &dyn Fn(&std::path::Path) -> Option<u64>,
-) -> CgroupPlan {
+) -> (CgroupPlan, Vec<LocalPod>) {
     let mut plan = CgroupPlan::default();
+    let mut local = Vec::new();
     let Some(kubepods) = kubepods else {
-        return plan;
+        return (plan, local);
     };
     let on_disk = kubepods.pods();
     for (key, pod) in pods.iter() {
@@ -114,13 +125,54 @@ fn plan_with(
         };
         if let Some(id) = cgroup_id(dir) {
             plan.workloads.entry(key.clone()).or_default().insert(id);
+            if let Ok(model) = &pod.model {
+                local.push(LocalPod {
+                    key: key.clone(),
+                    cgroup: dir.clone(),
+                    addresses: model.ips.clone(),
+                    host_network: model.host_network,
+                });
+            }
         }
     }
     if unknown == UnknownPods::Deny {
         plan.guards
             .extend(kubepods.parents().iter().filter_map(|p| cgroup_id(p)));
     }
-    plan
+    (plan, local)
+}
+
+/// The packet level of this node's pods: the node-side veth of each (its TC programs), found
+/// through the pod's processes. A hostNetwork pod keeps the socket hooks only. A pod whose veth
+/// is not found (not started yet, or a network that is no veth) is described without
+/// interfaces: its raw and packet sockets are refused until its veth is found (fail closed).
+pub fn interfaces(
+    pods: &[LocalPod],
+) -> std::collections::BTreeMap<(String, String), WorkloadInterfaces> {
+    let ours = veth::links().unwrap_or_else(|err| {
+        tracing::warn!("cannot list this node's interfaces: {err}; pods' raw sockets are refused");
+        Vec::new()
+    });
+    let mut out = std::collections::BTreeMap::new();
+    for pod in pods.iter().filter(|p| !p.host_network) {
+        let patterns = match veth::pod_network(&pod.cgroup, &ours) {
+            Ok(veth::PodNetwork::Host) => continue,
+            Ok(veth::PodNetwork::Veths(veths)) => veths.into_iter().map(|(_, name)| name).collect(),
+            Ok(veth::PodNetwork::NotStarted) => Vec::new(),
+            Err(err) => {
+                tracing::debug!(pod = %format!("{}/{}", pod.key.0, pod.key.1), "no veth found: {err}");
+                Vec::new()
+            }
+        };
+        out.insert(
+            pod.key.clone(),
+            WorkloadInterfaces {
+                patterns,
+                addresses: pod.addresses.clone(),
+            },
+        );
+    }
+    out
 }
 
 /// A client from `kubeconfig`, else as kube infers one (`$KUBECONFIG` or `~/.kube/config`,
@@ -283,6 +335,11 @@ pub async fn run(
             });
             (taken, plan)
         };
+        // Veths are looked up with the view unlocked: it enters each pod's namespace.
+        let plan = plan.map(|(mut plan, local)| {
+            plan.interfaces = interfaces(&local);
+            plan
+        });
         status_due |= taken.status;
         let sent = match (taken.change, plan) {
             (Some(change), Some(plan)) => {
@@ -460,7 +517,9 @@ mod tests {
             std::fs::metadata(dir).ok().map(|m| m.ino())
         };
         let web_dir = &kubepods.pods()[here];
-        let allow = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Allow, &inode);
+        let (allow, local) = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Allow, &inode);
+        assert_eq!(local.len(), 1, "the pod on this node, for its veth");
+        assert_eq!(local[0].cgroup, *web_dir);
         assert_eq!(
             allow.workloads,
             BTreeMap::from([(
@@ -470,7 +529,7 @@ mod tests {
             "only this node's pod, by its uid's cgroup"
         );
         assert!(allow.guards.is_empty());
-        let deny = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Deny, &inode);
+        let (deny, _) = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Deny, &inode);
         let parents: std::collections::BTreeSet<u64> =
             kubepods.parents().iter().filter_map(|p| inode(p)).collect();
         assert_eq!(

@@ -1,0 +1,291 @@
+//! The node-side veth of a pod: the TC programs attach there. A pod's processes are found in its
+//! cgroup, their network namespace through `/proc`, the pod's veths there (rtnetlink, from a
+//! thread that entered the namespace), and each one's peer on this side by its index, checked to
+//! be a veth whose own peer is the pod's interface. A pod in the host's network namespace
+//! (hostNetwork) has none and keeps the socket hooks only.
+
+use std::{
+    fs::File,
+    io,
+    os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::Path,
+};
+
+/// One network interface as rtnetlink lists it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// `IFLA_LINK`: a veth's peer index (in the peer's namespace).
+    pub peer: Option<u32>,
+    /// `IFLA_INFO_KIND`: `veth`, `bridge`, ...
+    pub kind: Option<String>,
+}
+
+/// Where a pod's packets leave it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// No process in its cgroup yet: nothing to look at.
+    NotStarted,
+    /// It shares this namespace (hostNetwork): no veth.
+    Host,
+    /// The node-side ends of its veths: (index, name).
+    Veths(Vec<(u32, String)>),
+}
+
+/// Finds the network of the pod whose cgroup is `cgroup`, given this namespace's links.
+pub fn pod_network(cgroup: &Path, ours: &[Link]) -> io::Result<PodNetwork> {
+    let Some(pid) = first_pid(cgroup)? else {
+        return Ok(PodNetwork::NotStarted);
+    };
+    let theirs = match File::open(format!("/proc/{pid}/ns/net")) {
+        Ok(file) => file,
+        // The process ended between the two reads: as if not started; the next look finds
+        // another.
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(PodNetwork::NotStarted),
+        Err(err) => return Err(err),
+    };
+    let mine = std::fs::metadata("/proc/thread-self/ns/net")?;
+    let their_meta = theirs.metadata()?;
+    if (mine.dev(), mine.ino()) == (their_meta.dev(), their_meta.ino()) {
+        return Ok(PodNetwork::Host);
+    }
+    let pod_links = links_in(theirs)?;
+    let mut veths = Vec::new();
+    for link in pod_links
+        .iter()
+        .filter(|l| l.kind.as_deref() == Some("veth"))
+    {
+        let Some(peer) = link.peer else { continue };
+        // The peer index is in the peer's namespace: it is ours only if our interface of that
+        // index is a veth whose peer is this one.
+        if let Some(node_end) = ours.iter().find(|o| {
+            o.index == peer && o.kind.as_deref() == Some("veth") && o.peer == Some(link.index)
+        }) {
+            veths.push((node_end.index, node_end.name.clone()));
+        }
+    }
+    Ok(PodNetwork::Veths(veths))
+}
+
+/// The first process found in `cgroup` or below it.
+fn first_pid(cgroup: &Path) -> io::Result<Option<u32>> {
+    let procs = match std::fs::read_to_string(cgroup.join("cgroup.procs")) {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err),
+    };
+    if let Some(pid) = procs.lines().find_map(|l| l.trim().parse().ok()) {
+        return Ok(Some(pid));
+    }
+    for entry in std::fs::read_dir(cgroup)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir())
+            && let Some(pid) = first_pid(&entry.path())?
+        {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
+}
+
+/// The links of the namespace `netns`, listed from a thread that enters it (a namespace change
+/// is per thread: the rest of the process stays where it is).
+fn links_in(netns: File) -> io::Result<Vec<Link>> {
+    std::thread::Builder::new()
+        .name("netns-links".into())
+        .spawn(move || {
+            // SAFETY: a valid namespace fd; only this thread moves.
+            if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            links()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the netns thread panicked"))?
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_GETLINK: u16 = 18;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK: u16 = 5;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+/// Header of a netlink message, then `struct ifinfomsg`.
+const NLMSG_HDRLEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+
+/// Every link of the calling thread's network namespace (`RTM_GETLINK` dump).
+pub fn links() -> io::Result<Vec<Link>> {
+    // SAFETY: plain socket(2); the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut request = [0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
+    let len = request.len() as u32;
+    request[0..4].copy_from_slice(&len.to_ne_bytes());
+    request[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
+    request[6..8].copy_from_slice(&flags.to_ne_bytes());
+    request[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // SAFETY: valid buffer of `request.len()` bytes; the kernel is the default destination.
+    if unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: valid buffer of `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        let mut at = 0;
+        while at + NLMSG_HDRLEN <= n {
+            let msg_len = u32_at(&buf, at) as usize;
+            let kind = u16_at(&buf, at + 4);
+            if msg_len < NLMSG_HDRLEN || at + msg_len > n {
+                return Err(io::Error::other("truncated netlink message"));
+            }
+            match kind {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let errno =
+                        i32::from_ne_bytes(buf[at + 16..at + 20].try_into().unwrap_or_default());
+                    return Err(io::Error::from_raw_os_error(-errno));
+                }
+                RTM_NEWLINK => out.push(parse_link(&buf[at + NLMSG_HDRLEN..at + msg_len])),
+                _ => {}
+            }
+            at += align(msg_len);
+        }
+        if n == 0 {
+            return Ok(out);
+        }
+    }
+}
+
+fn align(len: usize) -> usize {
+    (len + 3) & !3
+}
+
+fn u16_at(buf: &[u8], at: usize) -> u16 {
+    buf.get(at..at + 2)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u16::from_ne_bytes)
+}
+
+fn u32_at(buf: &[u8], at: usize) -> u32 {
+    buf.get(at..at + 4)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u32::from_ne_bytes)
+}
+
+/// The attributes of one `ifinfomsg` and what follows it.
+fn parse_link(body: &[u8]) -> Link {
+    let mut link = Link {
+        index: u32_at(body, 4),
+        ..Link::default()
+    };
+    for (kind, value) in attributes(body.get(IFINFOMSG_LEN..).unwrap_or_default()) {
+        match kind {
+            IFLA_IFNAME => link.name = c_string(value),
+            IFLA_LINK => link.peer = Some(u32_at(value, 0)),
+            IFLA_LINKINFO => {
+                link.kind = attributes(value)
+                    .find(|(k, _)| *k == IFLA_INFO_KIND)
+                    .map(|(_, v)| c_string(v));
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+/// `(type, value)` of each route attribute in `buf` (nesting flags masked off).
+fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let len = usize::from(u16_at(buf, at));
+        if len < 4 || at + len > buf.len() {
+            return None;
+        }
+        let item = (u16_at(buf, at + 2) & 0x3fff, &buf[at + 4..at + len]);
+        at += align(len);
+        Some(item)
+    })
+}
+
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn this_namespace_lists_its_loopback() {
+        let links = links().unwrap();
+        assert!(
+            links.iter().any(|l| l.name == "lo" && l.index == 1),
+            "{links:?}"
+        );
+    }
+
+    #[test]
+    fn a_cgroup_without_processes_is_not_started() {
+        let dir = std::env::temp_dir().join(format!("egret-veth-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("child")).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), "").unwrap();
+        assert_eq!(pod_network(&dir, &[]).unwrap(), PodNetwork::NotStarted);
+        // A process of this test's own namespace: the host's network.
+        std::fs::write(
+            dir.join("child/cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        assert_eq!(pod_network(&dir, &[]).unwrap(), PodNetwork::Host);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn link_attributes_parse() {
+        // ifinfomsg (index 7), IFLA_IFNAME "veth0", IFLA_LINK 3, IFLA_LINKINFO { KIND "veth" }.
+        let mut body = vec![0u8; IFINFOMSG_LEN];
+        body[4..8].copy_from_slice(&7u32.to_ne_bytes());
+        let attr = |kind: u16, value: &[u8], out: &mut Vec<u8>| {
+            let len = 4 + value.len();
+            out.extend_from_slice(&(len as u16).to_ne_bytes());
+            out.extend_from_slice(&kind.to_ne_bytes());
+            out.extend_from_slice(value);
+            out.resize(align(out.len()), 0);
+        };
+        attr(IFLA_IFNAME, b"veth0\0", &mut body);
+        attr(IFLA_LINK, &3u32.to_ne_bytes(), &mut body);
+        let mut info = Vec::new();
+        attr(IFLA_INFO_KIND, b"veth\0", &mut info);
+        attr(IFLA_LINKINFO | 0x8000, &info, &mut body);
+        assert_eq!(
+            parse_link(&body),
+            Link {
+                index: 7,
+                name: "veth0".into(),
+                peer: Some(3),
+                kind: Some("veth".into()),
+            }
+        );
+    }
+}
