@@ -1,0 +1,195 @@
+//! Faults and abuse (`docs/operations.md`): what egret does when its own process dies under
+//! load. Privileged, like every test here.
+#![expect(
+    clippy::expect_used,
+    reason = "a test fails by panicking with what it expected"
+)]
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use egret_tests::{
+    agent::{EgretRun, http_get, samples},
+    probe::egret_binary,
+    sandbox::Sandbox,
+};
+
+/// Sum of `egret_egress_connections_total` samples whose labels hold every needle.
+fn metric(exposition: &str, needles: &[&str]) -> u64 {
+    samples(exposition, "egret_egress_connections_total")
+        .filter(|(labels, _)| needles.iter().all(|n| labels.contains(n)))
+        .map(|(_, v)| v as u64)
+        .sum()
+}
+
+/// What the kernel's counters hold for `destination` and `verdict`, read from the pins.
+fn kernel(pin_dir: &Path, destination: &str, verdict: &str) -> u64 {
+    let out = std::process::Command::new(egret_binary())
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(["counters", "-o", "json"])
+        .output()
+        .expect("egret counters");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["destination"] == destination && v["verdict"] == verdict)
+        .filter_map(|v| v["attempts"].as_u64())
+        .sum()
+}
+
+const DENIED: &str = "192.0.2.10";
+const ALLOWED: &str = "192.0.2.11";
+
+/// (blocked to the denied host, passthrough to the allowed one) as `/metrics` says.
+fn scrape(agent: &EgretRun) -> (u64, u64) {
+    let address = agent.metrics_address().expect("metrics address");
+    let text = http_get(&address, "/metrics").expect("scrape");
+    (
+        metric(
+            &text,
+            &[
+                &format!("destination_ip=\"{DENIED}\""),
+                "verdict=\"blocked\"",
+            ],
+        ),
+        metric(
+            &text,
+            &[
+                &format!("destination_ip=\"{ALLOWED}\""),
+                "verdict=\"passthrough\"",
+            ],
+        ),
+    )
+}
+
+#[test]
+fn sigkill_twenty_times_under_load_changes_no_verdict_and_loses_no_count() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("web").expect("pod");
+    let _host = sandbox
+        .add_host(
+            "ext",
+            &[DENIED.parse().expect("ip"), ALLOWED.parse().expect("ip")],
+        )
+        .expect("host");
+    let dir = std::env::temp_dir().join(format!("{}-faults-kill", sandbox.id()));
+    std::fs::create_dir_all(dir.join("policies")).expect("dir");
+    std::fs::write(
+        dir.join("egret.yaml"),
+        format!(
+            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n\
+             workloads:\n- {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n",
+            pod.cgroup.display()
+        ),
+    )
+    .expect("config");
+    std::fs::write(
+        dir.join("policies/only-eleven.yaml"),
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: only-eleven, namespace: shop}}\n\
+             spec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{ipBlock: {{cidr: {ALLOWED}/32}}}}]\n"
+        ),
+    )
+    .expect("policy");
+    let start = |round: usize| {
+        let agent = EgretRun::start_with(
+            &dir,
+            sandbox.pin_dir(),
+            sandbox.cgroup(),
+            "0",
+            &[],
+            &format!("-{round}"),
+        )
+        .expect("egret run");
+        agent.wait_log("policy enforced", 1, Duration::from_secs(20));
+        agent
+    };
+    let agent = start(0);
+    let stop = dir.join("stop");
+    let stop_arg = stop.to_str().expect("utf-8");
+    // Datagrams as fast as one socket sends them, to each host: tens of thousands a second.
+    let probers: Vec<u32> = [DENIED, ALLOWED]
+        .iter()
+        .map(|host| {
+            sandbox
+                .spawn_probe(
+                    &pod,
+                    &["udp-loop", &format!("{host}:53"), "--until-file", stop_arg],
+                )
+                .expect("prober")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut seen = scrape(&agent);
+    drop(agent); // SIGKILL
+
+    for round in 1..=20 {
+        let agent = start(round);
+        // A restarted agent's metrics continue from the pinned counters (after its first
+        // drain): never below what the one before it showed.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let now = loop {
+            let now = scrape(&agent);
+            if (now.0 >= seen.0 && now.1 >= seen.1) || Instant::now() > deadline {
+                break now;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            now.0 >= seen.0 && now.1 >= seen.1,
+            "round {round}: counts went back from {seen:?} to {now:?}"
+        );
+        seen = now;
+        drop(agent); // SIGKILL, mid-drain or mid-sync as it happens
+    }
+
+    let agent = start(21);
+    std::fs::write(&stop, "").expect("stop");
+    let summaries: Vec<serde_json::Value> = probers
+        .into_iter()
+        .map(|pid| {
+            let out = sandbox.wait_probe_output(pid).expect("prober output");
+            serde_json::from_str(out.trim()).expect("summary line")
+        })
+        .collect();
+    let denied_sent = summaries[0]["count"].as_u64().expect("count");
+    let allowed_sent = summaries[1]["count"].as_u64().expect("count");
+    assert!(
+        denied_sent > 10_000 && allowed_sent > 10_000,
+        "too few datagrams to mean anything: {summaries:?}"
+    );
+    // No wrong verdict at any moment of the 21 lives and 20 deaths.
+    assert_eq!(
+        summaries[0]["outcomes"]["denied"].as_u64(),
+        Some(denied_sent),
+        "{summaries:?}"
+    );
+    assert_eq!(
+        summaries[1]["outcomes"]["sent"].as_u64(),
+        Some(allowed_sent),
+        "{summaries:?}"
+    );
+    // No lost count: the kernel's counters and /metrics agree exactly with the prober.
+    assert_eq!(kernel(sandbox.pin_dir(), DENIED, "blocked"), denied_sent);
+    assert_eq!(
+        kernel(sandbox.pin_dir(), ALLOWED, "passthrough"),
+        allowed_sent
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = scrape(&agent);
+        if now == (denied_sent, allowed_sent) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/metrics says {now:?}, the prober sent ({denied_sent}, {allowed_sent})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
