@@ -98,6 +98,11 @@ impl Pipeline {
         &self.datapath
     }
 
+    /// The datapath, to restore its links (`Datapath::check_links`).
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
     /// The cgroups enforced on, and their roles.
     pub fn cgroups(&self) -> &BTreeMap<u64, CgroupRole> {
         &self.cgroups

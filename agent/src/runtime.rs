@@ -254,13 +254,15 @@ pub fn run(
         if let Some(shared) = &runtime.shared {
             drain(shared, &runtime.pipeline, pending_label);
         }
-        // Pins someone removed come back, and the attached-programs gauge says what the kernel
-        // reports, within a second, not only at the next policy write.
+        // Programs someone detached are attached again and pins someone removed come back,
+        // within a second; the attached-programs gauge says what the kernel reports.
         if last_link_check.elapsed() >= LINK_CHECK_EVERY {
             last_link_check = Instant::now();
-            let links = runtime.pipeline.datapath().check_links();
+            let links = runtime.pipeline.datapath_mut().check_links();
             if let Some(shared) = &runtime.shared {
-                shared.telemetry().attached(links.attached);
+                let telemetry = shared.telemetry();
+                telemetry.attached(links.attached);
+                telemetry.links_restored(&links.reattached, &links.repinned);
             }
         }
         if let Some(every) = report_every
@@ -512,7 +514,7 @@ fn record_sync(shared: &Shared, pipeline: &Pipeline, ok: bool) {
     }
     telemetry.usage(&pipeline.datapath().usage());
     telemetry.workloads(sources(pipeline.compiled()).values());
-    telemetry.attached(pipeline.datapath().check_links().attached);
+    telemetry.attached(pipeline.datapath().attached_programs());
 }
 
 /// Who each endpoint is, for labels.

@@ -112,9 +112,11 @@ pub struct LinkReport {
     pub attached: usize,
     /// Programs whose pin was gone (or replaced) and was pinned again from the held link.
     pub repinned: Vec<&'static str>,
-    /// Programs whose link the kernel reports detached: enforcement by them stopped; the next
-    /// start attaches them again.
+    /// Programs whose link the kernel reported detached (`bpftool link detach`, or their cgroup
+    /// went): enforcement by them stopped until they were attached again.
     pub detached: Vec<&'static str>,
+    /// Of those, the ones attached again now, with fresh links (pinned in place of the dead).
+    pub reattached: Vec<&'static str>,
 }
 
 /// egret's programs as attached: the pin layout, the cgroup, the held links.
@@ -123,6 +125,8 @@ pub struct Attachment {
     layout: PinLayout,
     mode: LoadMode,
     cgroup_id: u64,
+    /// The cgroup asked for, to attach a program again that someone detached.
+    cgroup: Option<PathBuf>,
     links: Vec<HeldLink>,
 }
 
@@ -225,6 +229,7 @@ impl Attachment {
             layout,
             mode,
             cgroup_id: cgroup_id.unwrap_or(0),
+            cgroup: cgroup.clone(),
             links,
         })
     }
@@ -257,7 +262,7 @@ impl Attachment {
     /// Pins again, from the held link, every link whose pin was removed (or replaced by
     /// another object), and reports what the kernel says is attached. Meant to be called
     /// periodically by the run loop.
-    pub fn check_links(&self) -> LinkReport {
+    pub fn check_links(&mut self) -> LinkReport {
         let mut report = LinkReport::default();
         for link in &self.links {
             let path = self.layout.link(link.name);
@@ -289,12 +294,37 @@ impl Attachment {
             }
         }
         if !report.detached.is_empty() {
-            tracing::error!(
-                programs = ?report.detached,
-                "egret programs detached from their cgroup: enforcement by them stopped until egret restarts"
-            );
+            self.attach_again(&mut report);
         }
         report
+    }
+
+    /// Attaches the programs `report` found detached again, with fresh links that replace the
+    /// dead ones (held and pinned), at the cgroup egret was given; the maps are the pinned ones,
+    /// so the policy and counters are those in force.
+    fn attach_again(&mut self, report: &mut LinkReport) {
+        let names = report.detached.clone();
+        let Some(cgroup) = &self.cgroup else {
+            tracing::error!(programs = ?names,
+                "egret programs detached from their cgroup, and no cgroup to attach them to again: enforcement by them stopped");
+            return;
+        };
+        for name in &names {
+            // The dead link's pin: a new link takes its place.
+            let _ = fs::remove_file(self.layout.link(name));
+        }
+        match attach(&self.layout, cgroup, &names) {
+            Ok(fresh) => {
+                self.links.retain(|link| !names.contains(&link.name));
+                self.links.extend(fresh);
+                report.attached += names.len();
+                tracing::warn!(programs = ?names, cgroup = %cgroup.display(),
+                    "egret programs were detached from their cgroup: attached again");
+                report.reattached = names;
+            }
+            Err(err) => tracing::error!(programs = ?names,
+                "egret programs detached from their cgroup, and attaching them again failed: {err}; enforcement by them stopped"),
+        }
     }
 }
 

@@ -336,7 +336,7 @@ impl Datapath {
     /// Pins again every link whose pin was removed while egret runs (the agent holds each link
     /// open, so the programs stayed attached), and reports what the kernel says is attached.
     /// Call it periodically.
-    pub fn check_links(&self) -> LinkReport {
+    pub fn check_links(&mut self) -> LinkReport {
         self.attachment.check_links()
     }
 

@@ -53,6 +53,7 @@ pub struct Telemetry {
     map_capacity: IntGaugeVec,
     last_sync: IntGauge,
     programs_attached: IntGauge,
+    links_restored: IntCounterVec,
     deny_log_suppressed: IntCounter,
     events_lost: IntGauge,
     compile_seconds: Histogram,
@@ -114,7 +115,7 @@ impl Telemetry {
         let latency_buckets = vec![
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ];
-        Ok(Self {
+        let telemetry = Self {
             compile_seconds: histogram(
                 "egret_policy_compile_seconds",
                 "Time to compile the cluster state into datapath entries.",
@@ -182,7 +183,12 @@ impl Telemetry {
             )?,
             programs_attached: gauge(
                 "egret_programs_attached",
-                "Kernel programs attached at egret's cgroup, as the kernel reports its links (5 when enforcing).",
+                "Kernel programs attached at egret's cgroup, as the kernel reports its links (all 6 when enforcing).",
+            )?,
+            links_restored: counter_vec(
+                "egret_links_restored_total",
+                "egret's programs found detached and attached again (what=reattached), or whose link pin was removed and pinned again (what=repinned), by program. Someone with CAP_NET_ADMIN or root on the node did it.",
+                &["what", "program"],
             )?,
             deny_log_suppressed: counter(
                 "egret_deny_log_suppressed_total",
@@ -199,7 +205,15 @@ impl Telemetry {
             seen_lost: [0; 3],
             seen_restarts: HashMap::new(),
             rejections: Vec::new(),
-        })
+        };
+        // Every (what, program) series exists from the start at 0, so that the first
+        // restoration is an increase an alert sees.
+        for what in ["reattached", "repinned"] {
+            for program in egret_common::program_names::ALL {
+                telemetry.links_restored.with_label_values(&[what, program]);
+            }
+        }
+        Ok(telemetry)
     }
 
     /// Records one compile's duration.
@@ -345,6 +359,17 @@ impl Telemetry {
     /// Programs attached.
     pub fn attached(&self, programs: usize) {
         self.programs_attached.set(programs as i64);
+    }
+
+    /// Records what a link check restored: programs attached again, link pins pinned again.
+    pub fn links_restored(&self, reattached: &[&str], repinned: &[&str]) {
+        for (what, programs) in [("reattached", reattached), ("repinned", repinned)] {
+            for program in programs {
+                self.links_restored
+                    .with_label_values(&[what, program])
+                    .inc();
+            }
+        }
     }
 
     /// Deny-log lines held back since the last call, and the kernel's dropped-event total.
