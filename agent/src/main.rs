@@ -113,6 +113,10 @@ enum Command {
         /// the config's `metrics.maxDestinationSeries`; default 1000).
         #[arg(long)]
         max_destination_series: Option<usize>,
+        /// What a datapath fault (an endpoint without policy in the kernel) gets; counted
+        /// under policy `missing-policy` either way.
+        #[arg(long, value_enum, default_value_t = Baseline::Allow)]
+        on_fault: Baseline,
     },
     /// Runs the node agent: enforces the cluster's NetworkPolicies and EgressPolicies for the
     /// pods on this node (a DaemonSet runs one per node), serves metrics, writes EgressPolicy
@@ -147,6 +151,10 @@ enum Command {
         /// Destination IPs with their own metric series; the rest count as "other".
         #[arg(long, default_value_t = 1000)]
         max_destination_series: usize,
+        /// What a datapath fault (an endpoint without policy in the kernel) gets; counted
+        /// under policy `missing-policy` either way.
+        #[arg(long, value_enum, default_value_t = Baseline::Allow)]
+        on_fault: Baseline,
     },
     /// Prints the EgressPolicy CustomResourceDefinition (`egret crd | kubectl apply -f -`).
     Crd,
@@ -171,6 +179,15 @@ enum Command {
 enum Baseline {
     Allow,
     Deny,
+}
+
+impl Baseline {
+    fn verdict(self) -> Verdict {
+        match self {
+            Self::Allow => Verdict::Allow,
+            Self::Deny => Verdict::Deny,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -272,10 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tracing::error!("{invalid}");
             }
             let options = CompileOptions {
-                baseline: match baseline {
-                    Baseline::Allow => Verdict::Allow,
-                    Baseline::Deny => Verdict::Deny,
-                },
+                baseline: baseline.verdict(),
                 node: None,
             };
             let compiled = compile(&world, &options);
@@ -341,10 +355,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report_interval,
             metrics_addr,
             max_destination_series,
+            on_fault,
         } => {
             let source = egret::local::LocalSource::new(config)
                 .with_metrics(metrics_addr, max_destination_series);
-            let datapath = open(pin_dir, Some(cgroup))?;
+            let mut datapath = open(pin_dir, Some(cgroup))?;
+            datapath.set_on_fault(on_fault.verdict());
             report_mode(&datapath);
             let options = egret::local::RunOptions {
                 report_every: (report_interval > 0.0)
@@ -363,6 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             unknown_pods,
             metrics_addr,
             max_destination_series,
+            on_fault,
         } => agent(
             pin_dir,
             kubeconfig,
@@ -370,10 +387,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 identity: egret::source::kubernetes::identity(&node_name),
                 node: node_name,
                 namespace,
-                baseline: match baseline {
-                    Baseline::Allow => Verdict::Allow,
-                    Baseline::Deny => Verdict::Deny,
-                },
+                baseline: baseline.verdict(),
                 unknown_pods,
                 cgroup_root: match cgroup_root {
                     Some(root) => root,
@@ -382,6 +396,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             },
             cgroup,
             (metrics_addr, max_destination_series),
+            on_fault.verdict(),
         )?,
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
@@ -422,6 +437,7 @@ fn agent(
     options: egret::source::kubernetes::AgentOptions,
     cgroup: Option<PathBuf>,
     metrics: (std::net::SocketAddr, usize),
+    on_fault: Verdict,
 ) -> anyhow::Result<()> {
     if options.node.is_empty() {
         anyhow::bail!("--node-name (or NODE_NAME) must name this node");
@@ -432,7 +448,8 @@ fn agent(
         .build()?;
     let client = tokio.block_on(egret::source::kubernetes::client(kubeconfig.as_deref()))?;
     // Attached before any watch lists: what the pins enforce stays enforced meanwhile.
-    let datapath = open(pin_dir, Some(cgroup))?;
+    let mut datapath = open(pin_dir, Some(cgroup))?;
+    datapath.set_on_fault(on_fault);
     report_mode(&datapath);
     let watches = {
         let _inside = tokio.enter();

@@ -572,6 +572,7 @@ fn reserved_label(rule: u32, pending_label: &str) -> Option<&str> {
         egret_common::RULE_SOURCE_ROUTE => Some("source-route"),
         egret_common::RULE_MALFORMED => Some("malformed-packet"),
         egret_common::RULE_RAW_SOCKET => Some("raw-socket"),
+        egret_common::RULE_MISSING_POLICY => Some("missing-policy"),
         _ => None,
     }
 }

@@ -166,6 +166,17 @@ pub const RULE_MALFORMED: u32 = u32::MAX - 3;
 /// to decide what such a socket sends.
 pub const RULE_RAW_SOCKET: u32 = u32::MAX - 4;
 
+/// Rule id of a decision for an endpoint that has no policy entry in the active generation (a
+/// datapath fault: the agent writes an endpoint's policy before the endpoint): allowed, or
+/// denied under [`state_flags::FAULT_DENY`].
+pub const RULE_MISSING_POLICY: u32 = u32::MAX - 5;
+
+/// Flags of [`StateValue::flags`], written by the agent at every flip.
+pub mod state_flags {
+    /// Datapath faults (an endpoint without policy) deny instead of allowing (`--on-fault deny`).
+    pub const FAULT_DENY: u32 = 1;
+}
+
 /// Version of the layout of egret's pinned maps (names, key and value types, sizes). Stamped
 /// into [`map_names::META`] when the maps are created; an agent refuses pinned maps stamped
 /// with another version instead of misreading them. Raise it with every incompatible change.
@@ -258,7 +269,7 @@ pub struct StateValue {
     /// policy generation programs read; the whole count is the epoch that keys the decision
     /// cache, so a flip makes every cached decision unreachable at once.
     pub generation: u32,
-    /// Reserved, zero.
+    /// [`state_flags`]; zero is the default behaviour.
     pub flags: u32,
 }
 const _: () = assert!(size_of::<StateValue>() == 8);

@@ -29,8 +29,8 @@ use aya_ebpf::{
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
     DecisionEvent, EndpointValue, GENERATIONS, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue,
-    POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_DEFAULT, RULE_PENDING, StateValue, capacity,
-    endpoint_flags, family, protocol_key, verdict,
+    POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_MISSING_POLICY, RULE_PENDING, StateValue,
+    capacity, endpoint_flags, family, protocol_key, state_flags, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -48,12 +48,19 @@ const ON_DATAPATH_FAULT: i32 = PROCEED;
 
 /// Decision for a managed endpoint that has no policy entry at all in the active generation.
 /// The agent writes an endpoint's policy before the endpoint itself, so this only covers a
-/// half-removed endpoint; it is counted, so it cannot go unnoticed.
-const ON_MISSING_POLICY: PolicyValue = PolicyValue {
-    verdict: verdict::ALLOW,
-    _pad: [0; 3],
-    rule_id: RULE_DEFAULT,
-};
+/// half-removed endpoint; it is counted under its own rule id, so it cannot go unnoticed.
+/// Allowed, or denied when the agent runs with `--on-fault deny` (a state flag). Read only on
+/// this path: the decisions with a policy pay nothing for it.
+fn on_missing_policy() -> PolicyValue {
+    let deny = STATE
+        .get(0)
+        .is_some_and(|state| state.flags & state_flags::FAULT_DENY != 0);
+    PolicyValue {
+        verdict: if deny { verdict::DENY } else { verdict::ALLOW },
+        _pad: [0; 3],
+        rule_id: RULE_MISSING_POLICY,
+    }
+}
 
 #[map(name = "EGRET_ENDPOINTS")]
 static ENDPOINTS: HashMap<u64, EndpointValue> = HashMap::pinned(capacity::ENDPOINTS, 0);
@@ -292,7 +299,7 @@ fn lookup_policy(
         POLICY_PREFIX_PORT,
         PolicyKey::new(generation, endpoint_id, class_id, protocol, port),
     );
-    POLICY.get(&key).copied().unwrap_or(ON_MISSING_POLICY)
+    POLICY.get(&key).copied().unwrap_or_else(on_missing_policy)
 }
 
 /// Counts a decision and, when it is not a plain allow, sends it to the deny log. Inlined: a BPF

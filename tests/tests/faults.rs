@@ -193,3 +193,71 @@ fn sigkill_twenty_times_under_load_changes_no_verdict_and_loses_no_count() {
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_endpoint_without_policy_gets_what_on_fault_says_and_is_counted_as_missing_policy() {
+    use std::collections::BTreeMap;
+
+    use egret::datapath::{CgroupRole, Datapath, DatapathConfig, DesiredState, Verdict};
+    use egret_common::RULE_MISSING_POLICY;
+    use egret_tests::probe::Outcome;
+
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("web").expect("pod");
+    let host = sandbox
+        .add_host("ext", &[DENIED.parse().expect("ip")])
+        .expect("host");
+    let _listener = sandbox
+        .listen_tcp(&host, format!("{DENIED}:80").parse().expect("addr"))
+        .expect("listen");
+    let cgroup = egret::sys::cgroup_id(&pod.cgroup).expect("cgroup id");
+    // Endpoint 4242 has no entry in either generation: what a fault (a half-removed endpoint)
+    // leaves. The agent never writes that itself; the API does.
+    const ORPHAN: u32 = 4242;
+    for (on_fault, want, verdict) in [
+        (Verdict::Allow, Outcome::Connected, Verdict::Allow),
+        (Verdict::Deny, Outcome::Denied, Verdict::Deny),
+        (Verdict::Allow, Outcome::Connected, Verdict::Allow),
+    ] {
+        let mut datapath = Datapath::open(&DatapathConfig {
+            pin_dir: sandbox.pin_dir().into(),
+            cgroup: Some(sandbox.cgroup().into()),
+        })
+        .expect("datapath");
+        datapath.set_on_fault(on_fault);
+        datapath
+            .sync(
+                &DesiredState::default(),
+                &BTreeMap::from([(cgroup, CgroupRole::Endpoint(ORPHAN))]),
+            )
+            .expect("sync");
+        let before = missing(&datapath, verdict);
+        let outcome = sandbox
+            .probe(
+                &pod,
+                None,
+                &["connect", &format!("{DENIED}:80"), "--timeout-ms", "500"],
+            )
+            .expect("probe")[0]
+            .outcome;
+        assert_eq!(outcome, want, "--on-fault {on_fault:?}");
+        assert_eq!(
+            missing(&datapath, verdict),
+            before + 1,
+            "counted under missing-policy"
+        );
+    }
+
+    fn missing(datapath: &Datapath, verdict: Verdict) -> u64 {
+        datapath
+            .counters()
+            .expect("counters")
+            .samples
+            .iter()
+            .filter(|s| {
+                s.endpoint == ORPHAN && s.rule == RULE_MISSING_POLICY && s.verdict == verdict
+            })
+            .map(|s| s.attempts)
+            .sum()
+    }
+}

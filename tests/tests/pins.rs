@@ -457,4 +457,3 @@ fn start_agent(sandbox: &Sandbox, pod: &Pod, name: &str) -> EgretRun {
     .expect("write config");
     EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "60").expect("spawn egret run")
 }
-

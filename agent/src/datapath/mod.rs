@@ -276,6 +276,8 @@ pub struct Datapath {
     /// A flip whose wait for running programs has not succeeded yet: the inactive generation
     /// may still be read, so it is not written until the wait succeeds.
     unsettled: bool,
+    /// `StateValue::flags` written at every flip (`state_flags`).
+    state_flags: u32,
 }
 
 impl Datapath {
@@ -312,9 +314,20 @@ impl Datapath {
                 .map_err(|source| DatapathError::Barrier { source })?,
             // A previous process may have flipped just before it died.
             unsettled: true,
+            state_flags: 0,
         };
         datapath.shadow = datapath.read_generations()?;
         Ok(datapath)
+    }
+
+    /// What a datapath fault (an endpoint without policy in the active generation) gets:
+    /// `Deny` or `Allow` (the default). Written with the next flip.
+    pub fn set_on_fault(&mut self, verdict: Verdict) {
+        if verdict == Verdict::Deny {
+            self.state_flags |= egret_common::state_flags::FAULT_DENY;
+        } else {
+            self.state_flags &= !egret_common::state_flags::FAULT_DENY;
+        }
     }
 
     /// How the programs were come by.
@@ -394,7 +407,7 @@ impl Datapath {
                 0,
                 StateValue {
                     generation: epoch,
-                    flags: 0,
+                    flags: self.state_flags,
                 },
                 0,
             )
