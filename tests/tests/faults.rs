@@ -261,3 +261,113 @@ fn an_endpoint_without_policy_gets_what_on_fault_says_and_is_counted_as_missing_
             .sum()
     }
 }
+
+/// `VmRSS` of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `egret_map_entries{map}` as `/metrics` says.
+fn map_entries(agent: &EgretRun, map: &str) -> u64 {
+    let address = agent.metrics_address().expect("metrics address");
+    samples(
+        &http_get(&address, "/metrics").expect("scrape"),
+        "egret_map_entries",
+    )
+    .filter(|(labels, _)| labels.contains(&format!("map=\"{map}\"")))
+    .map(|(_, v)| v as u64)
+    .sum()
+}
+
+#[test]
+fn a_thousand_cgroups_coming_and_going_leave_the_maps_at_baseline_and_memory_flat() {
+    use egret_tests::probe::Outcome;
+
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("web").expect("pod");
+    let host = sandbox
+        .add_host("ext", &[DENIED.parse().expect("ip")])
+        .expect("host");
+    let _listener = sandbox
+        .listen_tcp(&host, format!("{DENIED}:80").parse().expect("addr"))
+        .expect("listen");
+    let churn = sandbox.add_unmanaged_cgroup("churn").expect("churn parent");
+    let dir = std::env::temp_dir().join(format!("{}-faults-churn", sandbox.id()));
+    std::fs::create_dir_all(dir.join("policies")).expect("dir");
+    std::fs::write(
+        dir.join("egret.yaml"),
+        format!(
+            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n\
+             workloads:\n- {{name: job, namespace: batch, labels: {{app: job}}, cgroup: \"{}/job-*\"}}\n",
+            churn.display()
+        ),
+    )
+    .expect("config");
+    std::fs::write(
+        dir.join("policies/deny.yaml"),
+        format!(
+            "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: deny-ten}}\n\
+             spec: {{priority: 0, subject: {{podSelector: {{}}}}, rules: [{{name: ten, action: Deny, to: [{{networks: [{DENIED}/32]}}]}}]}}\n"
+        ),
+    )
+    .expect("policy");
+    let agent = EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "0").expect("egret run");
+    agent.wait_log("policy enforced", 1, Duration::from_secs(20));
+    let wait_for = |what: &str, want: &dyn Fn(u64) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = map_entries(&agent, "EGRET_ENDPOINTS");
+            if want(n) {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "{what}: {n} endpoint entries");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let baseline = wait_for("baseline", &|_| true);
+    let mut policy_after_round = Vec::new();
+    let mut rss_after_round = Vec::new();
+    for round in 0..3 {
+        let paths: Vec<std::path::PathBuf> =
+            (0..1000).map(|i| churn.join(format!("job-{i}"))).collect();
+        for path in &paths {
+            std::fs::create_dir(path).expect("create cgroup");
+        }
+        wait_for("all 1,000 enforced", &|n| n >= baseline + 1000);
+        // A process of one of them, on a cgroup path used in the round before too: it gets the
+        // workload's verdict, never a stale one of the cgroup that had the path.
+        let outcome = sandbox
+            .probe(
+                &pod,
+                Some(&paths[round * 7]),
+                &["connect", &format!("{DENIED}:80"), "--timeout-ms", "500"],
+            )
+            .expect("probe")[0]
+            .outcome;
+        assert_eq!(outcome, Outcome::Denied, "round {round}");
+        for path in &paths {
+            std::fs::remove_dir(path).expect("remove cgroup");
+        }
+        wait_for("back to baseline", &|n| n == baseline);
+        policy_after_round.push(map_entries(&agent, "EGRET_POLICY"));
+        rss_after_round.push(rss_kib(agent.pid()));
+    }
+    // Cgroups of one workload share its policy: the policy map does not grow with them.
+    assert!(
+        policy_after_round.iter().all(|n| *n == policy_after_round[0]),
+        "policy entries after each round: {policy_after_round:?}"
+    );
+    // Memory flat: the third round costs what the first did (allocator noise aside).
+    let growth = rss_after_round[2].saturating_sub(rss_after_round[0]);
+    assert!(
+        growth < 8 * 1024,
+        "RSS after each round (KiB): {rss_after_round:?}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
