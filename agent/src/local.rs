@@ -685,6 +685,8 @@ pub struct RunOptions {
     pub report_every: Option<std::time::Duration>,
     /// How often to look for edited files (new cgroups wake it at once).
     pub poll_every: std::time::Duration,
+    /// The deny log's rate limits.
+    pub deny_log: crate::telemetry::denylog::Limits,
 }
 
 /// Runs local mode until the process is stopped: this source, on a thread of its own, follows
@@ -739,6 +741,7 @@ pub fn run(
         health: None,
         waiting: None,
         pending_label: "pending",
+        deny_log: options.deny_log,
     };
     // New cgroups wake the source at once; the poll is the backstop (and reads the files).
     let mut watch = crate::inotify::DirWatch::new()?;

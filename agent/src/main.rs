@@ -117,6 +117,12 @@ enum Command {
         /// under policy `missing-policy` either way.
         #[arg(long, value_enum, default_value_t = Baseline::Allow)]
         on_fault: Baseline,
+        /// Deny-log lines per (workload, destination): `BURST/PER_SECOND`.
+        #[arg(long, default_value = "5/1")]
+        deny_log_per_destination: egret::telemetry::denylog::Rate,
+        /// Deny-log lines per workload across all destinations: `BURST/PER_SECOND`.
+        #[arg(long, default_value = "50/10")]
+        deny_log_per_source: egret::telemetry::denylog::Rate,
     },
     /// Runs the node agent: enforces the cluster's NetworkPolicies and EgressPolicies for the
     /// pods on this node (a DaemonSet runs one per node), serves metrics, writes EgressPolicy
@@ -155,6 +161,12 @@ enum Command {
         /// under policy `missing-policy` either way.
         #[arg(long, value_enum, default_value_t = Baseline::Allow)]
         on_fault: Baseline,
+        /// Deny-log lines per (workload, destination): `BURST/PER_SECOND`.
+        #[arg(long, default_value = "5/1")]
+        deny_log_per_destination: egret::telemetry::denylog::Rate,
+        /// Deny-log lines per workload across all destinations: `BURST/PER_SECOND`.
+        #[arg(long, default_value = "50/10")]
+        deny_log_per_source: egret::telemetry::denylog::Rate,
     },
     /// Prints the EgressPolicy CustomResourceDefinition (`egret crd | kubectl apply -f -`).
     Crd,
@@ -179,6 +191,18 @@ enum Command {
 enum Baseline {
     Allow,
     Deny,
+}
+
+/// The deny log's limits from the flags.
+fn deny_log_limits(
+    per_destination: egret::telemetry::denylog::Rate,
+    per_source: egret::telemetry::denylog::Rate,
+) -> egret::telemetry::denylog::Limits {
+    egret::telemetry::denylog::Limits {
+        per_destination,
+        per_source,
+        ..egret::telemetry::denylog::Limits::default()
+    }
 }
 
 impl Baseline {
@@ -356,6 +380,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
             max_destination_series,
             on_fault,
+            deny_log_per_destination,
+            deny_log_per_source,
         } => {
             let source = egret::local::LocalSource::new(config)
                 .with_metrics(metrics_addr, max_destination_series);
@@ -366,6 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 report_every: (report_interval > 0.0)
                     .then(|| std::time::Duration::from_secs_f64(report_interval)),
                 poll_every: std::time::Duration::from_millis(200),
+                deny_log: deny_log_limits(deny_log_per_destination, deny_log_per_source),
             };
             egret::local::run(source, datapath, &sys::cgroup2_mount()?, &options)?;
         }
@@ -380,6 +407,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_addr,
             max_destination_series,
             on_fault,
+            deny_log_per_destination,
+            deny_log_per_source,
         } => agent(
             pin_dir,
             kubeconfig,
@@ -397,6 +426,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cgroup,
             (metrics_addr, max_destination_series),
             on_fault.verdict(),
+            deny_log_limits(deny_log_per_destination, deny_log_per_source),
         )?,
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
@@ -438,6 +468,7 @@ fn agent(
     cgroup: Option<PathBuf>,
     metrics: (std::net::SocketAddr, usize),
     on_fault: Verdict,
+    deny_log: egret::telemetry::denylog::Limits,
 ) -> anyhow::Result<()> {
     if options.node.is_empty() {
         anyhow::bail!("--node-name (or NODE_NAME) must name this node");
@@ -471,6 +502,7 @@ fn agent(
             health: Some(health),
             waiting: Some("waiting for the initial list of every watch".into()),
             pending_label: "unknown-pod",
+            deny_log,
         },
     )?;
     Ok(())

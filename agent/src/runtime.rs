@@ -138,6 +138,8 @@ pub struct RuntimeOptions {
     /// The `policy` label of denials by a guard: `pending` (local workloads), `unknown-pod`
     /// (the agent).
     pub pending_label: &'static str,
+    /// The deny log's rate limits and state bound.
+    pub deny_log: crate::telemetry::denylog::Limits,
 }
 
 /// A load's rejections as the log, the metric and `/readyz` show them: one message each
@@ -162,6 +164,7 @@ pub fn run(
         health,
         waiting,
         pending_label,
+        deny_log,
     } = options;
     // Metrics, health and readiness are served from the start: `/readyz` says what it waits for.
     let shared = match metrics {
@@ -209,7 +212,7 @@ pub fn run(
         ..NameSnapshot::default()
     }));
     match crate::datapath::EventReader::open(pipeline.datapath().pin_dir()) {
-        Ok(reader) => spawn_deny_log(reader, Arc::clone(&names), shared.clone())
+        Ok(reader) => spawn_deny_log(reader, Arc::clone(&names), shared.clone(), deny_log)
             .map_err(|source| RuntimeError::DenyLog { source })?,
         Err(err) => tracing::warn!("no deny log: {err}"),
     }
@@ -426,12 +429,13 @@ fn spawn_deny_log(
     mut reader: crate::datapath::EventReader,
     names: Arc<Mutex<NameSnapshot>>,
     metrics: Option<Arc<Shared>>,
+    limits: crate::telemetry::denylog::Limits,
 ) -> std::io::Result<()> {
     use std::io::Write as _;
     std::thread::Builder::new()
         .name("deny-log".into())
         .spawn(move || {
-            let mut log = crate::telemetry::denylog::DenyLog::default();
+            let mut log = crate::telemetry::denylog::DenyLog::new(limits);
             let mut reported_suppressed = 0;
             loop {
                 let events = reader.wait(std::time::Duration::from_millis(500));

@@ -17,10 +17,62 @@ use serde_json::{Value, json};
 
 use crate::datapath::{EndpointId, Verdict};
 
-/// Lines per (source, destination): burst, then per second.
-const PER_DESTINATION: (f64, f64) = (5.0, 1.0);
-/// Lines per source across all destinations: burst, then per second.
-const PER_SOURCE: (f64, f64) = (50.0, 10.0);
+/// A token bucket's size: lines at once, then lines per second.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rate {
+    pub burst: f64,
+    pub per_second: f64,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    /// `BURST/PER_SECOND`, as `5/1`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (burst, per_second) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected BURST/PER_SECOND, as 5/1"))?;
+        let number = |v: &str| {
+            v.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|n| n.is_finite() && *n >= 0.0)
+                .ok_or_else(|| format!("{s:?}: {v:?} is not a non-negative number"))
+        };
+        Ok(Self {
+            burst: number(burst)?,
+            per_second: number(per_second)?,
+        })
+    }
+}
+
+/// The deny log's limits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limits {
+    /// Lines per (source, destination).
+    pub per_destination: Rate,
+    /// Lines per source across all destinations.
+    pub per_source: Rate,
+    /// (source, destination) pairs with state of their own; past it, the idle ones are
+    /// forgotten first, then all (a scan of millions of addresses must not grow the agent).
+    pub max_tracked: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            per_destination: Rate {
+                burst: 5.0,
+                per_second: 1.0,
+            },
+            per_source: Rate {
+                burst: 50.0,
+                per_second: 10.0,
+            },
+            max_tracked: 65_536,
+        }
+    }
+}
 
 #[derive(Clone, Copy)]
 struct Bucket {
@@ -29,9 +81,8 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn take(&mut self, now: Instant, (burst, rate): (f64, f64)) -> bool {
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate).min(burst);
-        self.at = now;
+    fn take(&mut self, now: Instant, rate: Rate) -> bool {
+        self.refill(now, rate);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -39,11 +90,18 @@ impl Bucket {
             false
         }
     }
+
+    fn refill(&mut self, now: Instant, Rate { burst, per_second }: Rate) {
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * per_second).min(burst);
+        self.at = now;
+    }
 }
 
-/// Rate-limiter state.
+/// Rate-limiter state, bounded by `Limits::max_tracked`.
 #[derive(Default)]
 pub struct DenyLog {
+    limits: Limits,
     destinations: HashMap<(EndpointId, IpAddr), Bucket>,
     sources: HashMap<EndpointId, Bucket>,
     held_back: HashMap<(EndpointId, IpAddr), u64>,
@@ -60,6 +118,42 @@ pub struct Names {
 }
 
 impl DenyLog {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    /// (source, destination) pairs with state now.
+    pub fn tracked(&self) -> usize {
+        self.destinations.len().max(self.held_back.len())
+    }
+
+    /// Keeps the per-destination state within `max_tracked`: first forgets pairs whose bucket
+    /// has refilled (idle: a fresh bucket would say the same) and that hold nothing back, then,
+    /// if a scan keeps it full, every pair (their held-back lines stay in `suppressed`).
+    fn bound(&mut self, now: Instant) {
+        if self.destinations.len() < self.limits.max_tracked
+            && self.held_back.len() < self.limits.max_tracked
+        {
+            return;
+        }
+        let rate = self.limits.per_destination;
+        let held_back = &self.held_back;
+        self.destinations.retain(|key, bucket| {
+            let mut b = *bucket;
+            b.refill(now, rate);
+            b.tokens < rate.burst || held_back.contains_key(key)
+        });
+        if self.destinations.len() >= self.limits.max_tracked / 2
+            || self.held_back.len() >= self.limits.max_tracked / 2
+        {
+            self.destinations.clear();
+            self.held_back.clear();
+        }
+    }
+
     /// The JSON line for `event` at `now` (RFC 3339 `time`), or `None` when rate-limited.
     pub fn line(
         &mut self,
@@ -68,6 +162,12 @@ impl DenyLog {
         time: &str,
         names: &Names,
     ) -> Option<Value> {
+        self.bound(now);
+        let Limits {
+            per_destination,
+            per_source,
+            ..
+        } = self.limits;
         let destination = destination(event);
         let key = (event.endpoint_id, destination);
         let fresh = |now| Bucket {
@@ -76,17 +176,17 @@ impl DenyLog {
         };
         let source_ok = {
             let b = self.sources.entry(event.endpoint_id).or_insert(Bucket {
-                tokens: PER_SOURCE.0,
+                tokens: per_source.burst,
                 ..fresh(now)
             });
-            b.take(now, PER_SOURCE)
+            b.take(now, per_source)
         };
         let destination_ok = source_ok && {
             let b = self.destinations.entry(key).or_insert(Bucket {
-                tokens: PER_DESTINATION.0,
+                tokens: per_destination.burst,
                 ..fresh(now)
             });
-            b.take(now, PER_DESTINATION)
+            b.take(now, per_destination)
         };
         if !destination_ok {
             *self.held_back.entry(key).or_default() += 1;
@@ -156,6 +256,53 @@ mod tests {
             policy: "EgressPolicy block".into(),
             rule: Some("r".into()),
         }
+    }
+
+    #[test]
+    fn a_scan_of_a_million_addresses_keeps_the_state_bounded_and_every_line_counted() {
+        let limits = Limits {
+            max_tracked: 1024,
+            ..Limits::default()
+        };
+        let mut log = DenyLog::new(limits);
+        let t0 = Instant::now();
+        let mut logged = 0u64;
+        for i in 0..1_000_000u32 {
+            let mut e = event(1, 0);
+            e.family = family::INET6;
+            e.addr = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+            e.addr[12..].copy_from_slice(&i.to_be_bytes());
+            // A millisecond apart: the source bucket refills ten lines a second.
+            let now = t0 + Duration::from_millis(u64::from(i));
+            if log.line(&e, now, "t", &names()).is_some() {
+                logged += 1;
+            }
+            assert!(
+                log.tracked() <= limits.max_tracked,
+                "at {i}: {}",
+                log.tracked()
+            );
+        }
+        assert_eq!(
+            logged + log.suppressed,
+            1_000_000,
+            "every attempt logged or counted"
+        );
+        assert!(logged < 11_000, "the per-source limit held: {logged}");
+    }
+
+    #[test]
+    fn rates_parse_as_burst_per_second() {
+        assert_eq!(
+            "5/1".parse::<Rate>(),
+            Ok(Rate {
+                burst: 5.0,
+                per_second: 1.0
+            })
+        );
+        assert!("5".parse::<Rate>().is_err());
+        assert!("-1/1".parse::<Rate>().is_err());
+        assert!("x/1".parse::<Rate>().is_err());
     }
 
     #[test]
