@@ -27,8 +27,10 @@ pub mod map_names {
     pub const COUNTERS_LOST: &str = "EGRET_COUNTERS_LOST";
     /// Ring buffer of [`super::DecisionEvent`]s for blocked and audit attempts (the deny log).
     pub const EVENTS: &str = "EGRET_EVENTS";
-    /// Events the ring buffer had no room for.
+    /// Events not delivered: the ring buffer had no room, or the CPU's event budget was spent.
     pub const EVENTS_LOST: &str = "EGRET_EVENTS_LOST";
+    /// Per CPU: the current window and the events sent in it ([`super::EventBudget`]).
+    pub const EVENT_BUDGET: &str = "EGRET_EVENT_BUDGET";
     /// The layout stamp: element 0 holds the [`super::LAYOUT_VERSION`] the pinned maps were
     /// created with.
     pub const META: &str = "EGRET_META";
@@ -52,7 +54,7 @@ pub mod map_names {
     pub const DECISION_CACHE: &str = "EGRET_DECISION_CACHE";
 
     /// Every map the object must hold.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         ENDPOINTS,
         STATE,
         ADDR4,
@@ -63,6 +65,7 @@ pub mod map_names {
         COUNTERS_LOST,
         EVENTS,
         EVENTS_LOST,
+        EVENT_BUDGET,
         META,
         IDS,
         IFACES,
@@ -121,6 +124,12 @@ pub mod capacity {
     /// Bytes of the event ring buffer: 4,681 events of 56 bytes (plus the kernel's 8-byte
     /// header each) between two reads.
     pub const EVENTS_BYTES: u32 = 256 * 1024;
+    /// Deny-log events each CPU may send per [`EVENT_WINDOW_NS`] (20,000 a second): a flood of
+    /// denials costs the agent a bounded rate of events whatever its size; the rest are
+    /// counted as lost, as a full ring buffer's are (every attempt is still counted in the
+    /// counter maps).
+    pub const EVENTS_PER_WINDOW: u64 = 2_000;
+    pub const EVENT_WINDOW_NS: u64 = 100_000_000;
     /// Workload interfaces on one node.
     pub const IFACES: u32 = 16_384;
     /// Workload source addresses (a few per interface).
@@ -260,6 +269,17 @@ pub struct EndpointValue {
     pub flags: u32,
 }
 const _: () = assert!(size_of::<EndpointValue>() == 8);
+
+/// One CPU's deny-log event budget, the one element of [`map_names::EVENT_BUDGET`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// `bpf_ktime_get_ns` at the start of the current window.
+    pub window_start: u64,
+    /// Events sent in it.
+    pub sent: u64,
+}
+const _: () = assert!(size_of::<EventBudget>() == 16);
 
 /// The datapath's global state, the one element of [`map_names::STATE`].
 #[repr(C)]

@@ -28,9 +28,9 @@ use aya_ebpf::{
 };
 use egret_common::{
     ADDR_KEY_GENERATION_BITS, Addr4Key, Addr6Key, AddrValue, CLASS_WORLD, CounterKey, CounterValue,
-    DecisionEvent, EndpointValue, GENERATIONS, IdKey, IdName, MAX_CGROUP_DEPTH, MetaValue,
-    POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_MISSING_POLICY, RULE_PENDING, StateValue,
-    capacity, endpoint_flags, family, protocol_key, state_flags, verdict,
+    DecisionEvent, EndpointValue, EventBudget, GENERATIONS, IdKey, IdName, MAX_CGROUP_DEPTH,
+    MetaValue, POLICY_PREFIX_PORT, PolicyKey, PolicyValue, RULE_MISSING_POLICY, RULE_PENDING,
+    StateValue, capacity, endpoint_flags, family, protocol_key, state_flags, verdict,
 };
 
 /// `EEXIST` from the kernel's errno-base.h; the bindings carry no errno values.
@@ -92,6 +92,9 @@ static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 
 #[map(name = "EGRET_EVENTS_LOST")]
 static EVENTS_LOST: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+#[map(name = "EGRET_EVENT_BUDGET")]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 /// The layout stamp; no program reads it, the agent writes and checks it (see
 /// `egret_common::LAYOUT_VERSION`).
@@ -423,11 +426,18 @@ fn report(
     decision: PolicyValue,
     caller: Caller,
 ) {
-    let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
+    let lose = || {
         if let Some(lost) = EVENTS_LOST.get_ptr_mut(0) {
             // SAFETY: per-CPU slot, only this CPU writes it while this program runs.
             unsafe { *lost += 1 };
         }
+    };
+    if !within_event_budget() {
+        lose();
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<DecisionEvent>(0) else {
+        lose();
         return;
     };
     let Caller { pid_tgid, comm } = caller;
@@ -447,6 +457,30 @@ fn report(
     (event.addr, event.family) = dest.encode();
     entry.write(event);
     entry.submit(0);
+}
+
+/// Whether this CPU may send one more deny-log event in the current window (and takes it): at
+/// most `EVENTS_PER_WINDOW` per `EVENT_WINDOW_NS`, so that a flood costs the agent a bounded
+/// event rate. Without its state (cannot happen for an array), the event is sent.
+#[inline(always)]
+fn within_event_budget() -> bool {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a plain helper call; the pointer is this CPU's slot, which only this CPU writes
+    // while this program runs.
+    unsafe {
+        let now = aya_ebpf::helpers::bpf_ktime_get_ns();
+        if now.wrapping_sub((*budget).window_start) >= capacity::EVENT_WINDOW_NS {
+            (*budget).window_start = now;
+            (*budget).sent = 0;
+        }
+        if (*budget).sent >= capacity::EVENTS_PER_WINDOW {
+            return false;
+        }
+        (*budget).sent += 1;
+    }
+    true
 }
 
 /// Adds one to `key`'s counter in `map`, creating it; false when the map has no room.

@@ -359,7 +359,9 @@ fn a_thousand_cgroups_coming_and_going_leave_the_maps_at_baseline_and_memory_fla
     }
     // Cgroups of one workload share its policy: the policy map does not grow with them.
     assert!(
-        policy_after_round.iter().all(|n| *n == policy_after_round[0]),
+        policy_after_round
+            .iter()
+            .all(|n| *n == policy_after_round[0]),
         "policy entries after each round: {policy_after_round:?}"
     );
     // Memory flat: the third round costs what the first did (allocator noise aside).
@@ -367,6 +369,135 @@ fn a_thousand_cgroups_coming_and_going_leave_the_maps_at_baseline_and_memory_fla
     assert!(
         growth < 8 * 1024,
         "RSS after each round (KiB): {rss_after_round:?}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// User plus system CPU time of `pid`, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: plain sysconf.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+#[test]
+fn a_thirty_second_deny_log_flood_keeps_the_agent_bounded_and_every_event_accounted() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let pod = sandbox.add_pod("web").expect("pod");
+    let _host = sandbox
+        .add_host("ext", &[DENIED.parse().expect("ip")])
+        .expect("host");
+    let dir = std::env::temp_dir().join(format!("{}-faults-flood", sandbox.id()));
+    std::fs::create_dir_all(dir.join("policies")).expect("dir");
+    std::fs::write(
+        dir.join("egret.yaml"),
+        format!(
+            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n\
+             workloads:\n- {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n",
+            pod.cgroup.display()
+        ),
+    )
+    .expect("config");
+    std::fs::write(
+        dir.join("policies/deny.yaml"),
+        format!(
+            "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: deny-ten}}\n\
+             spec: {{priority: 0, subject: {{podSelector: {{}}}}, rules: [{{name: ten, action: Deny, to: [{{networks: [{DENIED}/32]}}]}}]}}\n"
+        ),
+    )
+    .expect("policy");
+    // Limits of its own, to show they are the operator's.
+    let agent = EgretRun::start_with(
+        &dir,
+        sandbox.pin_dir(),
+        sandbox.cgroup(),
+        "0",
+        &[
+            "--deny-log-per-destination",
+            "2/1",
+            "--deny-log-per-source",
+            "20/2",
+        ],
+        "",
+    )
+    .expect("egret run");
+    agent.wait_log("policy enforced", 1, Duration::from_secs(20));
+    let address = agent.metrics_address().expect("metrics address");
+    let stop = dir.join("stop");
+    let cpu_before = cpu_seconds(agent.pid());
+    let started = Instant::now();
+    let prober = sandbox
+        .spawn_probe(
+            &pod,
+            &[
+                "udp-loop",
+                &format!("{DENIED}:53"),
+                "--until-file",
+                stop.to_str().expect("utf-8"),
+            ],
+        )
+        .expect("prober");
+    // /metrics keeps answering, promptly, all through the flood.
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(30) {
+        let asked = Instant::now();
+        let metrics = http_get(&address, "/metrics").expect("metrics during the flood");
+        assert!(metrics.contains("egret_deny_log_suppressed_total"));
+        slowest = slowest.max(asked.elapsed());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::fs::write(&stop, "").expect("stop");
+    let output = sandbox.wait_probe_output(prober).expect("prober output");
+    let flood = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(agent.pid()) - cpu_before;
+    let summary: serde_json::Value = serde_json::from_str(output.trim()).expect("summary");
+    let attempts = summary["count"].as_u64().expect("count");
+    assert_eq!(summary["outcomes"]["denied"].as_u64(), Some(attempts));
+    assert!(attempts > 100_000, "a flood: {summary}");
+    assert!(
+        slowest < Duration::from_secs(1),
+        "/metrics took {slowest:?} during the flood"
+    );
+    // Bounded CPU: the agent spends well under a core on a workload's flood.
+    assert!(
+        cpu < 0.5 * flood,
+        "{cpu:.1} s of CPU in {flood:.1} s for {attempts} denied attempts"
+    );
+    // The limits held: 2 at once then 1 a second for the one destination.
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines = std::fs::read_to_string(&agent.stdout)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .count() as u64;
+    assert!(
+        (2..=2 + flood.ceil() as u64 + 2).contains(&lines),
+        "{lines} deny-log lines in {flood:.1} s"
+    );
+    // Every event logged, held back (counted) or dropped by the kernel (counted).
+    let metrics = http_get(&address, "/metrics").expect("metrics");
+    let gauge = |name: &str| -> u64 { samples(&metrics, name).map(|(_, v)| v as u64).sum() };
+    let held_back = gauge("egret_deny_log_suppressed_total");
+    let dropped = gauge("egret_deny_log_kernel_dropped");
+    assert_eq!(
+        lines + held_back + dropped,
+        attempts,
+        "lines {lines}, held back {held_back}, dropped by the kernel {dropped}"
+    );
+    eprintln!(
+        "flood: {attempts} attempts in {flood:.1} s; agent CPU {cpu:.2} s; {lines} lines, {held_back} held back, {dropped} dropped by the kernel; slowest scrape {slowest:?}"
     );
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);

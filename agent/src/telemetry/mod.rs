@@ -196,7 +196,7 @@ impl Telemetry {
             )?,
             events_lost: gauge(
                 "egret_deny_log_kernel_dropped",
-                "Deny-log events the kernel dropped because its ring buffer was full (no reader, or a flood).",
+                "Deny-log events the kernel did not deliver: its ring buffer was full (no reader), or the CPU's event budget (20,000 a second) was spent by a flood. Every attempt is still counted in egret_egress_connections_total.",
             )?,
             registry,
             budget: max_destination_series,
