@@ -481,6 +481,16 @@ fn agent(
     // Attached before any watch lists: what the pins enforce stays enforced meanwhile.
     let mut datapath = open(pin_dir, Some(cgroup))?;
     datapath.set_on_fault(on_fault);
+    // Never enforced on itself, from before its first API call: pinned guards and a deny
+    // baseline would otherwise keep a new agent pod from the API (a rolling update's deadlock).
+    if let Some(own) = egret::source::kubernetes::cgroups::Kubepods::find(&options.cgroup_root)
+        .as_ref()
+        .and_then(egret::source::kubernetes::own_cgroup)
+    {
+        let id = sys::cgroup_id(&own)?;
+        datapath.set_role(id, egret::datapath::CgroupRole::Unmanaged)?;
+        tracing::info!(cgroup = %own.display(), "the agent's own pod cgroup is never enforced");
+    }
     report_mode(&datapath);
     let watches = {
         let _inside = tokio.enter();

@@ -193,7 +193,11 @@ pub mod state_flags {
 /// Version 2: [`StateValue::generation`] became the flip count (the generation is its parity),
 /// which keys [`map_names::DECISION_CACHE`]; programs of version 1 would read it as a generation
 /// and find no policy.
-pub const LAYOUT_VERSION: u32 = 2;
+///
+/// Version 3: [`StateValue::flags`] carries [`state_flags::FAULT_DENY`] and
+/// [`map_names::EVENT_BUDGET`] bounds the deny-log events; an agent adopting programs of version
+/// 2 would silently have neither.
+pub const LAYOUT_VERSION: u32 = 3;
 /// Rule id of a denial of a process whose cgroup lies under a guarded cgroup but is not an
 /// endpoint yet (fail closed until the agent has written its policy).
 pub const RULE_PENDING: u32 = u32::MAX - 1;

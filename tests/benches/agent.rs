@@ -225,7 +225,8 @@ fn measure(
             let (now_count, now_sum) = histogram(&http_get(&address, "/metrics")?);
             if now_count > count {
                 // One write took this change: its own latency. (Several writes since: their
-                // mean, which never understates the one that took the change.)
+                // mean, which can understate the slowest of them; the bench waits for each change
+                // to be enforced before the next, so one write per change is the rule.)
                 latencies.push((now_sum - sum) / (now_count - count));
                 break;
             }

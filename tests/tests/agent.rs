@@ -902,6 +902,43 @@ fn enter(netns: &str) {
     assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
 }
 
+/// `egret agent` as root with only the capabilities the shipped DaemonSet adds.
+fn start_with_daemonset_capabilities(sandbox: &Sandbox, dir: &Path, kubeconfig: &Path) -> Agent {
+    let docs = manifests::build("").unwrap_or_else(|e| panic!("{e}"));
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "egret")
+        .expect("the DaemonSet");
+    let caps: Vec<String> =
+        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .expect("capabilities")
+            .iter()
+            .filter_map(|c| c.as_str().map(|c| format!("+{}", c.to_lowercase())))
+            .collect();
+    let stderr = dir.join("agent.log");
+    let child = Command::new("setpriv")
+        .args(["--reuid", "0", "--inh-caps=-all"])
+        .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+        .arg(egret_binary())
+        .arg("--pin-dir")
+        .arg(sandbox.pin_dir())
+        .arg("agent")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
+        .arg("--cgroup")
+        .arg(sandbox.cgroup())
+        .arg("--cgroup-root")
+        .arg(sandbox.cgroup())
+        .env("EGRET_LOG", "info,egret=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).expect("log file"))
+        .spawn()
+        .expect("setpriv (util-linux)");
+    Agent { child, stderr }
+}
+
 #[test]
 fn a_pods_node_side_veth_gets_the_tc_programs_so_raw_packets_are_decided_too() {
     let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
@@ -944,7 +981,8 @@ fn a_pods_node_side_veth_gets_the_tc_programs_so_raw_packets_are_decided_too() {
         )
         .expect("pod process");
 
-    let agent = Agent::start(&sandbox, &dir, &cluster.kubeconfig, &[]);
+    // With exactly the DaemonSet's capabilities, as its pod has them.
+    let agent = start_with_daemonset_capabilities(&sandbox, &dir, &cluster.kubeconfig);
     agent.wait_log("TC programs attached", Duration::from_secs(30));
     let raw_udp = |to: &str| {
         let attempts = sandbox
@@ -987,5 +1025,120 @@ fn a_pods_node_side_veth_gets_the_tc_programs_so_raw_packets_are_decided_too() {
     }
     std::fs::write(&stop, "").expect("stop");
     let _ = sandbox.wait_probe(resident);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the agent the way the kubelet would run the DaemonSet's pod: its process in a pod
+/// cgroup under `kubepods` from its first instruction.
+fn start_in_pod_cgroup(
+    sandbox: &Sandbox,
+    dir: &Path,
+    kubeconfig: &Path,
+    cgroup: &Path,
+    args: &[&str],
+) -> Agent {
+    use std::os::unix::process::CommandExt as _;
+    let stderr = dir.join("agent.log");
+    let procs = cgroup.join("cgroup.procs");
+    let mut command = Command::new(egret_binary());
+    command
+        .arg("--pin-dir")
+        .arg(sandbox.pin_dir())
+        .arg("agent")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
+        .arg("--cgroup")
+        .arg(sandbox.cgroup())
+        .arg("--cgroup-root")
+        .arg(sandbox.cgroup())
+        .args(args)
+        .env("EGRET_LOG", "info,egret=debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).expect("log file"));
+    // SAFETY: only an async-signal-safe write(2) of "0" to an already open file between fork
+    // and exec.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&procs)
+        .expect("cgroup.procs");
+    unsafe {
+        command.pre_exec(move || {
+            use std::io::Write as _;
+            (&file).write_all(b"0")
+        });
+    }
+    let child = command.spawn().expect("spawn egret agent");
+    Agent { child, stderr }
+}
+
+#[test]
+fn a_strict_cluster_never_locks_the_agent_out_even_across_a_rolling_update() {
+    let sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let dir = temp_dir(&sandbox, "agent-strict");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    // Fail closed everywhere: unknown pods denied, and whatever no policy allows.
+    let strict = ["--unknown-pods", "deny", "--baseline", "deny"];
+    for round in 0..2 {
+        // The DaemonSet's pod: hostNetwork, in egret-system, a new pod (uid, cgroup) each time.
+        let uid = cluster.pod(
+            "egret-system",
+            &format!("egret-{round}"),
+            "app: egret",
+            "127.0.0.1".parse().expect("ip"),
+        );
+        let own = kubepods.pod(&sandbox, &uid);
+        let round_dir = dir.join(format!("round-{round}"));
+        std::fs::create_dir_all(&round_dir).expect("dir");
+        let agent = start_in_pod_cgroup(&sandbox, &round_dir, &cluster.kubeconfig, &own, &strict);
+        // Ready means every watch listed through the API and policy was written: the second
+        // agent starts under the first one's pinned guards and deny baseline.
+        let address = agent.metrics_address();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_get(&address, "/readyz")
+            .expect("readyz")
+            .starts_with("HTTP/1.1 200")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the agent never became ready:\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            agent.log().contains("own pod cgroup is never enforced"),
+            "{}",
+            agent.log()
+        );
+        // It keeps talking to the API: a new policy still reaches it.
+        cluster.apply(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: probe-{round}, namespace: egret-system}}\n\
+             spec: {{podSelector: {{}}, policyTypes: [Egress]}}\n"
+        ));
+        let watched = || {
+            samples(
+                &http_get(&address, "/metrics").expect("metrics"),
+                "egret_watched_objects",
+            )
+            .filter(|(labels, _)| labels.contains("kind=\"NetworkPolicy\""))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+        };
+        // The watch counts are reported every 5 seconds.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while watched() < f64::from(round + 1) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: the agent's watch stopped: {} NetworkPolicies\n{}",
+                watched(),
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        // SIGKILL: the next round's agent is a new pod.
+        drop(agent);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

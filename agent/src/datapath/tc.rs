@@ -5,7 +5,7 @@
 //!
 //! Any source can drive it: it takes "these interface indexes belong to endpoint N, which sends
 //! from these addresses" ([`TcDesired`]). Local mode resolves its `interfaces:` globs with
-//! [`resolve_interfaces`]; the Kubernetes agent will find each pod's node-side veth.
+//! [`resolve_interfaces`]; the Kubernetes agent finds each pod's node-side veth (`source::kubernetes::veth`).
 
 use std::{
     collections::{BTreeMap, BTreeSet},

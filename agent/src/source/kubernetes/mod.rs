@@ -50,7 +50,7 @@ const PERIOD: Duration = Duration::from_secs(5);
 pub enum UnknownPods {
     /// Not decided until their pod's policy is written.
     Allow,
-    /// Denied (`EPERM`, counted as blocked under policy `pending`) until their pod's policy is
+    /// Denied (`EPERM`, counted as blocked under policy `unknown-pod`) until their pod's policy is
     /// written: the kubelet's pod directories become guards.
     Deny,
 }
@@ -102,6 +102,18 @@ pub fn plan(
     )
 }
 
+/// The kubelet's pod cgroup this process runs in, found by its pid among the pods' cgroups
+/// (the DaemonSet shares the host's pid namespace): the agent never enforces on itself, so that
+/// a strict cluster (baseline deny, unknown pods denied) cannot lock it out of the API, also
+/// when a rolling update starts it in a pod no agent has written yet.
+pub fn own_cgroup(kubepods: &Kubepods) -> Option<PathBuf> {
+    let pid = std::process::id();
+    kubepods
+        .pods()
+        .into_values()
+        .find(|dir| veth::holds_pid(dir, pid))
+}
+
 /// [`plan`] with the cgroup id lookup given (a fake hierarchy in tests).
 fn plan_with(
     pods: &Kept<PodEntry>,
@@ -139,6 +151,14 @@ fn plan_with(
         plan.guards
             .extend(kubepods.parents().iter().filter_map(|p| cgroup_id(p)));
     }
+    if let Some(own) = own_cgroup(kubepods).and_then(|dir| cgroup_id(&dir)) {
+        for cgroups in plan.workloads.values_mut() {
+            cgroups.remove(&own);
+        }
+        plan.workloads.retain(|_, cgroups| !cgroups.is_empty());
+        local.retain(|pod| cgroup_id(&pod.cgroup) != Some(own));
+        plan.unmanaged.insert(own);
+    }
     (plan, local)
 }
 
@@ -154,13 +174,14 @@ pub fn interfaces(
         Vec::new()
     });
     let mut out = std::collections::BTreeMap::new();
+    let mut failed = Vec::new();
     for pod in pods.iter().filter(|p| !p.host_network) {
         let patterns = match veth::pod_network(&pod.cgroup, &ours) {
             Ok(veth::PodNetwork::Host) => continue,
             Ok(veth::PodNetwork::Veths(veths)) => veths.into_iter().map(|(_, name)| name).collect(),
             Ok(veth::PodNetwork::NotStarted) => Vec::new(),
             Err(err) => {
-                tracing::debug!(pod = %format!("{}/{}", pod.key.0, pod.key.1), "no veth found: {err}");
+                failed.push(format!("{}/{}: {err}", pod.key.0, pod.key.1));
                 Vec::new()
             }
         };
@@ -171,6 +192,11 @@ pub fn interfaces(
                 addresses: pod.addresses.clone(),
             },
         );
+    }
+    if let Some(first) = failed.first() {
+        // Loud: without its veth a pod's packet-level sockets are refused, and AF_PACKET
+        // is undecided (hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE are what the lookup needs).
+        tracing::warn!(pods = failed.len(), first = %first, "cannot find pods' veths: no TC programs for them");
     }
     out
 }

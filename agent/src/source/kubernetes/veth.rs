@@ -71,6 +71,17 @@ pub fn pod_network(cgroup: &Path, ours: &[Link]) -> io::Result<PodNetwork> {
     Ok(PodNetwork::Veths(veths))
 }
 
+/// Whether `pid` runs in `cgroup` or below it.
+pub fn holds_pid(cgroup: &Path, pid: u32) -> bool {
+    let here = std::fs::read_to_string(cgroup.join("cgroup.procs"))
+        .is_ok_and(|procs| procs.lines().any(|l| l.trim().parse() == Ok(pid)));
+    here || std::fs::read_dir(cgroup).is_ok_and(|entries| {
+        entries.flatten().any(|entry| {
+            entry.file_type().is_ok_and(|t| t.is_dir()) && holds_pid(&entry.path(), pid)
+        })
+    })
+}
+
 /// The first process found in `cgroup` or below it.
 fn first_pid(cgroup: &Path) -> io::Result<Option<u32>> {
     let procs = match std::fs::read_to_string(cgroup.join("cgroup.procs")) {
