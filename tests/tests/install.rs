@@ -587,3 +587,84 @@ fn the_daemonsets_capabilities_are_enough_to_enforce_and_each_is_needed() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_readme_install_works_against_the_test_api_server() {
+    // The README's "Install on a cluster", where no real cluster is needed: the manifests and a
+    // first policy applied with kubectl, an agent on this machine enforcing them.
+    let sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let dir = std::env::temp_dir().join(format!("{}-install-readme", sandbox.id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let server = ApiServer::start("127.0.0.1:0".parse().expect("addr"), Config::default())
+        .expect("test API server");
+    let kubeconfig = dir.join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let kubectl = |args: &[&str]| {
+        let out = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let manifests_dir = manifests::dir();
+    let applied = kubectl(&["apply", "-k", manifests_dir.to_str().expect("utf-8")]);
+    for created in [
+        "customresourcedefinition.apiextensions.k8s.io/egresspolicies.egret.dev",
+        "clusterrole.rbac.authorization.k8s.io/egret",
+        "daemonset.apps/egret",
+    ] {
+        assert!(applied.contains(created), "{applied}");
+    }
+    let policy = manifests_dir.join("examples/local/policies/block-metadata.yaml");
+    kubectl(&["apply", "-f", policy.to_str().expect("utf-8")]);
+
+    let log = dir.join("agent.log");
+    let mut agent = Command::new(egret_binary())
+        .arg("--pin-dir")
+        .arg(sandbox.pin_dir())
+        .arg("agent")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["--node-name", "node-1", "--metrics-addr", "127.0.0.1:0"])
+        .arg("--cgroup")
+        .arg(sandbox.cgroup())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("egret agent");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = kubectl(&[
+            "get",
+            "egresspolicy",
+            "block-metadata",
+            "-o",
+            "jsonpath={.status.conditions[0].type}={.status.conditions[0].status}",
+        ]);
+        if status == "Accepted=True" || Instant::now() > deadline {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status, "Accepted=True", "{text}");
+    let address = text
+        .lines()
+        .find(|l| l.contains("serving metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .expect("metrics address")
+        .to_owned();
+    let metrics = egret_tests::agent::http_get(&address, "/metrics").expect("metrics");
+    assert!(metrics.contains("egret_watched_objects"), "{metrics}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

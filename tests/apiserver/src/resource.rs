@@ -171,6 +171,40 @@ pub fn builtins() -> Vec<ResourceType> {
         builtin("apps", "replicasets", "ReplicaSet", true, &["rs"], true),
         builtin("apps", "daemonsets", "DaemonSet", true, &["ds"], true),
         builtin("apps", "statefulsets", "StatefulSet", true, &["sts"], true),
+        // Stored and served, not enforced: installing egret (`kubectl apply -k manifests/`)
+        // creates them, and its tests read them back.
+        builtin(
+            "rbac.authorization.k8s.io",
+            "roles",
+            "Role",
+            true,
+            &[],
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "rolebindings",
+            "RoleBinding",
+            true,
+            &[],
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterroles",
+            "ClusterRole",
+            false,
+            &[],
+            false,
+        ),
+        builtin(
+            "rbac.authorization.k8s.io",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            &[],
+            false,
+        ),
     ];
     for t in &mut types {
         if matches!(
