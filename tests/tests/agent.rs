@@ -382,6 +382,7 @@ fn policies_applied_through_the_api_follow_labels_pods_and_cgroups() {
     assert!(pending >= 2.0, "unknown and deleted pods: {pending}");
     let ready = http_get(&address, "/readyz").expect("readyz");
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert_rbac_grants(&cluster.server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -458,6 +459,7 @@ fn lost_watches_and_compacted_history_change_no_verdict() {
         relists >= 2,
         "the pod watch re-listed after 410: {relists} lists"
     );
+    assert_rbac_grants(&cluster.server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -652,14 +654,31 @@ spec:
     assert_eq!(unexposed["rule"], "no-such-port", "{unexposed}");
 
     // Least privilege, proven on what happened: the shipped RBAC grants every call the agent
-    // and `egret explain` made (watches, the Lease, status, Events).
-    assert_rbac_grants(&cluster.server);
+    // and `egret explain` made, and here they include every kind of write.
+    let calls = assert_rbac_grants(&cluster.server);
+    let made = |verb: &str, resource: &str| {
+        calls
+            .iter()
+            .any(|c| c.verb == verb && (c.resource == resource || c.subresource == resource))
+    };
+    for (verb, resource) in [
+        ("watch", "pods"),
+        ("list", "egresspolicies"),
+        ("create", "leases"),
+        ("patch", "status"),
+        ("create", "events"),
+    ] {
+        assert!(
+            made(verb, resource),
+            "the check saw no {verb} of {resource}"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Every resource call egret made to `server` (kubectl's are the operator's) is granted to
-/// egret's ServiceAccount by the manifests; the calls include each kind of write.
-fn assert_rbac_grants(server: &ApiServer) {
+/// egret's ServiceAccount by the manifests; returns the calls.
+fn assert_rbac_grants(server: &ApiServer) -> Vec<Call> {
     let docs = manifests::build("").unwrap_or_else(|e| panic!("{e}"));
     let grants = manifests::grants(&docs, "egret-system", "egret");
     let calls: Vec<Call> = server
@@ -684,23 +703,7 @@ fn assert_rbac_grants(server: &ApiServer) {
         refused.is_empty(),
         "calls the shipped RBAC does not grant: {refused:#?}"
     );
-    let made = |verb: &str, resource: &str| {
-        calls
-            .iter()
-            .any(|c| c.verb == verb && (c.resource == resource || c.subresource == resource))
-    };
-    for (verb, resource) in [
-        ("watch", "pods"),
-        ("list", "egresspolicies"),
-        ("create", "leases"),
-        ("patch", "status"),
-        ("create", "events"),
-    ] {
-        assert!(
-            made(verb, resource),
-            "the check saw no {verb} of {resource}"
-        );
-    }
+    calls
 }
 
 /// Sums `egret_egress_connections_total` samples whose labels hold every needle, by policy.
@@ -890,6 +893,7 @@ fn a_rolling_update_changes_no_verdict_loses_no_count_and_keeps_every_label() {
     .values()
     .sum();
     assert_eq!(passed as usize, allowed.len(), "allowed attempts counted");
+    assert_rbac_grants(&cluster.server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1025,6 +1029,7 @@ fn a_pods_node_side_veth_gets_the_tc_programs_so_raw_packets_are_decided_too() {
     }
     std::fs::write(&stop, "").expect("stop");
     let _ = sandbox.wait_probe(resident);
+    assert_rbac_grants(&cluster.server);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1140,5 +1145,6 @@ fn a_strict_cluster_never_locks_the_agent_out_even_across_a_rolling_update() {
         // SIGKILL: the next round's agent is a new pod.
         drop(agent);
     }
+    assert_rbac_grants(&cluster.server);
     let _ = std::fs::remove_dir_all(&dir);
 }
