@@ -113,16 +113,8 @@ enum Command {
         /// the config's `metrics.maxDestinationSeries`; default 1000).
         #[arg(long)]
         max_destination_series: Option<usize>,
-        /// What a datapath fault (an endpoint without policy in the kernel) gets; counted
-        /// under policy `missing-policy` either way.
-        #[arg(long, value_enum, default_value_t = Baseline::Allow)]
-        on_fault: Baseline,
-        /// Deny-log lines per (workload, destination): `BURST/PER_SECOND`.
-        #[arg(long, default_value = "5/1")]
-        deny_log_per_destination: egret::telemetry::denylog::Rate,
-        /// Deny-log lines per workload across all destinations: `BURST/PER_SECOND`.
-        #[arg(long, default_value = "50/10")]
-        deny_log_per_source: egret::telemetry::denylog::Rate,
+        #[command(flatten)]
+        faults: FaultOptions,
     },
     /// Runs the node agent: enforces the cluster's NetworkPolicies and EgressPolicies for the
     /// pods on this node (a DaemonSet runs one per node), serves metrics, writes EgressPolicy
@@ -157,16 +149,8 @@ enum Command {
         /// Destination IPs with their own metric series; the rest count as "other".
         #[arg(long, default_value_t = 1000)]
         max_destination_series: usize,
-        /// What a datapath fault (an endpoint without policy in the kernel) gets; counted
-        /// under policy `missing-policy` either way.
-        #[arg(long, value_enum, default_value_t = Baseline::Allow)]
-        on_fault: Baseline,
-        /// Deny-log lines per (workload, destination): `BURST/PER_SECOND`.
-        #[arg(long, default_value = "5/1")]
-        deny_log_per_destination: egret::telemetry::denylog::Rate,
-        /// Deny-log lines per workload across all destinations: `BURST/PER_SECOND`.
-        #[arg(long, default_value = "50/10")]
-        deny_log_per_source: egret::telemetry::denylog::Rate,
+        #[command(flatten)]
+        faults: FaultOptions,
     },
     /// Prints the EgressPolicy CustomResourceDefinition (`egret crd | kubectl apply -f -`).
     Crd,
@@ -187,22 +171,36 @@ enum Command {
     },
 }
 
+/// What `egret run` and `egret agent` do about faults and floods.
+#[derive(clap::Args)]
+struct FaultOptions {
+    /// What a datapath fault (an endpoint without policy in the kernel) gets; counted under
+    /// policy `missing-policy` either way.
+    #[arg(long, value_enum, default_value_t = Baseline::Allow)]
+    on_fault: Baseline,
+    /// Deny-log lines per (workload, destination): `BURST/PER_SECOND`.
+    #[arg(long, default_value = "5/1")]
+    deny_log_per_destination: egret::telemetry::denylog::Rate,
+    /// Deny-log lines per workload across all destinations: `BURST/PER_SECOND`.
+    #[arg(long, default_value = "50/10")]
+    deny_log_per_source: egret::telemetry::denylog::Rate,
+}
+
+impl FaultOptions {
+    /// The deny log's limits from the flags.
+    fn deny_log(&self) -> egret::telemetry::denylog::Limits {
+        egret::telemetry::denylog::Limits {
+            per_destination: self.deny_log_per_destination,
+            per_source: self.deny_log_per_source,
+            ..egret::telemetry::denylog::Limits::default()
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Baseline {
     Allow,
     Deny,
-}
-
-/// The deny log's limits from the flags.
-fn deny_log_limits(
-    per_destination: egret::telemetry::denylog::Rate,
-    per_source: egret::telemetry::denylog::Rate,
-) -> egret::telemetry::denylog::Limits {
-    egret::telemetry::denylog::Limits {
-        per_destination,
-        per_source,
-        ..egret::telemetry::denylog::Limits::default()
-    }
 }
 
 impl Baseline {
@@ -379,20 +377,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report_interval,
             metrics_addr,
             max_destination_series,
-            on_fault,
-            deny_log_per_destination,
-            deny_log_per_source,
+            faults,
         } => {
             let source = egret::local::LocalSource::new(config)
                 .with_metrics(metrics_addr, max_destination_series);
             let mut datapath = open(pin_dir, Some(cgroup))?;
-            datapath.set_on_fault(on_fault.verdict());
+            datapath.set_on_fault(faults.on_fault.verdict());
             report_mode(&datapath);
             let options = egret::local::RunOptions {
                 report_every: (report_interval > 0.0)
                     .then(|| std::time::Duration::from_secs_f64(report_interval)),
                 poll_every: std::time::Duration::from_millis(200),
-                deny_log: deny_log_limits(deny_log_per_destination, deny_log_per_source),
+                deny_log: faults.deny_log(),
             };
             egret::local::run(source, datapath, &sys::cgroup2_mount()?, &options)?;
         }
@@ -406,9 +402,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             unknown_pods,
             metrics_addr,
             max_destination_series,
-            on_fault,
-            deny_log_per_destination,
-            deny_log_per_source,
+            faults,
         } => agent(
             pin_dir,
             kubeconfig,
@@ -422,11 +416,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Some(root) => root,
                     None => sys::cgroup2_mount()?,
                 },
+                own_cgroup: None,
             },
             cgroup,
             (metrics_addr, max_destination_series),
-            on_fault.verdict(),
-            deny_log_limits(deny_log_per_destination, deny_log_per_source),
+            &faults,
         )?,
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
@@ -464,11 +458,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 fn agent(
     pin_dir: PathBuf,
     kubeconfig: Option<PathBuf>,
-    options: egret::source::kubernetes::AgentOptions,
+    mut options: egret::source::kubernetes::AgentOptions,
     cgroup: Option<PathBuf>,
     metrics: (std::net::SocketAddr, usize),
-    on_fault: Verdict,
-    deny_log: egret::telemetry::denylog::Limits,
+    faults: &FaultOptions,
 ) -> anyhow::Result<()> {
     if options.node.is_empty() {
         anyhow::bail!("--node-name (or NODE_NAME) must name this node");
@@ -480,7 +473,7 @@ fn agent(
     let client = tokio.block_on(egret::source::kubernetes::client(kubeconfig.as_deref()))?;
     // Attached before any watch lists: what the pins enforce stays enforced meanwhile.
     let mut datapath = open(pin_dir, Some(cgroup))?;
-    datapath.set_on_fault(on_fault);
+    datapath.set_on_fault(faults.on_fault.verdict());
     // Never enforced on itself, from before its first API call: pinned guards and a deny
     // baseline would otherwise keep a new agent pod from the API (a rolling update's deadlock).
     if let Some(own) = egret::source::kubernetes::cgroups::Kubepods::find(&options.cgroup_root)
@@ -489,6 +482,7 @@ fn agent(
     {
         let id = sys::cgroup_id(&own)?;
         datapath.set_role(id, egret::datapath::CgroupRole::Unmanaged)?;
+        options.own_cgroup = Some(id);
         tracing::info!(cgroup = %own.display(), "the agent's own pod cgroup is never enforced");
     }
     report_mode(&datapath);
@@ -512,7 +506,7 @@ fn agent(
             health: Some(health),
             waiting: Some("waiting for the initial list of every watch".into()),
             pending_label: "unknown-pod",
-            deny_log,
+            deny_log: faults.deny_log(),
         },
     )?;
     Ok(())

@@ -16,7 +16,7 @@ use std::{
 use egret::policy::synthetic::{NODE, Shape, cluster};
 use egret_test_apiserver::{ApiServer, Config};
 use egret_tests::{
-    agent::{http_get, samples},
+    agent::{http_get, metrics_address_in, samples},
     probe::egret_binary,
     sandbox::Sandbox,
 };
@@ -175,13 +175,8 @@ fn measure(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let address = loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(a) = text
-            .lines()
-            .find(|l| l.contains("serving metrics"))
-            .and_then(|l| l.split("address=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-        {
-            break a.to_owned();
+        if let Some(a) = metrics_address_in(&text) {
+            break a;
         }
         if start.elapsed() > Duration::from_secs(60) {
             return Err(format!("agent never served metrics:\n{text}").into());

@@ -87,13 +87,18 @@ impl EgretRun {
 
     /// The address it serves metrics on, from its log.
     pub fn metrics_address(&self) -> Option<String> {
-        self.log()
-            .lines()
-            .find(|l| l.contains("serving metrics"))
-            .and_then(|l| l.split("address=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .map(str::to_owned)
+        metrics_address_in(&self.log())
     }
+}
+
+/// The address an egret process serves metrics on, from its log (`egret run` and `egret agent`
+/// log it alike).
+pub fn metrics_address_in(log: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains("serving metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .and_then(|a| a.split_whitespace().next())
+        .map(str::to_owned)
 }
 
 impl Drop for EgretRun {

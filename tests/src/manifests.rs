@@ -42,6 +42,22 @@ pub fn build(variant: &str) -> Result<Vec<Value>, String> {
     Ok(docs)
 }
 
+/// The capabilities the shipped DaemonSet adds, lowercase as `setpriv` names them (`bpf`, ...).
+pub fn daemonset_capabilities() -> Vec<String> {
+    let docs = build("").unwrap_or_else(|e| panic!("{e}"));
+    docs.iter()
+        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "egret")
+        .and_then(|ds| {
+            ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]
+                ["add"]
+                .as_array()
+        })
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c.as_str().map(str::to_lowercase))
+        .collect()
+}
+
 /// One API call, as the test API server records it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Call {

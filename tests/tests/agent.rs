@@ -16,7 +16,7 @@ use std::{
 
 use egret_test_apiserver::{ApiServer, Config};
 use egret_tests::{
-    agent::{http_get, samples},
+    agent::{http_get, metrics_address_in, samples},
     manifests::{self, Call},
     probe::{Outcome, egret_binary},
     sandbox::{Host, Pod, Sandbox},
@@ -33,8 +33,20 @@ struct Agent {
 
 impl Agent {
     fn start(sandbox: &Sandbox, dir: &Path, kubeconfig: &Path, args: &[&str]) -> Self {
+        Self::spawn(Command::new(egret_binary()), sandbox, dir, kubeconfig, args)
+    }
+
+    /// `egret agent` on the sandbox, run by `command`: egret itself, or a wrapper whose
+    /// arguments end with egret's path; its log goes to `dir/agent.log`.
+    fn spawn(
+        mut command: Command,
+        sandbox: &Sandbox,
+        dir: &Path,
+        kubeconfig: &Path,
+        args: &[&str],
+    ) -> Self {
         let stderr = dir.join("agent.log");
-        let child = Command::new(egret_binary())
+        let child = command
             .arg("--pin-dir")
             .arg(sandbox.pin_dir())
             .arg("agent")
@@ -72,13 +84,7 @@ impl Agent {
 
     fn metrics_address(&self) -> String {
         self.wait_log("serving metrics", Duration::from_secs(20));
-        self.log()
-            .lines()
-            .find(|l| l.contains("serving metrics"))
-            .and_then(|l| l.split("address=").nth(1))
-            .and_then(|a| a.split_whitespace().next())
-            .map(str::to_owned)
-            .expect("metrics address")
+        metrics_address_in(&self.log()).expect("metrics address")
     }
 }
 
@@ -908,39 +914,16 @@ fn enter(netns: &str) {
 
 /// `egret agent` as root with only the capabilities the shipped DaemonSet adds.
 fn start_with_daemonset_capabilities(sandbox: &Sandbox, dir: &Path, kubeconfig: &Path) -> Agent {
-    let docs = manifests::build("").unwrap_or_else(|e| panic!("{e}"));
-    let ds = docs
+    let caps: Vec<String> = manifests::daemonset_capabilities()
         .iter()
-        .find(|d| d["kind"] == "DaemonSet" && d["metadata"]["name"] == "egret")
-        .expect("the DaemonSet");
-    let caps: Vec<String> =
-        ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
-            .as_array()
-            .expect("capabilities")
-            .iter()
-            .filter_map(|c| c.as_str().map(|c| format!("+{}", c.to_lowercase())))
-            .collect();
-    let stderr = dir.join("agent.log");
-    let child = Command::new("setpriv")
+        .map(|c| format!("+{c}"))
+        .collect();
+    let mut setpriv = Command::new("setpriv");
+    setpriv
         .args(["--reuid", "0", "--inh-caps=-all"])
         .arg(format!("--bounding-set=-all,{}", caps.join(",")))
-        .arg(egret_binary())
-        .arg("--pin-dir")
-        .arg(sandbox.pin_dir())
-        .arg("agent")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
-        .arg("--cgroup")
-        .arg(sandbox.cgroup())
-        .arg("--cgroup-root")
-        .arg(sandbox.cgroup())
-        .env("EGRET_LOG", "info,egret=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).expect("log file"))
-        .spawn()
-        .expect("setpriv (util-linux)");
-    Agent { child, stderr }
+        .arg(egret_binary());
+    Agent::spawn(setpriv, sandbox, dir, kubeconfig, &[])
 }
 
 #[test]
@@ -1043,38 +1026,20 @@ fn start_in_pod_cgroup(
     args: &[&str],
 ) -> Agent {
     use std::os::unix::process::CommandExt as _;
-    let stderr = dir.join("agent.log");
-    let procs = cgroup.join("cgroup.procs");
-    let mut command = Command::new(egret_binary());
-    command
-        .arg("--pin-dir")
-        .arg(sandbox.pin_dir())
-        .arg("agent")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(["--node-name", NODE, "--metrics-addr", "127.0.0.1:0"])
-        .arg("--cgroup")
-        .arg(sandbox.cgroup())
-        .arg("--cgroup-root")
-        .arg(sandbox.cgroup())
-        .args(args)
-        .env("EGRET_LOG", "info,egret=debug")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&stderr).expect("log file"));
-    // SAFETY: only an async-signal-safe write(2) of "0" to an already open file between fork
-    // and exec.
     let file = std::fs::OpenOptions::new()
         .write(true)
-        .open(&procs)
+        .open(cgroup.join("cgroup.procs"))
         .expect("cgroup.procs");
+    let mut command = Command::new(egret_binary());
+    // SAFETY: only an async-signal-safe write(2) of "0" to an already open file between fork
+    // and exec.
     unsafe {
         command.pre_exec(move || {
             use std::io::Write as _;
             (&file).write_all(b"0")
         });
     }
-    let child = command.spawn().expect("spawn egret agent");
-    Agent { child, stderr }
+    Agent::spawn(command, sandbox, dir, kubeconfig, args)
 }
 
 #[test]

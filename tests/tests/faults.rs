@@ -43,6 +43,29 @@ fn kernel(pin_dir: &Path, destination: &str, verdict: &str) -> u64 {
 const DENIED: &str = "192.0.2.10";
 const ALLOWED: &str = "192.0.2.11";
 
+/// `dir/egret.yaml` for one workload (a YAML flow mapping) with metrics on, and its one
+/// policy in `dir/policies/`.
+fn write_config(dir: &Path, workload: &str, policy: &str) {
+    std::fs::create_dir_all(dir.join("policies")).expect("dir");
+    std::fs::write(
+        dir.join("egret.yaml"),
+        format!(
+            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n\
+             workloads:\n- {workload}\n"
+        ),
+    )
+    .expect("config");
+    std::fs::write(dir.join("policies/policy.yaml"), policy).expect("policy");
+}
+
+/// An EgressPolicy that denies the denied host to every workload.
+fn deny_ten() -> String {
+    format!(
+        "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: deny-ten}}\n\
+         spec: {{priority: 0, subject: {{podSelector: {{}}}}, rules: [{{name: ten, action: Deny, to: [{{networks: [{DENIED}/32]}}]}}]}}\n"
+    )
+}
+
 /// (blocked to the denied host, passthrough to the allowed one) as `/metrics` says.
 fn scrape(agent: &EgretRun) -> (u64, u64) {
     let address = agent.metrics_address().expect("metrics address");
@@ -76,24 +99,17 @@ fn sigkill_twenty_times_under_load_changes_no_verdict_and_loses_no_count() {
         )
         .expect("host");
     let dir = std::env::temp_dir().join(format!("{}-faults-kill", sandbox.id()));
-    std::fs::create_dir_all(dir.join("policies")).expect("dir");
-    std::fs::write(
-        dir.join("egret.yaml"),
-        format!(
-            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n\
-             workloads:\n- {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n",
+    write_config(
+        &dir,
+        &format!(
+            "{{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}",
             pod.cgroup.display()
         ),
-    )
-    .expect("config");
-    std::fs::write(
-        dir.join("policies/only-eleven.yaml"),
-        format!(
+        &format!(
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: only-eleven, namespace: shop}}\n\
              spec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{{ipBlock: {{cidr: {ALLOWED}/32}}}}]\n"
         ),
-    )
-    .expect("policy");
+    );
     let start = |round: usize| {
         let agent = EgretRun::start_with(
             &dir,
@@ -298,24 +314,14 @@ fn a_thousand_cgroups_coming_and_going_leave_the_maps_at_baseline_and_memory_fla
         .expect("listen");
     let churn = sandbox.add_unmanaged_cgroup("churn").expect("churn parent");
     let dir = std::env::temp_dir().join(format!("{}-faults-churn", sandbox.id()));
-    std::fs::create_dir_all(dir.join("policies")).expect("dir");
-    std::fs::write(
-        dir.join("egret.yaml"),
-        format!(
-            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n\
-             workloads:\n- {{name: job, namespace: batch, labels: {{app: job}}, cgroup: \"{}/job-*\"}}\n",
+    write_config(
+        &dir,
+        &format!(
+            "{{name: job, namespace: batch, labels: {{app: job}}, cgroup: \"{}/job-*\"}}",
             churn.display()
         ),
-    )
-    .expect("config");
-    std::fs::write(
-        dir.join("policies/deny.yaml"),
-        format!(
-            "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: deny-ten}}\n\
-             spec: {{priority: 0, subject: {{podSelector: {{}}}}, rules: [{{name: ten, action: Deny, to: [{{networks: [{DENIED}/32]}}]}}]}}\n"
-        ),
-    )
-    .expect("policy");
+        &deny_ten(),
+    );
     let agent = EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "0").expect("egret run");
     agent.wait_log("policy enforced", 1, Duration::from_secs(20));
     let wait_for = |what: &str, want: &dyn Fn(u64) -> bool| {
@@ -400,24 +406,14 @@ fn a_thirty_second_deny_log_flood_keeps_the_agent_bounded_and_every_event_accoun
         .add_host("ext", &[DENIED.parse().expect("ip")])
         .expect("host");
     let dir = std::env::temp_dir().join(format!("{}-faults-flood", sandbox.id()));
-    std::fs::create_dir_all(dir.join("policies")).expect("dir");
-    std::fs::write(
-        dir.join("egret.yaml"),
-        format!(
-            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100}}\n\
-             workloads:\n- {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n",
+    write_config(
+        &dir,
+        &format!(
+            "{{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}",
             pod.cgroup.display()
         ),
-    )
-    .expect("config");
-    std::fs::write(
-        dir.join("policies/deny.yaml"),
-        format!(
-            "apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: deny-ten}}\n\
-             spec: {{priority: 0, subject: {{podSelector: {{}}}}, rules: [{{name: ten, action: Deny, to: [{{networks: [{DENIED}/32]}}]}}]}}\n"
-        ),
-    )
-    .expect("policy");
+        &deny_ten(),
+    );
     // Limits of its own, to show they are the operator's.
     let agent = EgretRun::start_with(
         &dir,

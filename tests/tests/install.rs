@@ -318,22 +318,40 @@ fn the_rbac_grants_nothing_beyond_what_the_agent_may_need() {
     }
 }
 
-#[test]
-fn every_example_egress_policy_passes_the_crd_schema_as_the_api_server_applies_it() {
-    let dir = std::env::temp_dir().join(format!("egret-install-schema-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+/// The test API server, with a kubeconfig for it in `dir`.
+fn api_server(dir: &Path) -> (ApiServer, std::path::PathBuf) {
     let server = ApiServer::start("127.0.0.1:0".parse().expect("addr"), Config::default())
         .expect("test API server");
     let kubeconfig = dir.join("kubeconfig");
     server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    (server, kubeconfig)
+}
+
+/// `kubectl` against `kubeconfig`, as an operator runs it.
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl (`cargo xtask setup` installs it)")
+}
+
+#[test]
+fn every_example_egress_policy_passes_the_crd_schema_as_the_api_server_applies_it() {
+    let dir = std::env::temp_dir().join(format!("egret-install-schema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (server, kubeconfig) = api_server(&dir);
     let apply = |file: &Path| {
-        Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(["apply", "--validate=strict", "-f"])
-            .arg(file)
-            .output()
-            .expect("kubectl")
+        kubectl(
+            &kubeconfig,
+            &[
+                "apply",
+                "--validate=strict",
+                "-f",
+                file.to_str().expect("utf-8"),
+            ],
+        )
     };
     let crd = manifests::dir().join("crds/egresspolicy.yaml");
     let out = apply(&crd);
@@ -391,18 +409,6 @@ fn every_example_egress_policy_passes_the_crd_schema_as_the_api_server_applies_i
     let out = apply(&bad);
     assert!(!out.status.success(), "an unknown field must be refused");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// The DaemonSet's added capabilities, as `setpriv` names them (`+bpf,+perfmon,...`).
-fn daemonset_capabilities() -> Vec<String> {
-    let docs = manifests::build("").unwrap_or_else(|e| panic!("{e}"));
-    find(&docs, "DaemonSet", "egret")["spec"]["template"]["spec"]["containers"][0]
-        ["securityContext"]["capabilities"]["add"]
-        .as_array()
-        .expect("capabilities")
-        .iter()
-        .filter_map(|c| c.as_str().map(str::to_lowercase))
-        .collect()
 }
 
 /// What the cleanup DaemonSet's containers add to their capabilities (all of them dropped).
@@ -489,7 +495,7 @@ fn the_daemonsets_capabilities_are_enough_to_enforce_and_each_is_needed() {
          spec: {podSelector: {}, policyTypes: [Egress]}\n",
     )
     .expect("policy");
-    let all = daemonset_capabilities();
+    let all = manifests::daemonset_capabilities();
     assert_eq!(
         all,
         ["bpf", "perfmon", "net_admin", "sys_admin", "sys_ptrace"],
@@ -595,17 +601,9 @@ fn the_readme_install_works_against_the_test_api_server() {
     let sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
     let dir = std::env::temp_dir().join(format!("{}-install-readme", sandbox.id()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let server = ApiServer::start("127.0.0.1:0".parse().expect("addr"), Config::default())
-        .expect("test API server");
-    let kubeconfig = dir.join("kubeconfig");
-    server.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let (_server, kubeconfig) = api_server(&dir);
     let kubectl = |args: &[&str]| {
-        let out = Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&kubeconfig)
-            .args(args)
-            .output()
-            .expect("kubectl");
+        let out = kubectl(&kubeconfig, args);
         assert!(
             out.status.success(),
             "kubectl {args:?}: {}",
@@ -655,13 +653,7 @@ fn the_readme_install_works_against_the_test_api_server() {
     };
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status, "Accepted=True", "{text}");
-    let address = text
-        .lines()
-        .find(|l| l.contains("serving metrics"))
-        .and_then(|l| l.split("address=").nth(1))
-        .and_then(|a| a.split_whitespace().next())
-        .expect("metrics address")
-        .to_owned();
+    let address = egret_tests::agent::metrics_address_in(&text).expect("metrics address");
     let metrics = egret_tests::agent::http_get(&address, "/metrics").expect("metrics");
     assert!(metrics.contains("egret_watched_objects"), "{metrics}");
     let _ = agent.kill();

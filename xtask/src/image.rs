@@ -26,6 +26,7 @@ pub fn version() -> anyhow::Result<String> {
 
 /// Builds the static binary and the image; returns the image's tag.
 pub fn build() -> anyhow::Result<String> {
+    crate::setup::ensure_image_tools()?;
     let version = version()?;
     // ring's C and assembly need a musl C compiler for this target.
     run(cargo()

@@ -24,7 +24,6 @@ pub fn setup() -> anyhow::Result<()> {
     ensure_kubectl()?;
     ensure_cargo_fuzz()?;
     ensure_iperf3()?;
-    ensure_image_tools()?;
     Ok(())
 }
 
@@ -44,10 +43,11 @@ fn apt_install(packages: &[&str], why: &str) -> anyhow::Result<()> {
     })
 }
 
-/// What `cargo xtask image` and the image test need: the musl target, musl-gcc (ring's C for
+/// What `cargo xtask image` (which `cargo xtask test` runs) needs, installed only by it (the
+/// demo needs none of it): the musl target, musl-gcc (ring's C for
 /// that target), podman to build and run the image, and runc (crun, podman's default, refuses
 /// the hybrid cgroup layout of these machines).
-fn ensure_image_tools() -> anyhow::Result<()> {
+pub fn ensure_image_tools() -> anyhow::Result<()> {
     let missing: Vec<&str> = [
         ("podman", "podman"),
         ("runc", "runc"),

@@ -68,6 +68,8 @@ pub struct AgentOptions {
     pub unknown_pods: UnknownPods,
     /// The cgroup2 mount.
     pub cgroup_root: PathBuf,
+    /// The agent's own pod cgroup ([`own_cgroup`]), found once at start: never enforced.
+    pub own_cgroup: Option<u64>,
 }
 
 /// A pod of this node whose cgroup exists: what finds its veth.
@@ -81,17 +83,20 @@ pub struct LocalPod {
 
 /// The cgroups of this node's pods, and (with `--unknown-pods deny`) the kubelet's directories
 /// as guards, so that a pod cgroup egret has not written yet is denied; with the pods found.
+/// `own` (the agent's own pod cgroup) is never enforced: it is planned unmanaged.
 pub fn plan(
     pods: &Kept<PodEntry>,
     node: &str,
     kubepods: Option<&Kubepods>,
     unknown: UnknownPods,
+    own: Option<u64>,
 ) -> (CgroupPlan, Vec<LocalPod>) {
     plan_with(
         pods,
         node,
         kubepods,
         unknown,
+        own,
         &|dir| match sys::cgroup_id(dir) {
             Ok(id) => Some(id),
             Err(err) => {
@@ -120,6 +125,7 @@ fn plan_with(
     node: &str,
     kubepods: Option<&Kubepods>,
     unknown: UnknownPods,
+    own: Option<u64>,
     cgroup_id: &dyn Fn(&std::path::Path) -> Option<u64>,
 ) -> (CgroupPlan, Vec<LocalPod>) {
     let mut plan = CgroupPlan::default();
@@ -136,6 +142,10 @@ fn plan_with(
             continue;
         };
         if let Some(id) = cgroup_id(dir) {
+            if Some(id) == own {
+                plan.unmanaged.insert(id);
+                continue;
+            }
             plan.workloads.entry(key.clone()).or_default().insert(id);
             if let Ok(model) = &pod.model {
                 local.push(LocalPod {
@@ -150,14 +160,6 @@ fn plan_with(
     if unknown == UnknownPods::Deny {
         plan.guards
             .extend(kubepods.parents().iter().filter_map(|p| cgroup_id(p)));
-    }
-    if let Some(own) = own_cgroup(kubepods).and_then(|dir| cgroup_id(&dir)) {
-        for cgroups in plan.workloads.values_mut() {
-            cgroups.remove(&own);
-        }
-        plan.workloads.retain(|_, cgroups| !cgroups.is_empty());
-        local.retain(|pod| cgroup_id(&pod.cgroup) != Some(own));
-        plan.unmanaged.insert(own);
     }
     (plan, local)
 }
@@ -357,6 +359,7 @@ pub async fn run(
                     &options.node,
                     kubepods.as_ref(),
                     options.unknown_pods,
+                    options.own_cgroup,
                 )
             });
             (taken, plan)
@@ -543,7 +546,14 @@ mod tests {
             std::fs::metadata(dir).ok().map(|m| m.ino())
         };
         let web_dir = &kubepods.pods()[here];
-        let (allow, local) = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Allow, &inode);
+        let (allow, local) = plan_with(
+            pods,
+            "n1",
+            Some(&kubepods),
+            UnknownPods::Allow,
+            None,
+            &inode,
+        );
         assert_eq!(local.len(), 1, "the pod on this node, for its veth");
         assert_eq!(local[0].cgroup, *web_dir);
         assert_eq!(
@@ -555,7 +565,7 @@ mod tests {
             "only this node's pod, by its uid's cgroup"
         );
         assert!(allow.guards.is_empty());
-        let (deny, _) = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Deny, &inode);
+        let (deny, _) = plan_with(pods, "n1", Some(&kubepods), UnknownPods::Deny, None, &inode);
         let parents: std::collections::BTreeSet<u64> =
             kubepods.parents().iter().filter_map(|p| inode(p)).collect();
         assert_eq!(

@@ -255,10 +255,9 @@ impl View {
             Touch::Cluster => self.dirty.cluster = true,
             Touch::Status => {}
         }
-        // A changed EgressPolicy's status may need writing whatever changed in it.
-        if K::KIND == "EgressPolicy" {
-            self.dirty.status = true;
-        }
+        // A changed object whose status egret writes may need it written again, whatever
+        // changed in it.
+        self.dirty.status |= K::WRITES_STATUS;
         self.dirty.since.get_or_insert_with(Instant::now);
         true
     }
@@ -396,6 +395,8 @@ fn rejected(kind: ObjectKind, (namespace, name): &Key, error: FieldError) -> Inv
 pub trait Watched: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static {
     /// As named in logs and metrics.
     const KIND: &'static str;
+    /// egret writes this kind's status (EgressPolicy's `Accepted`).
+    const WRITES_STATUS: bool = false;
     type Kept: Clone + PartialEq + Debug + Send + 'static;
     /// Validates and cuts down one object.
     fn keep(self) -> (Key, Self::Kept);
@@ -472,6 +473,7 @@ impl Watched for NetworkPolicy {
 
 impl Watched for EgressPolicy {
     const KIND: &'static str = "EgressPolicy";
+    const WRITES_STATUS: bool = true;
     type Kept = EgressEntry;
 
     fn keep(mut self) -> (Key, EgressEntry) {
