@@ -262,10 +262,16 @@ pub fn run(
         if last_link_check.elapsed() >= LINK_CHECK_EVERY {
             last_link_check = Instant::now();
             let links = runtime.pipeline.datapath_mut().check_links();
+            let tc = runtime
+                .tc
+                .as_mut()
+                .map(|tc| tc.check_links())
+                .unwrap_or_default();
             if let Some(shared) = &runtime.shared {
                 let telemetry = shared.telemetry();
                 telemetry.attached(links.attached);
                 telemetry.links_restored(&links.reattached, &links.repinned);
+                telemetry.links_restored(&tc.reattached, &tc.repinned);
             }
         }
         if let Some(every) = report_every

@@ -781,7 +781,7 @@ fn egret_run_attaches_to_configured_interfaces_keeps_them_across_restarts_and_de
     .expect("copy policy");
     let config = |interfaces: &str| {
         format!(
-            "baseline: allow\npolicies: [policies]\nworkloads:\n\
+            "baseline: allow\npolicies: [policies]\nmetrics: {{address: 127.0.0.1:0}}\nworkloads:\n\
              - {{name: web, namespace: shop, cgroup: {}, ips: [{}, {}]{interfaces}}}\n",
             pod.cgroup.display(),
             pod.ipv4,
@@ -843,6 +843,49 @@ fn egret_run_attaches_to_configured_interfaces_keeps_them_across_restarts_and_de
         !meta_reached(&at),
         "raw UDP reached the denied address after a restart"
     );
+
+    // Someone detaches the from-pod link (`bpftool link detach`) and removes the to-pod link's
+    // pin: within the link check's second, the program is attached again, the pin is back,
+    // and each is counted.
+    let links = sandbox.pin_dir().join("links");
+    let pinned = |program: &str| {
+        std::fs::read_dir(&links)
+            .expect("links dir")
+            .flatten()
+            .map(|entry| entry.path())
+            .find(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{program}@")))
+            })
+            .unwrap_or_else(|| panic!("no pinned {program} link"))
+    };
+    let from_pod = pinned("tc_from_pod");
+    let to_pod = pinned("tc_to_pod");
+    let link = egret::sys::bpf_obj_get(&from_pod).expect("pinned link");
+    egret::sys::bpf_link_detach(&link).expect("BPF_LINK_DETACH");
+    std::fs::remove_file(&to_pod).expect("remove pin");
+    agent.wait_log(
+        "TC programs were detached from their interface: attached again",
+        1,
+        Duration::from_secs(5),
+    );
+    agent.wait_log(
+        "TC link pin was removed: pinned again",
+        1,
+        Duration::from_secs(5),
+    );
+    assert!(to_pod.exists(), "the removed pin is back");
+    assert!(
+        !meta_reached(&at),
+        "raw UDP reached the denied address after the TC link was detached"
+    );
+    let address = agent.metrics_address().expect("metrics address in the log");
+    let metrics = egret_tests::agent::http_get(&address, "/metrics").expect("scrape");
+    for (what, program) in [("reattached", "tc_from_pod"), ("repinned", "tc_to_pod")] {
+        let line = format!("egret_links_restored_total{{program=\"{program}\",what=\"{what}\"}} 1");
+        assert!(metrics.contains(&line), "no `{line}` in:\n{metrics}");
+    }
 
     // The workload no longer names the interface: its programs go, and as a workload no TC
     // program covers (as one in the host's network namespace), its processes may not create

@@ -257,12 +257,21 @@ pub struct TcAttachments {
     layout: PinLayout,
     /// Program descriptors, loaded when the first interface is attached.
     programs: Option<BTreeMap<&'static str, OwnedFd>>,
-    /// Interface index -> its two links (from-pod, to-pod), held open.
-    links: BTreeMap<u32, Vec<OwnedFd>>,
+    /// Interface index -> its links (program, link), held open.
+    links: BTreeMap<u32, Vec<(&'static str, OwnedFd)>>,
     /// What `EGRET_IFACES` and `EGRET_SOURCES` hold, as written.
     written: TcDesired,
     /// What `EGRET_RAW_REFUSED` holds, as written.
     refused: BTreeSet<u32>,
+}
+
+/// What [`TcAttachments::check_links`] restored, by program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TcLinkReport {
+    /// Links whose pin was gone (or replaced) and was pinned again from the held link.
+    pub repinned: Vec<&'static str>,
+    /// Programs found detached and attached again with fresh links.
+    pub reattached: Vec<&'static str>,
 }
 
 impl std::fmt::Debug for TcAttachments {
@@ -279,7 +288,7 @@ impl TcAttachments {
     /// agent changes only what differs.
     pub fn open(pin_dir: &Path) -> Result<Self> {
         let layout = PinLayout::new(pin_dir);
-        let mut links: BTreeMap<u32, Vec<OwnedFd>> = BTreeMap::new();
+        let mut links: BTreeMap<u32, Vec<(&'static str, OwnedFd)>> = BTreeMap::new();
         let ifaces_id = pinned_map_id(&layout, map_names::IFACES)?;
         let entries = fs::read_dir(layout.links()).map_err(|source| TcError::ReadLinks {
             path: layout.links(),
@@ -295,7 +304,7 @@ impl TcAttachments {
                 continue;
             }
             match verify(&hook, ifindex, &path, ifaces_id)? {
-                Some(fd) => links.entry(ifindex).or_default().push(fd),
+                Some(fd) => links.entry(ifindex).or_default().push((hook.program, fd)),
                 None => {
                     tracing::warn!(link = %path.display(), "TC link detached (interface gone?): removing its pin");
                     fs::remove_file(&path).map_err(|source| TcError::Unpin {
@@ -429,6 +438,69 @@ impl TcAttachments {
         Ok(())
     }
 
+    /// Pins again every held link whose pin was removed (or replaced), and attaches again the
+    /// programs of an interface whose link the kernel reports detached (`bpftool link
+    /// detach`). An interface that is gone is left to the next reconcile, which forgets it.
+    /// Meant to be called periodically by the run loop, as the cgroup links' check is.
+    pub fn check_links(&mut self) -> TcLinkReport {
+        let mut report = TcLinkReport::default();
+        let mut detached: BTreeMap<u32, Vec<&'static str>> = BTreeMap::new();
+        for (&ifindex, held) in &self.links {
+            for (program, fd) in held {
+                let Ok(facts) = sys::bpf_link_info(fd) else {
+                    continue;
+                };
+                if facts.tcx().0 == 0 {
+                    detached.entry(ifindex).or_default().push(program);
+                    continue;
+                }
+                let Some(hook) = HOOKS.iter().find(|hook| hook.program == *program) else {
+                    continue;
+                };
+                let path = self.layout.link(&pin_name(hook, ifindex));
+                let pinned_id = sys::bpf_obj_get(&path)
+                    .ok()
+                    .filter(|_| sys::check_pin_file(&path).unwrap_or(false))
+                    .and_then(|pinned| sys::bpf_link_info(&pinned).ok())
+                    .map(|pinned| pinned.id);
+                if pinned_id == Some(facts.id) {
+                    continue;
+                }
+                // Something else sits at the pin path, or nothing: only root can have done it.
+                let _ = fs::remove_file(&path);
+                match sys::bpf_obj_pin(fd.as_fd(), &path) {
+                    Ok(()) => {
+                        tracing::warn!(link = %path.display(), "TC link pin was removed: pinned again");
+                        report.repinned.push(*program);
+                    }
+                    Err(err) => {
+                        tracing::error!(link = %path.display(), "failed to pin TC link again: {err}")
+                    }
+                }
+            }
+        }
+        for (ifindex, programs) in detached {
+            match self.attach(ifindex) {
+                Ok(()) => {
+                    tracing::warn!(ifindex, programs = ?programs,
+                        "TC programs were detached from their interface: attached again");
+                    report.reattached.extend(programs);
+                }
+                Err(err) => {
+                    // The interface went, most likely: forget the dead links; the next
+                    // reconcile attaches again if the plan still names it.
+                    tracing::info!(
+                        ifindex,
+                        "TC links detached, and attaching again failed: {err}"
+                    );
+                    let _ = self.unpin(ifindex);
+                    self.links.remove(&ifindex);
+                }
+            }
+        }
+        report
+    }
+
     /// Loads the TC programs once, against the pinned maps (creating and pinning those an
     /// older egret did not have).
     fn ensure_loaded(&mut self) -> Result<&BTreeMap<&'static str, OwnedFd>> {
@@ -480,7 +552,7 @@ impl TcAttachments {
                 .ok_or(TcError::MissingProgram { name: hook.program })?;
             let fd = sys::bpf_link_create_tcx(prog.as_fd(), ifindex, hook.attach_type)?;
             sys::bpf_obj_pin(fd.as_fd(), &links_dir.link(&pin_name(&hook, ifindex)))?;
-            fds.push(fd);
+            fds.push((hook.program, fd));
         }
         tracing::info!(ifindex, "TC programs attached");
         self.links.insert(ifindex, fds);

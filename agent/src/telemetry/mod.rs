@@ -209,7 +209,8 @@ impl Telemetry {
         // Every (what, program) series exists from the start at 0, so that the first
         // restoration is an increase an alert sees.
         for what in ["reattached", "repinned"] {
-            for program in egret_common::program_names::ALL {
+            let programs = egret_common::program_names::ALL.into_iter();
+            for program in programs.chain(egret_common::program_names::TC) {
                 telemetry.links_restored.with_label_values(&[what, program]);
             }
         }
