@@ -824,7 +824,7 @@ fn follow(
                 Ok(())
             } else {
                 plan = now.clone();
-                events.send(SourceEvent::Cgroups(now))
+                events.send(SourceEvent::Cgroups(Box::new(now)))
             }
         });
         if sent.is_err() {

@@ -143,6 +143,11 @@ enum Command {
         /// What a process in a pod cgroup egret does not know yet gets.
         #[arg(long, value_enum, default_value_t = egret::source::kubernetes::UnknownPods::Allow)]
         unknown_pods: egret::source::kubernetes::UnknownPods,
+        /// Names (or globs) of the node-side veths of pods, as the CNI names them (`lxc*`,
+        /// `cali*`, `veth*`): while a started pod's veth is not found yet, the unclaimed ones
+        /// pass link traffic only. Other veths are never held.
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        pod_veths: Vec<String>,
         /// Where to serve /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:9091")]
         metrics_addr: std::net::SocketAddr,
@@ -400,6 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cgroup_root,
             baseline,
             unknown_pods,
+            pod_veths,
             metrics_addr,
             max_destination_series,
             faults,
@@ -412,6 +418,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 namespace,
                 baseline: baseline.verdict(),
                 unknown_pods,
+                pod_veths,
                 cgroup_root: match cgroup_root {
                     Some(root) => root,
                     None => sys::cgroup2_mount()?,

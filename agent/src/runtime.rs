@@ -67,6 +67,9 @@ pub struct CgroupPlan {
     /// The packet level of the workloads the source describes: their node-side interfaces
     /// (TC programs) or, without any, raw sockets refused (`datapath::tc`).
     pub interfaces: BTreeMap<(String, String), crate::datapath::tc::WorkloadInterfaces>,
+    /// Node-side veths whose pod is not known yet while a pod of the node waits for its veth to
+    /// be found: TC programs drop all but link traffic on them (`iface_flags::PENDING`).
+    pub pending_interfaces: BTreeSet<u32>,
 }
 
 impl CgroupPlan {
@@ -110,7 +113,7 @@ pub enum SourceEvent {
     /// A new state: compile and enforce it.
     Update(Box<Update>),
     /// Only the cgroups changed: enforce the last compile on them.
-    Cgroups(CgroupPlan),
+    Cgroups(Box<CgroupPlan>),
     /// What the source's last load rejected (shown in the log, a metric and `/readyz`).
     Rejections(Rejections),
     /// A watch's state, for metrics: kind, restarts so far, objects in its store.
@@ -252,7 +255,12 @@ pub fn run(
         }
         if let Some(tc) = &mut runtime.tc {
             let endpoints = &runtime.pipeline.compiled().endpoints;
-            crate::datapath::tc::reconcile_logged(tc, &runtime.plan.interfaces, endpoints);
+            crate::datapath::tc::reconcile_logged(
+                tc,
+                &runtime.plan.interfaces,
+                &runtime.plan.pending_interfaces,
+                endpoints,
+            );
         }
         if let Some(shared) = &runtime.shared {
             drain(shared, &runtime.pipeline, pending_label);
@@ -340,7 +348,7 @@ impl Runtime {
                     (a, b) => a.or(b),
                 };
             }
-            SourceEvent::Cgroups(plan) => self.plan = plan,
+            SourceEvent::Cgroups(plan) => self.plan = *plan,
             other => handle_report(self.shared.as_deref(), other),
         }
     }
@@ -714,6 +722,7 @@ mod tests {
             guards: BTreeSet::from([1, 10]),
             unmanaged: BTreeSet::from([1, 2, 12]),
             interfaces: BTreeMap::new(),
+            pending_interfaces: BTreeSet::new(),
         };
         let roles = plan.roles(&BTreeMap::from([(key("web"), 7)]));
         assert_eq!(

@@ -532,10 +532,21 @@ const _: () = assert!(size_of::<DecisionEvent>() == 56);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IfaceValue {
-    /// The endpoint whose packets come in on the interface; keys policy and counters.
+    /// The endpoint whose packets come in on the interface; keys policy and counters. Zero for
+    /// a pending interface.
     pub endpoint_id: u32,
-    /// Reserved, zero.
+    /// [`iface_flags`].
     pub flags: u32,
+}
+
+/// Flags of [`IfaceValue`].
+pub mod iface_flags {
+    /// A veth whose pod is not known yet (a pod of the node has started but its veth was not
+    /// found yet): only link traffic (ARP, neighbour discovery, DHCP) passes, everything else is
+    /// dropped and counted under [`super::RULE_PENDING`], until the agent writes its endpoint.
+    /// Closes the window in which a pod's first process could send `AF_PACKET` frames that no
+    /// socket hook sees.
+    pub const PENDING: u32 = 1;
 }
 const _: () = assert!(size_of::<IfaceValue>() == 8);
 

@@ -20,8 +20,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use egret_common::{
-    FlowKey, FlowValue, FragmentKey, IfaceValue, PolicyValue, RULE_MALFORMED, RULE_SOURCE_ROUTE,
-    SourceKey, capacity, family, flow_origin, protocol, verdict,
+    FlowKey, FlowValue, FragmentKey, IfaceValue, PolicyValue, RULE_MALFORMED, RULE_PENDING,
+    RULE_SOURCE_ROUTE, SourceKey, capacity, family, flow_origin, iface_flags, protocol, verdict,
 };
 
 use crate::{Caller, Destination, active_epoch, lookup_policy, record};
@@ -60,6 +60,13 @@ const MALFORMED: PolicyValue = PolicyValue {
     verdict: verdict::DENY,
     _pad: [0; 3],
     rule_id: RULE_MALFORMED,
+};
+
+/// A packet from a pending interface (its pod not known yet) that is not link traffic.
+const PENDING: PolicyValue = PolicyValue {
+    verdict: verdict::DENY,
+    _pad: [0; 3],
+    rule_id: RULE_PENDING,
 };
 
 /// An IPv4 packet with options (which may hold a source route) or an IPv6 routing header with
@@ -135,6 +142,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(PASS);
     };
     let endpoint_id = iface.endpoint_id;
+    let pending = iface.flags & iface_flags::PENDING != 0;
     // The receive path takes a VLAN tag off before TC runs and the bridge puts it back: a
     // workload has no business tagging frames, so they go without a decision on the inner one.
     if vlan_present(ctx) {
@@ -147,10 +155,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
         // Address resolution carries no payload past the link.
         ETH_P_ARP => Ok(PASS),
         ETH_P_IP => match parse4(ctx) {
+            Ok(ip) if pending => Ok(from_pending(ctx, &ip)),
             Ok(ip) => Ok(from_pod(ctx, ifindex, endpoint_id, &ip)),
             Err(Unparsed) => Ok(drop_unaddressed(endpoint_id)),
         },
         ETH_P_IPV6 => match parse6(ctx) {
+            Ok(ip) if pending => Ok(from_pending(ctx, &ip)),
             Ok(ip) => Ok(from_pod(ctx, ifindex, endpoint_id, &ip)),
             Err(Unparsed) => Ok(drop_unaddressed(endpoint_id)),
         },
@@ -341,6 +351,31 @@ fn is_icmp(ip: &Ip) -> bool {
 /// link-scope multicast (`ff02::/16`).
 fn on_link6(addr: &[u8; 16]) -> bool {
     (addr[0] == 0xfe && addr[1] & 0xc0 == 0x80) || (addr[0] == 0xff && addr[1] & 0x0f == 0x02)
+}
+
+/// A packet from a pending interface (a veth whose pod is not known yet): no addresses and no
+/// policy yet, so the pod may resolve its neighbours and ask DHCP, nothing more. Kept apart
+/// from [`from_pod`], whose call chain already uses most of the verifier's 512 bytes of stack.
+#[inline(never)]
+fn from_pending(ctx: &TcContext, ip: &Ip) -> i32 {
+    let (mut local_port, mut remote_port, mut icmp) = ([0u8; 2], [0u8; 2], Icmp::Other);
+    if ip.fragment != Fragment::Later {
+        if has_ports(ip.protocol) {
+            if let Ok(ports) = ctx.load::<[u8; 4]>(ip.l4) {
+                local_port = [ports[0], ports[1]];
+                remote_port = [ports[2], ports[3]];
+            }
+        } else if is_icmp(ip)
+            && let Ok(head) = ctx.load::<[u8; 1]>(ip.l4)
+        {
+            icmp = icmp_kind(ip, head[0]);
+        }
+    }
+    if link_traffic(ip, icmp, local_port, remote_port) {
+        PASS
+    } else {
+        drop_to(0, ip, u16::from_be_bytes(remote_port), PENDING)
+    }
 }
 
 fn from_pod(ctx: &TcContext, ifindex: u32, endpoint_id: u32, ip: &Ip) -> i32 {

@@ -913,7 +913,12 @@ fn enter(netns: &str) {
 }
 
 /// `egret agent` as root with only the capabilities the shipped DaemonSet adds.
-fn start_with_daemonset_capabilities(sandbox: &Sandbox, dir: &Path, kubeconfig: &Path) -> Agent {
+fn start_with_daemonset_capabilities(
+    sandbox: &Sandbox,
+    dir: &Path,
+    kubeconfig: &Path,
+    args: &[&str],
+) -> Agent {
     let caps: Vec<String> = manifests::daemonset_capabilities()
         .iter()
         .map(|c| format!("+{c}"))
@@ -923,7 +928,7 @@ fn start_with_daemonset_capabilities(sandbox: &Sandbox, dir: &Path, kubeconfig: 
         .args(["--reuid", "0", "--inh-caps=-all"])
         .arg(format!("--bounding-set=-all,{}", caps.join(",")))
         .arg(egret_binary());
-    Agent::spawn(setpriv, sandbox, dir, kubeconfig, &[])
+    Agent::spawn(setpriv, sandbox, dir, kubeconfig, args)
 }
 
 #[test]
@@ -969,7 +974,7 @@ fn a_pods_node_side_veth_gets_the_tc_programs_so_raw_packets_are_decided_too() {
         .expect("pod process");
 
     // With exactly the DaemonSet's capabilities, as its pod has them.
-    let agent = start_with_daemonset_capabilities(&sandbox, &dir, &cluster.kubeconfig);
+    let agent = start_with_daemonset_capabilities(&sandbox, &dir, &cluster.kubeconfig, &[]);
     agent.wait_log("TC programs attached", Duration::from_secs(30));
     let raw_udp = |to: &str| {
         let attempts = sandbox
@@ -1013,6 +1018,168 @@ fn a_pods_node_side_veth_gets_the_tc_programs_so_raw_packets_are_decided_too() {
     std::fs::write(&stop, "").expect("stop");
     let _ = sandbox.wait_probe(resident);
     assert_rbac_grants(&cluster.server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_pods_first_process_cannot_send_a_frame_before_its_veth_is_found() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    // `web` runs; `late` has its cgroup and its veth (the CNI has run) but no process yet;
+    // `stranger` is a container veth of no pod.
+    let web = sandbox.add_pod("web").expect("pod");
+    let late = sandbox.add_pod("late").expect("pod");
+    // Frames carry the pod's own address: another would be dropped as forged anyway.
+    let late_source = late.ipv4.to_string();
+    let stranger = sandbox.add_pod("stranger").expect("pod");
+    let (host, _listeners) = hosts(&mut sandbox);
+    let receiver = |addr: &str| {
+        sandbox
+            .bind_udp(&host, addr.parse().expect("addr"))
+            .expect("udp")
+    };
+    let denied_at = receiver("192.0.2.10:53");
+    let allowed_at = receiver("192.0.2.11:53");
+    let arrived = |at: &std::net::UdpSocket| {
+        let mut any = false;
+        while at.recv(&mut [0u8; 64]).is_ok() {
+            any = true;
+        }
+        any
+    };
+    enter(&format!("{}-node", sandbox.id()));
+    let dir = temp_dir(&sandbox, "agent-pending");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let web_uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &web_uid);
+    let late_uid = cluster.pod("app", "late", "app: web", IpAddr::V4(late.ipv4));
+    let late_cgroup = kubepods.pod(&sandbox, &late_uid);
+    cluster.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-eleven, namespace: app}\n\
+         spec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  \
+         - to: [{ipBlock: {cidr: 192.0.2.11/32}}]\n",
+    );
+    let stop = dir.join("stop");
+    let resident = sandbox
+        .spawn_probe_in(
+            &web,
+            &web_cgroup,
+            &[
+                "loop",
+                "192.0.2.11:80",
+                "--until-file",
+                stop.to_str().expect("utf-8"),
+                "--interval-ms",
+                "500",
+            ],
+        )
+        .expect("pod process");
+    // The sandbox's pods' veths are `p*`; its simulated external hosts' (`h*`) are no pod's.
+    let pod_veths = ["--pod-veths", "p*"];
+    let agent = start_with_daemonset_capabilities(&sandbox, &dir, &cluster.kubeconfig, &pod_veths);
+    agent.wait_log(
+        "unclaimed veths pass link traffic only",
+        Duration::from_secs(30),
+    );
+    // web's veth and the two unclaimed ones (late's, stranger's).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while agent.log().matches("TC programs attached").count() < 3 {
+        assert!(Instant::now() < deadline, "{}", agent.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let udp = |pod: &egret_tests::sandbox::Pod, cgroup: Option<&Path>, to: &str| {
+        let attempts = sandbox.probe(pod, cgroup, &["udp", to]).expect("probe");
+        assert_eq!(attempts[0].outcome, Outcome::Sent, "{to}: {attempts:?}");
+    };
+    // While `late` is not found, a veth no pod claims passes link traffic only.
+    udp(&stranger, None, "192.0.2.11:53");
+    assert!(!arrived(&allowed_at), "a pending veth let a datagram out");
+
+    // `late`'s first process sends an AF_PACKET frame to the denied address at once, before
+    // any lookup could have found its veth: the pending veth drops it.
+    let first = sandbox
+        .spawn_probe_in(
+            &late,
+            &late_cgroup,
+            &[
+                "raw",
+                "192.0.2.10:53",
+                "--kind",
+                "packet",
+                "--source",
+                &late_source,
+            ],
+        )
+        .expect("late's first process");
+    let attempts = sandbox.wait_probe(first).expect("probe");
+    assert_eq!(attempts[0].outcome, Outcome::Sent, "{attempts:?}");
+    assert!(
+        !arrived(&denied_at),
+        "late's first frame reached the denied address"
+    );
+
+    // A process that stays (as the pause container does) lets the agent find the veth: then
+    // `late`'s veth is decided by its policy, and the stranger's veth is no longer held.
+    let late_stop = dir.join("late-stop");
+    let late_resident = sandbox
+        .spawn_probe_in(
+            &late,
+            &late_cgroup,
+            &[
+                "loop",
+                "192.0.2.11:80",
+                "--until-file",
+                late_stop.to_str().expect("utf-8"),
+                "--interval-ms",
+                "500",
+            ],
+        )
+        .expect("late's resident process");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent.log().contains("TC programs detached") {
+        assert!(
+            Instant::now() < deadline,
+            "the stranger's veth stayed pending:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (to, at, reaches) in [
+        ("192.0.2.11:53", &allowed_at, true),
+        ("192.0.2.10:53", &denied_at, false),
+    ] {
+        let attempts = sandbox
+            .probe(
+                &late,
+                Some(&late_cgroup),
+                &["raw", to, "--kind", "packet", "--source", &late_source],
+            )
+            .expect("probe");
+        assert_eq!(attempts[0].outcome, Outcome::Sent, "{to}: {attempts:?}");
+        assert_eq!(arrived(at), reaches, "late's frame to {to}");
+    }
+    udp(&stranger, None, "192.0.2.11:53");
+    assert!(
+        arrived(&allowed_at),
+        "the stranger's veth is not egret's once every pod is found"
+    );
+
+    // The pending drops are counted: blocked, of no workload yet, under `unknown-pod`.
+    let address = agent.metrics_address();
+    let metrics = http_get(&address, "/metrics").expect("scrape");
+    let pending: f64 = samples(&metrics, "egret_egress_connections_total")
+        .filter(|(labels, _)| {
+            labels.contains("source_workload=\"pending\"")
+                && labels.contains("verdict=\"blocked\"")
+                && labels.contains("policy=\"unknown-pod\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert!(pending >= 1.0, "no pending drop counted:\n{metrics}");
+    std::fs::write(&stop, "").expect("stop");
+    std::fs::write(&late_stop, "").expect("stop");
+    let _ = sandbox.wait_probe(resident);
+    let _ = sandbox.wait_probe(late_resident);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -155,6 +155,7 @@ impl World {
             TcEndpoint {
                 endpoint_id: 1,
                 addresses: [IpAddr::V4(self.pod.ipv4), IpAddr::V6(self.pod.ipv6)].into(),
+                pending: false,
             },
         )])
     }

@@ -21,7 +21,7 @@ use aya::{
     maps::{HashMap, MapData, MapError},
     programs::{ProgramError, SchedClassifier},
 };
-use egret_common::{IfaceValue, SourceKey, family, map_names, program_names};
+use egret_common::{IfaceValue, SourceKey, family, iface_flags, map_names, program_names};
 
 use super::load::{EBPF_OBJECT, PinLayout, open_map, program_info};
 use crate::sys::{self, SysError};
@@ -94,6 +94,8 @@ impl From<super::DatapathError> for TcError {
 pub struct TcEndpoint {
     pub endpoint_id: u32,
     pub addresses: BTreeSet<IpAddr>,
+    /// A veth whose pod is not known yet: link traffic only ([`iface_flags::PENDING`]).
+    pub pending: bool,
 }
 
 /// Node-side interface index -> its endpoint: everything the TC path needs from a source.
@@ -174,6 +176,7 @@ pub fn add_workload(
             TcEndpoint {
                 endpoint_id,
                 addresses: addresses.iter().copied().collect(),
+                pending: false,
             },
         );
     }
@@ -194,6 +197,7 @@ pub struct WorkloadInterfaces {
 /// nothing about interfaces) is neither attached nor refused.
 pub fn plan_for(
     workloads: &BTreeMap<(String, String), WorkloadInterfaces>,
+    pending: &BTreeSet<u32>,
     endpoints: &BTreeMap<(String, String), u32>,
 ) -> TcPlan {
     let mut plan = TcPlan::default();
@@ -207,6 +211,14 @@ pub fn plan_for(
             add_workload(&mut plan.interfaces, endpoint_id, &w.patterns, &w.addresses);
         }
     }
+    // A pending interface that a workload claims is that workload's.
+    for &ifindex in pending {
+        plan.interfaces.entry(ifindex).or_insert(TcEndpoint {
+            endpoint_id: 0,
+            addresses: BTreeSet::new(),
+            pending: true,
+        });
+    }
     plan
 }
 
@@ -215,9 +227,10 @@ pub fn plan_for(
 pub fn reconcile_logged(
     tc: &mut TcAttachments,
     workloads: &BTreeMap<(String, String), WorkloadInterfaces>,
+    pending: &BTreeSet<u32>,
     endpoints: &BTreeMap<(String, String), u32>,
 ) {
-    if let Err(err) = tc.reconcile(&plan_for(workloads, endpoints)) {
+    if let Err(err) = tc.reconcile(&plan_for(workloads, pending, endpoints)) {
         tracing::error!("failed to attach TC programs: {err}");
     }
 }
@@ -413,7 +426,11 @@ impl TcAttachments {
                 }
                 let value = IfaceValue {
                     endpoint_id: wanted.endpoint_id,
-                    flags: 0,
+                    flags: if wanted.pending {
+                        iface_flags::PENDING
+                    } else {
+                        0
+                    },
                 };
                 ifaces
                     .insert(ifindex, value, 0)
@@ -644,6 +661,7 @@ fn read_written(layout: &PinLayout) -> Result<TcDesired> {
             TcEndpoint {
                 endpoint_id: value.endpoint_id,
                 addresses: BTreeSet::new(),
+                pending: value.flags & iface_flags::PENDING != 0,
             },
         );
     }
@@ -765,6 +783,32 @@ mod tests {
             let addr: IpAddr = addr.parse().unwrap();
             assert_eq!(address_of(&source_key(7, addr)), Some(addr));
         }
+    }
+
+    #[test]
+    fn pending_interfaces_are_held_unless_a_workload_claims_them() {
+        // `lo` (index 1) is a workload's; index 9 is pending, and so is `lo` as a source sees it
+        // in the same pass: the workload wins.
+        let workloads = BTreeMap::from([(
+            ("ns".to_owned(), "web".to_owned()),
+            WorkloadInterfaces {
+                patterns: vec!["lo".into()],
+                addresses: vec!["198.51.100.2".parse().unwrap()],
+            },
+        )]);
+        let endpoints = BTreeMap::from([(("ns".to_owned(), "web".to_owned()), 7)]);
+        let plan = plan_for(&workloads, &BTreeSet::from([1, 9]), &endpoints);
+        assert_eq!(plan.interfaces[&1].endpoint_id, 7);
+        assert!(!plan.interfaces[&1].pending);
+        assert_eq!(
+            plan.interfaces[&9],
+            TcEndpoint {
+                endpoint_id: 0,
+                addresses: BTreeSet::new(),
+                pending: true,
+            }
+        );
+        assert!(plan.uncovered.is_empty());
     }
 
     #[test]

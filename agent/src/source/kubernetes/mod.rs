@@ -14,6 +14,7 @@ pub mod veth;
 pub mod watch;
 
 use std::{
+    collections::BTreeSet,
     path::PathBuf,
     sync::{Arc, mpsc},
     time::Duration,
@@ -44,6 +45,8 @@ pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 /// How often watch health is reported, the status Lease renewed and the cgroup hierarchy
 /// rescanned (the backstop of inotify).
 const PERIOD: Duration = Duration::from_secs(5);
+/// How soon a pod whose veth was not found is looked up again.
+const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// What pods egret does not know yet get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +69,8 @@ pub struct AgentOptions {
     pub identity: String,
     pub baseline: Verdict,
     pub unknown_pods: UnknownPods,
+    /// Names or globs of the pods' node-side veths: only these are held pending.
+    pub pod_veths: Vec<String>,
     /// The cgroup2 mount.
     pub cgroup_root: PathBuf,
     /// The agent's own pod cgroup ([`own_cgroup`]), found once at start: never enforced.
@@ -164,43 +169,125 @@ fn plan_with(
     (plan, local)
 }
 
-/// The packet level of this node's pods: the node-side veth of each (its TC programs), found
-/// through the pod's processes. A hostNetwork pod keeps the socket hooks only. A pod whose veth
-/// is not found (not started yet, or a network that is no veth) is described without
-/// interfaces: its raw and packet sockets are refused until its veth is found (fail closed).
-pub fn interfaces(
-    pods: &[LocalPod],
-) -> std::collections::BTreeMap<(String, String), WorkloadInterfaces> {
-    let ours = veth::links().unwrap_or_else(|err| {
-        tracing::warn!("cannot list this node's interfaces: {err}; pods' raw sockets are refused");
-        Vec::new()
-    });
-    let mut out = std::collections::BTreeMap::new();
-    let mut failed = Vec::new();
-    for pod in pods.iter().filter(|p| !p.host_network) {
-        let patterns = match veth::pod_network(&pod.cgroup, &ours) {
-            Ok(veth::PodNetwork::Host) => continue,
-            Ok(veth::PodNetwork::Veths(veths)) => veths.into_iter().map(|(_, name)| name).collect(),
-            Ok(veth::PodNetwork::NotStarted) => Vec::new(),
-            Err(err) => {
-                failed.push(format!("{}/{}: {err}", pod.key.0, pod.key.1));
-                Vec::new()
-            }
+/// The packet level of this node's pods, as [`Veths::look_up`] finds it.
+#[derive(Debug, Default)]
+pub struct PodInterfaces {
+    /// Each pod's node-side veths (its TC programs); none for a pod whose veth is not found
+    /// (not started yet, or a network that is no veth): its raw, ping and SCTP sockets are
+    /// refused until it is (fail closed).
+    pub by_pod: std::collections::BTreeMap<(String, String), WorkloadInterfaces>,
+    /// While a pod of the node has started no process yet (its veth cannot be looked up), every
+    /// container veth of the node that no known pod claims: the unknown pod's veth may be among
+    /// them, and its first process could send `AF_PACKET` frames that no socket hook sees. TC
+    /// programs drop all but link traffic on them until the pod is found.
+    pub pending: BTreeSet<u32>,
+    /// Pods whose veth could not be looked up yet: the source looks again soon.
+    pub unresolved: usize,
+}
+
+/// A pod's cgroup and the node-side veths found for it: (index, name).
+type Found = (PathBuf, Vec<(u32, String)>);
+
+/// What finds each local pod's node-side veth, with what it found: a pod is looked up again only
+/// when its veth is gone or was not found (entering a pod's namespace costs a thread and a
+/// netlink dump).
+#[derive(Debug)]
+pub struct Veths {
+    found: std::collections::HashMap<(String, String), Found>,
+    /// Which veths may be a pod's ([`AgentOptions::pod_veths`]).
+    candidates: Vec<glob::Pattern>,
+}
+
+impl Veths {
+    pub fn new(pod_veths: &[String]) -> Self {
+        let candidates = pod_veths
+            .iter()
+            .filter_map(|p| match glob::Pattern::new(p) {
+                Ok(glob) => Some(glob),
+                Err(err) => {
+                    tracing::warn!(pattern = %p, "--pod-veths: not a name or glob: {err}");
+                    None
+                }
+            })
+            .collect();
+        Self {
+            found: std::collections::HashMap::new(),
+            candidates,
+        }
+    }
+
+    /// The packet level of `pods`. A hostNetwork pod keeps the socket hooks only.
+    pub fn look_up(&mut self, pods: &[LocalPod]) -> PodInterfaces {
+        let ours = veth::links().unwrap_or_else(|err| {
+            tracing::warn!(
+                "cannot list this node's interfaces: {err}; pods' raw sockets are refused"
+            );
+            Vec::new()
+        });
+        let still_there = |veths: &[(u32, String)]| {
+            veths.iter().all(|(index, name)| {
+                ours.iter()
+                    .any(|l| l.index == *index && &l.name == name && l.is_container_veth())
+            })
         };
-        out.insert(
-            pod.key.clone(),
-            WorkloadInterfaces {
-                patterns,
-                addresses: pod.addresses.clone(),
-            },
-        );
+        let mut out = PodInterfaces::default();
+        let mut failed = Vec::new();
+        let mut claimed = BTreeSet::new();
+        let mut keep = std::collections::HashMap::new();
+        for pod in pods.iter().filter(|p| !p.host_network) {
+            let cached = self
+                .found
+                .remove(&pod.key)
+                .filter(|(cgroup, veths)| *cgroup == pod.cgroup && still_there(veths));
+            let veths = match cached {
+                Some((_, veths)) => Some(veths),
+                None => match veth::pod_network(&pod.cgroup, &ours) {
+                    Ok(veth::PodNetwork::Host) => continue,
+                    Ok(veth::PodNetwork::Veths(veths)) => Some(veths),
+                    Ok(veth::PodNetwork::NotStarted) => None,
+                    Err(err) => {
+                        failed.push(format!("{}/{}: {err}", pod.key.0, pod.key.1));
+                        None
+                    }
+                },
+            };
+            let patterns = match veths {
+                Some(veths) => {
+                    claimed.extend(veths.iter().map(|(index, _)| *index));
+                    let names = veths.iter().map(|(_, name)| name.clone()).collect();
+                    keep.insert(pod.key.clone(), (pod.cgroup.clone(), veths));
+                    names
+                }
+                None => {
+                    out.unresolved += 1;
+                    Vec::new()
+                }
+            };
+            out.by_pod.insert(
+                pod.key.clone(),
+                WorkloadInterfaces {
+                    patterns,
+                    addresses: pod.addresses.clone(),
+                },
+            );
+        }
+        self.found = keep;
+        if out.unresolved > 0 {
+            out.pending = ours
+                .iter()
+                .filter(|l| l.is_container_veth() && !claimed.contains(&l.index))
+                .filter(|l| self.candidates.iter().any(|glob| glob.matches(&l.name)))
+                .map(|l| l.index)
+                .collect();
+        }
+        if let Some(first) = failed.first() {
+            // Loud: without its veth a pod's packet-level sockets are refused, and its frames
+            // only pass link traffic (hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE are what the
+            // lookup needs).
+            tracing::warn!(pods = failed.len(), first = %first, "cannot find pods' veths: no TC programs for them");
+        }
+        out
     }
-    if let Some(first) = failed.first() {
-        // Loud: without its veth a pod's packet-level sockets are refused, and AF_PACKET
-        // is undecided (hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE are what the lookup needs).
-        tracing::warn!(pods = failed.len(), first = %first, "cannot find pods' veths: no TC programs for them");
-    }
-    out
 }
 
 /// A client from `kubeconfig`, else as kube infers one (`$KUBECONFIG` or `~/.kube/config`,
@@ -295,6 +382,7 @@ pub async fn run(
 ) {
     let cgroups_changed = Arc::new(Notify::new());
     spawn_cgroup_watch(options.cgroup_root.clone(), Arc::clone(&cgroups_changed));
+    spawn_link_watch(Arc::clone(&cgroups_changed));
     let election = Election::new(client.clone(), &options.namespace, &options.identity);
     let mut writer = StatusWriter::new(client, &options.node);
     let compile_options = CompileOptions {
@@ -302,6 +390,13 @@ pub async fn run(
         node: Some(options.node.clone()),
     };
     let mut period = tokio::time::interval(PERIOD);
+    // While a pod's veth cannot be looked up yet, it is looked up again at this pace: until then
+    // the node's unclaimed veths pass link traffic only.
+    let mut soon = tokio::time::interval(LOOK_AGAIN);
+    soon.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unresolved = false;
+    let mut veths = Veths::new(&options.pod_veths);
+    let mut plan_pending = BTreeSet::new();
     let mut listed = false;
     let mut last_plan = None;
     let mut leader = false;
@@ -312,6 +407,7 @@ pub async fn run(
             () = watches.changed() => state = true,
             () = cgroups_changed.notified() => cgroups = true,
             _ = period.tick() => periodic = true,
+            _ = soon.tick(), if unresolved => cgroups = true,
         }
         if state {
             // More events of the same burst go into the same compile.
@@ -366,7 +462,15 @@ pub async fn run(
         };
         // Veths are looked up with the view unlocked: it enters each pod's namespace.
         let plan = plan.map(|(mut plan, local)| {
-            plan.interfaces = interfaces(&local);
+            let found = veths.look_up(&local);
+            if found.pending != plan_pending {
+                tracing::info!(unresolved = found.unresolved, interfaces = ?found.pending,
+                    "unclaimed veths pass link traffic only until every started pod's veth is found");
+                plan_pending.clone_from(&found.pending);
+            }
+            plan.interfaces = found.by_pod;
+            plan.pending_interfaces = found.pending;
+            unresolved = found.unresolved > 0;
             plan
         });
         status_due |= taken.status;
@@ -387,7 +491,7 @@ pub async fn run(
             }
             (None, Some(plan)) if last_plan.as_ref() != Some(&plan) => {
                 last_plan = Some(plan.clone());
-                events.send(SourceEvent::Cgroups(plan))
+                events.send(SourceEvent::Cgroups(Box::new(plan)))
             }
             _ => Ok(()),
         };
@@ -451,6 +555,26 @@ fn spawn_cgroup_watch(cgroup_root: PathBuf, changed: Arc<Notify>) {
         });
     if let Err(err) = spawned {
         tracing::warn!("no pod cgroup watch ({err}); pod cgroups are rescanned periodically");
+    }
+}
+
+/// Follows this namespace's links with rtnetlink, on a thread of its own: a new veth (a pod's
+/// network being made) wakes the source at once, so that it is pending before the pod's first
+/// process runs.
+fn spawn_link_watch(changed: Arc<Notify>) {
+    let spawned = std::thread::Builder::new()
+        .name("links".into())
+        .spawn(move || {
+            let watched = veth::watch_links(|| {
+                changed.notify_one();
+                true
+            });
+            if let Err(err) = watched {
+                tracing::warn!("link watch ended ({err}); veths are found at the periodic rescan");
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!("no link watch ({err}); veths are found at the periodic rescan");
     }
 }
 

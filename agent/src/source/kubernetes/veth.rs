@@ -23,6 +23,16 @@ pub struct Link {
     pub peer: Option<u32>,
     /// `IFLA_INFO_KIND`: `veth`, `bridge`, ...
     pub kind: Option<String>,
+    /// `IFLA_LINK_NETNSID`: the namespace of a veth's peer, when it is another namespace.
+    pub peer_netns: Option<i32>,
+}
+
+impl Link {
+    /// A veth whose other end is in another network namespace: the node side of a container's
+    /// network, as CNI plugins make them.
+    pub fn is_container_veth(&self) -> bool {
+        self.kind.as_deref() == Some("veth") && self.peer_netns.is_some()
+    }
 }
 
 /// Where a pod's packets leave it.
@@ -125,13 +135,15 @@ const NLMSG_DONE: u16 = 3;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_LINK: u16 = 5;
 const IFLA_LINKINFO: u16 = 18;
+const IFLA_LINK_NETNSID: u16 = 37;
+/// `RTMGRP_LINK`: the multicast group of link changes.
+const RTMGRP_LINK: u32 = 1;
 const IFLA_INFO_KIND: u16 = 1;
 /// Header of a netlink message, then `struct ifinfomsg`.
 const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 
-/// Every link of the calling thread's network namespace (`RTM_GETLINK` dump).
-pub fn links() -> io::Result<Vec<Link>> {
+fn route_socket() -> io::Result<OwnedFd> {
     // SAFETY: plain socket(2); the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -144,7 +156,50 @@ pub fn links() -> io::Result<Vec<Link>> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a fresh fd nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Calls `changed` whenever a link of the calling thread's network namespace is added, changed
+/// or removed (`RTMGRP_LINK`), until `changed` returns false or the socket fails. Blocks: run it
+/// on a thread of its own.
+pub fn watch_links(mut changed: impl FnMut() -> bool) -> io::Result<()> {
+    let fd = route_socket()?;
+    // SAFETY: zeroed `sockaddr_nl` is valid; the fields are set below.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = RTMGRP_LINK;
+    // SAFETY: a valid address of the size given.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        // SAFETY: valid buffer of `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            // ENOBUFS: notifications were lost; a change happened all the same.
+            if err.raw_os_error() != Some(libc::ENOBUFS) && err.kind() != io::ErrorKind::Interrupted
+            {
+                return Err(err);
+            }
+        }
+        if !changed() {
+            return Ok(());
+        }
+    }
+}
+
+/// Every link of the calling thread's network namespace (`RTM_GETLINK` dump).
+pub fn links() -> io::Result<Vec<Link>> {
+    let fd = route_socket()?;
     let mut request = [0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
     let len = request.len() as u32;
     request[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -213,6 +268,7 @@ fn parse_link(body: &[u8]) -> Link {
         match kind {
             IFLA_IFNAME => link.name = c_string(value),
             IFLA_LINK => link.peer = Some(u32_at(value, 0)),
+            IFLA_LINK_NETNSID => link.peer_netns = Some(u32_at(value, 0) as i32),
             IFLA_LINKINFO => {
                 link.kind = attributes(value)
                     .find(|(k, _)| *k == IFLA_INFO_KIND)
@@ -296,7 +352,12 @@ mod tests {
                 name: "veth0".into(),
                 peer: Some(3),
                 kind: Some("veth".into()),
+                peer_netns: None,
             }
         );
+        attr(IFLA_LINK_NETNSID, &2u32.to_ne_bytes(), &mut body);
+        let link = parse_link(&body);
+        assert_eq!(link.peer_netns, Some(2));
+        assert!(link.is_container_veth());
     }
 }
