@@ -96,6 +96,14 @@ pub struct LimitsConfig {
     /// Most bytes read under one policy directory (default 32 MiB).
     #[serde(default = "default_max_directory_bytes")]
     pub max_directory_bytes: u64,
+    /// Most policy entries one policy may need for the workloads (default 50,000); a policy
+    /// over it is rejected (`policy::compile::Budget`).
+    #[serde(default = "default_max_policy_entries")]
+    pub max_policy_entries: usize,
+}
+
+fn default_max_policy_entries() -> usize {
+    crate::policy::compile::DEFAULT_MAX_POLICY_ENTRIES
 }
 
 impl Default for LimitsConfig {
@@ -103,6 +111,7 @@ impl Default for LimitsConfig {
         Self {
             max_file_bytes: default_max_file_bytes(),
             max_directory_bytes: default_max_directory_bytes(),
+            max_policy_entries: default_max_policy_entries(),
         }
     }
 }
@@ -763,6 +772,7 @@ fn compile_options(config: &Config) -> crate::policy::compile::CompileOptions {
     crate::policy::compile::CompileOptions {
         baseline: config.baseline,
         node: None,
+        max_policy_entries: config.limits.max_policy_entries,
     }
 }
 

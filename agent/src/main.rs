@@ -25,6 +25,11 @@ struct Cli {
     /// bpffs directory where programs and maps are pinned (bpffs is mounted when missing).
     #[arg(long, global = true, default_value = datapath::DEFAULT_PIN_DIR, env = "EGRET_PIN_DIR")]
     pin_dir: PathBuf,
+    /// Sizes of the maps egret creates, as MAP=ENTRIES (endpoints, addr4, addr6, policy,
+    /// counters; see docs/operations.md for the defaults and their kernel memory). Applies when
+    /// the maps are made: a first start, or after `egret detach`.
+    #[arg(long, global = true, value_delimiter = ',', env = "EGRET_MAP_ENTRIES")]
+    map_entries: Vec<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -148,6 +153,11 @@ enum Command {
         /// pass link traffic only. Other veths are never held.
         #[arg(long, value_delimiter = ',', default_value = "*")]
         pod_veths: Vec<String>,
+        /// Most policy entries one NetworkPolicy or EgressPolicy may need for this node's pods;
+        /// a policy over it is rejected (logged with the numbers, in /readyz and
+        /// egret_policies_rejected{reason="entry-budget"}) and every other policy is written.
+        #[arg(long, default_value_t = egret::policy::compile::DEFAULT_MAX_POLICY_ENTRIES)]
+        max_policy_entries: usize,
         /// Where to serve /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:9091")]
         metrics_addr: std::net::SocketAddr,
@@ -243,10 +253,19 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let Cli { pin_dir, command } = cli;
+    let Cli {
+        pin_dir,
+        map_entries,
+        command,
+    } = cli;
+    let entries = if map_entries.is_empty() {
+        None
+    } else {
+        Some(datapath::MapEntries::parse(&map_entries)?)
+    };
     match command {
         Command::Attach { cgroup } => {
-            let datapath = open(pin_dir, Some(cgroup))?;
+            let datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
             report_mode(&datapath);
         }
         Command::Apply {
@@ -255,7 +274,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hold,
         } => {
             let file = RulesFile::load(&rules)?;
-            let mut datapath = open(pin_dir, Some(cgroup))?;
+            let mut datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
             report_mode(&datapath);
             let desired = file.desired();
             let endpoints = file.cgroup_ids()?;
@@ -317,7 +336,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let options = CompileOptions {
                 baseline: baseline.verdict(),
-                node: None,
+                ..CompileOptions::default()
             };
             let compiled = compile(&world, &options);
             let mut out = std::io::stdout().lock();
@@ -386,7 +405,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let source = egret::local::LocalSource::new(config)
                 .with_metrics(metrics_addr, max_destination_series);
-            let mut datapath = open(pin_dir, Some(cgroup))?;
+            let mut datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
             datapath.set_on_fault(faults.on_fault.verdict());
             report_mode(&datapath);
             let options = egret::local::RunOptions {
@@ -406,11 +425,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             baseline,
             unknown_pods,
             pod_veths,
+            max_policy_entries,
             metrics_addr,
             max_destination_series,
             faults,
         } => agent(
-            pin_dir,
+            (pin_dir, entries.as_ref()),
             kubeconfig,
             egret::source::kubernetes::AgentOptions {
                 identity: egret::source::kubernetes::identity(&node_name),
@@ -419,6 +439,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 baseline: baseline.verdict(),
                 unknown_pods,
                 pod_veths,
+                max_policy_entries,
                 cgroup_root: match cgroup_root {
                     Some(root) => root,
                     None => sys::cgroup2_mount()?,
@@ -431,12 +452,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         )?,
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
-            let datapath = open(pin_dir, None)?;
+            let datapath = open(pin_dir, entries.as_ref(), None)?;
             let counters = datapath.counters()?;
             print_counters(&counters, output)?;
         }
         Command::Status => {
-            let datapath = open(pin_dir, None)?;
+            let datapath = open(pin_dir, entries.as_ref(), None)?;
             println!("pin directory: {}", datapath.pin_dir().display());
             println!("active generation: {}", datapath.generation());
             for usage in datapath.usage() {
@@ -463,7 +484,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// `egret agent`: the Kubernetes source on a tokio runtime, feeding the shared runtime on this
 /// thread.
 fn agent(
-    pin_dir: PathBuf,
+    (pin_dir, entries): (PathBuf, Option<&datapath::MapEntries>),
     kubeconfig: Option<PathBuf>,
     mut options: egret::source::kubernetes::AgentOptions,
     cgroup: Option<PathBuf>,
@@ -479,7 +500,7 @@ fn agent(
         .build()?;
     let client = tokio.block_on(egret::source::kubernetes::client(kubeconfig.as_deref()))?;
     // Attached before any watch lists: what the pins enforce stays enforced meanwhile.
-    let mut datapath = open(pin_dir, Some(cgroup))?;
+    let mut datapath = open(pin_dir, entries, Some(cgroup))?;
     datapath.set_on_fault(faults.on_fault.verdict());
     // Never enforced on itself, from before its first API call: pinned guards and a deny
     // baseline would otherwise keep a new agent pod from the API (a rolling update's deadlock).
@@ -521,13 +542,20 @@ fn agent(
 
 /// Opens the datapath; `attach_to` is `Some` for commands that may attach (its inner `None`
 /// meaning the cgroup2 root).
-fn open(pin_dir: PathBuf, attach_to: Option<Option<PathBuf>>) -> anyhow::Result<Datapath> {
+fn open(
+    pin_dir: PathBuf,
+    entries: Option<&datapath::MapEntries>,
+    attach_to: Option<Option<PathBuf>>,
+) -> anyhow::Result<Datapath> {
     let cgroup = match attach_to {
         Some(Some(cgroup)) => Some(cgroup),
         Some(None) => Some(sys::cgroup2_mount()?),
         None => None,
     };
-    Ok(Datapath::open(&DatapathConfig { pin_dir, cgroup })?)
+    Ok(Datapath::open_with(
+        &DatapathConfig { pin_dir, cgroup },
+        entries,
+    )?)
 }
 
 fn report_mode(datapath: &Datapath) {

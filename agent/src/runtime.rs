@@ -229,8 +229,10 @@ pub fn run(
         shared,
         names,
         dirty: true,
+        over_budget: Vec::new(),
         since,
     };
+    runtime.report_over_budget();
     // The first write must succeed: nothing else is enforced for these workloads yet.
     runtime.enforce().map_err(Box::new)?;
     let mut report = Report::new(runtime.pipeline.datapath());
@@ -323,6 +325,8 @@ struct Runtime {
     names: Arc<Mutex<NameSnapshot>>,
     /// A compile not written yet.
     dirty: bool,
+    /// What the last compile left out over the per-policy entry budget, as reported.
+    over_budget: Vec<String>,
     /// When the oldest change not enforced yet happened.
     since: Option<Instant>,
 }
@@ -341,6 +345,7 @@ impl Runtime {
                 self.pipeline.apply(change, options);
                 tracing::debug!(seconds = start.elapsed().as_secs_f64(), "compiled");
                 observe_compile(self.shared.as_deref(), start);
+                self.report_over_budget();
                 self.plan = cgroups;
                 self.dirty = true;
                 self.since = match (self.since, since) {
@@ -353,6 +358,28 @@ impl Runtime {
         }
     }
 
+    /// Logs and shows (metric, `/readyz`) the policies the last compile left out over the
+    /// per-policy entry budget, when they differ from the compile before.
+    fn report_over_budget(&mut self) {
+        let now: Vec<String> = self
+            .pipeline
+            .compiled()
+            .over_budget
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if now == self.over_budget {
+            return;
+        }
+        for message in &now {
+            tracing::error!("{message}");
+        }
+        if let Some(shared) = &self.shared {
+            shared.telemetry().over_budget(now.clone());
+        }
+        self.over_budget = now;
+    }
+
     /// Writes the last compile for the current cgroups, if either changed.
     fn enforce(&mut self) -> Result<(), DatapathError> {
         let roles = self.plan.roles(&self.pipeline.compiled().endpoints);
@@ -363,6 +390,8 @@ impl Runtime {
         let result = self.pipeline.enforce(roles);
         if let Some(shared) = &self.shared {
             record_sync(shared, &self.pipeline, result.is_ok());
+            *shared.write_error.lock().unwrap_or_else(|e| e.into_inner()) =
+                result.as_ref().err().map(with_causes);
         }
         let changes = result?;
         self.dirty = false;
@@ -390,6 +419,18 @@ impl Runtime {
         );
         Ok(())
     }
+}
+
+/// `err` and the errors that caused it, as one line.
+fn with_causes(err: &DatapathError) -> String {
+    let mut out = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(next) = cause {
+        out.push_str(": ");
+        out.push_str(&next.to_string());
+        cause = next.source();
+    }
+    out
 }
 
 fn observe_compile(shared: Option<&Shared>, start: Instant) {

@@ -498,3 +498,200 @@ fn a_thirty_second_deny_log_flood_keeps_the_agent_bounded_and_every_event_accoun
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A NetworkPolicy in `shop` for pods labelled `app: <app>`: egress to each of `blocks` (/32s),
+/// on UDP port ranges `ranges` (first, last); no ranges: every port.
+fn network_policy(name: &str, app: &str, blocks: &[String], ranges: &[(u16, u16)]) -> String {
+    let to: Vec<String> = blocks
+        .iter()
+        .map(|b| format!("{{ipBlock: {{cidr: {b}/32}}}}"))
+        .collect();
+    let ports: Vec<String> = ranges
+        .iter()
+        .map(|(first, last)| format!("{{protocol: UDP, port: {first}, endPort: {last}}}"))
+        .collect();
+    let ports = if ports.is_empty() {
+        String::new()
+    } else {
+        format!(", ports: [{}]", ports.join(", "))
+    };
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec: {{podSelector: {{matchLabels: {{app: {app}}}}}, policyTypes: [Egress], egress: [{{to: [{}]{ports}}}]}}\n",
+        to.join(", ")
+    )
+}
+
+/// `n` UDP port ranges that each lower to several prefixes (1000-1077, 1100-1177, ...).
+fn ranges(n: u16) -> Vec<(u16, u16)> {
+    (0..n)
+        .map(|i| (1000 + i * 100, 1000 + i * 100 + 77))
+        .collect()
+}
+
+#[test]
+fn an_oversized_policy_is_rejected_alone_and_a_set_over_the_map_is_never_half_written() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let db = sandbox.add_pod("db").expect("pod");
+    let addrs: Vec<std::net::IpAddr> = ["192.0.2.10", "192.0.2.11", "192.0.2.12"]
+        .iter()
+        .map(|a| a.parse().expect("ip"))
+        .collect();
+    let _host = sandbox.add_host("ext", &addrs).expect("host");
+    let dir = std::env::temp_dir().join(format!("{}-budget", sandbox.id()));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("dir");
+    std::fs::write(
+        dir.join("egret.yaml"),
+        format!(
+            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0}}\nlimits: {{maxPolicyEntries: 1000}}\n\
+             workloads:\n- {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n\
+             - {{name: db, namespace: shop, labels: {{app: db}}, cgroup: {}}}\n",
+            web.cgroup.display(),
+            db.cgroup.display()
+        ),
+    )
+    .expect("config");
+    let eleven = ["192.0.2.11".to_owned()];
+    let write = |name: &str, yaml: &str| {
+        std::fs::write(policies.join(format!("{name}.yaml")), yaml).expect("policy")
+    };
+    write("web-out", &network_policy("web-out", "web", &eleven, &[]));
+    write("db-out", &network_policy("db-out", "db", &eleven, &[]));
+    // A policy map of 2,048 entries (both generations), so that a set over it is cheap to make.
+    let egret = EgretRun::start_with(
+        &dir,
+        sandbox.pin_dir(),
+        sandbox.cgroup(),
+        "0",
+        &["--map-entries", "policy=2048"],
+        "",
+    )
+    .expect("egret run");
+    egret.wait_log("policy enforced", 1, Duration::from_secs(20));
+    let address = egret.metrics_address().expect("metrics address");
+    let udp = |pod: &egret_tests::sandbox::Pod, to: &str| {
+        let attempts = sandbox.probe(pod, None, &["udp", to]).expect("probe");
+        attempts[0].outcome
+    };
+    use egret_tests::probe::Outcome::{Denied, Sent};
+    assert_eq!(udp(&db, "192.0.2.11:1005"), Sent);
+    assert_eq!(udp(&db, "192.0.2.10:1005"), Denied);
+
+    // One policy over the per-policy budget (21 blocks x 20 ranges of several prefixes), in the
+    // same reload as a revocation for another workload: the revocation is written, the
+    // oversized policy is left out and named with its numbers, its pods stay isolated.
+    let mut blocks: Vec<String> = (1..=20).map(|i| format!("203.0.113.{i}")).collect();
+    blocks.push("192.0.2.10".into());
+    write("huge", &network_policy("huge", "db", &blocks, &ranges(20)));
+    write(
+        "web-out",
+        &network_policy("web-out", "web", &["192.0.2.12".to_owned()], &[]),
+    );
+    let log = egret.wait_log("policy enforced", 2, Duration::from_secs(20));
+    assert!(
+        log.contains(
+            "NetworkPolicy shop/huge: rejected, over the per-policy entry budget: it needs up to"
+        ) && log.contains("the budget is 1000"),
+        "{log}"
+    );
+    assert_eq!(
+        udp(&web, "192.0.2.11:53"),
+        Denied,
+        "the revocation was not written"
+    );
+    assert_eq!(udp(&web, "192.0.2.12:53"), Sent);
+    assert_eq!(
+        udp(&db, "192.0.2.10:1005"),
+        Denied,
+        "the rejected policy's allow was enforced"
+    );
+    assert_eq!(udp(&db, "192.0.2.11:1005"), Sent);
+    let ready = http_get(&address, "/readyz").expect("readyz");
+    assert!(
+        ready.starts_with("HTTP/1.1 200") && ready.contains("NetworkPolicy shop/huge: rejected"),
+        "{ready}"
+    );
+    let metrics = http_get(&address, "/metrics").expect("scrape");
+    assert!(
+        metrics.contains("egret_policies_rejected{reason=\"entry-budget\"} 1"),
+        "{metrics}"
+    );
+
+    // Policies each within the budget whose sum does not fit beside the enforced generation:
+    // nothing is written (the map holds what it held), the enforced policy stays, readiness
+    // and the metric say so.
+    let entries = |metrics: &str| {
+        samples(metrics, "egret_map_entries")
+            .find(|(labels, _)| labels.contains("EGRET_POLICY"))
+            .map(|(_, v)| v as u64)
+            .expect("policy map entries")
+    };
+    let before = entries(&metrics);
+    // Four policies of one block and 150 port ranges each: about 790 entries each, within the
+    // budget, 3,150 together.
+    for i in 0..4u16 {
+        let name = format!("filler-{i}");
+        let block = [format!("198.51.100.{}", i + 1)];
+        write(&name, &network_policy(&name, "web", &block, &ranges(150)));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let refused = loop {
+        let ready = http_get(&address, "/readyz").expect("readyz");
+        if ready.starts_with("HTTP/1.1 503") {
+            break ready;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still ready:\n{ready}\n{}",
+            egret.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        refused.contains("the last policy write failed")
+            && refused.contains("entries in EGRET_POLICY, which holds 2048")
+            && refused.contains("nothing was written"),
+        "{refused}"
+    );
+    let metrics = http_get(&address, "/metrics").expect("scrape");
+    assert!(
+        metrics.contains("egret_policy_write_failing 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        entries(&metrics),
+        before,
+        "a refused set was partly written"
+    );
+    assert_eq!(
+        udp(&web, "192.0.2.12:53"),
+        Sent,
+        "the enforced policy changed"
+    );
+    assert_eq!(
+        udp(&web, "192.0.2.11:53"),
+        Denied,
+        "the enforced policy changed"
+    );
+
+    // Room again: written, ready.
+    for i in 0..4 {
+        std::fs::remove_file(policies.join(format!("filler-{i}.yaml"))).expect("remove");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !http_get(&address, "/readyz")
+        .expect("readyz")
+        .starts_with("HTTP/1.1 200")
+    {
+        assert!(Instant::now() < deadline, "{}", egret.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = http_get(&address, "/metrics").expect("scrape");
+    assert!(
+        metrics.contains("egret_policy_write_failing 0"),
+        "{metrics}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,7 +22,7 @@ use aya::{
 };
 use egret_common::{LAYOUT_VERSION, MetaValue, map_names, program_names};
 
-use super::{BPFFS_MOUNT, DatapathConfig, DatapathError, LoadMode, Result};
+use super::{BPFFS_MOUNT, DatapathConfig, DatapathError, LoadMode, MapEntries, Result};
 use crate::sys::{self, LinkFacts};
 
 /// The kernel programs, built by `build.rs`.
@@ -141,7 +141,7 @@ enum Found {
 impl Attachment {
     /// Secures the pin directory, adopts the pinned links that verify, attaches the programs
     /// that have no (live) link, and stamps or checks the layout version.
-    pub fn open(config: &DatapathConfig) -> Result<Self> {
+    pub fn open(config: &DatapathConfig, entries: MapEntries) -> Result<Self> {
         let DatapathConfig { pin_dir, cgroup } = config;
         sys::ensure_bpffs(pin_dir, Path::new(BPFFS_MOUNT))?;
         let layout = PinLayout::new(pin_dir);
@@ -220,7 +220,7 @@ impl Attachment {
                     source,
                 })?;
             }
-            links.extend(attach(&layout, &cgroup, &missing)?);
+            links.extend(attach(&layout, &cgroup, &missing, &entries)?);
             cgroup_id = Some(id);
             LoadMode::Loaded { attached: missing }
         };
@@ -313,7 +313,8 @@ impl Attachment {
             // The dead link's pin: a new link takes its place.
             let _ = fs::remove_file(self.layout.link(name));
         }
-        match attach(&self.layout, cgroup, &names) {
+        // The maps exist by now: their sizes are theirs.
+        match attach(&self.layout, cgroup, &names, &MapEntries::default()) {
             Ok(fresh) => {
                 self.links.retain(|link| !names.contains(&link.name));
                 self.links.extend(fresh);
@@ -493,9 +494,18 @@ pub fn uninstall(pin_dir: &Path) -> Result<()> {
 
 /// Loads the object (reusing pinned maps), attaches `programs` to `cgroup`, pins their links
 /// and returns them held open.
-fn attach(layout: &PinLayout, cgroup: &Path, programs: &[&'static str]) -> Result<Vec<HeldLink>> {
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(layout.maps())
+fn attach(
+    layout: &PinLayout,
+    cgroup: &Path,
+    programs: &[&'static str],
+    entries: &MapEntries,
+) -> Result<Vec<HeldLink>> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(layout.maps());
+    for (name, size) in entries.by_map() {
+        loader.map_max_entries(name, size);
+    }
+    let mut ebpf = loader
         .load(EBPF_OBJECT)
         .map_err(|source| DatapathError::Load {
             source: Box::new(source),

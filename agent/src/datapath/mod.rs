@@ -78,6 +78,15 @@ pub enum DatapathError {
     },
     #[error("the eBPF object has no program {name}")]
     MissingProgram { name: &'static str },
+    #[error(
+        "the policy needs {needed} entries in {map}, which holds {capacity} with {enforced} of them taken by the enforced policy: nothing was written, the enforced policy stays (make room with --map-entries, or find the largest policies with `egret explain` and egret_map_entries)"
+    )]
+    NoRoom {
+        map: &'static str,
+        needed: usize,
+        enforced: usize,
+        capacity: usize,
+    },
     #[error("failed to load or attach program {name} to cgroup {cgroup}")]
     Program {
         name: &'static str,
@@ -170,6 +179,85 @@ pub struct DatapathConfig {
     /// cgroup v2 directory the programs attach to (everything below it is subject to egret).
     /// `None` only adopts: opening fails when the programs are not attached yet.
     pub cgroup: Option<PathBuf>,
+}
+
+/// The sizes of the maps whose need grows with the cluster, in entries. They apply when egret
+/// creates its maps (a first start, or after `egret detach`); pinned maps keep the size they
+/// were made with, and a request for another size is logged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapEntries {
+    pub endpoints: u32,
+    pub addr4: u32,
+    pub addr6: u32,
+    /// Both generations: a policy set may use at most what the enforced one leaves.
+    pub policy: u32,
+    pub counters: u32,
+}
+
+impl Default for MapEntries {
+    fn default() -> Self {
+        use egret_common::capacity;
+        Self {
+            endpoints: capacity::ENDPOINTS,
+            addr4: capacity::ADDR4,
+            addr6: capacity::ADDR6,
+            policy: capacity::POLICY,
+            counters: capacity::COUNTERS,
+        }
+    }
+}
+
+/// A `--map-entries` item that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "--map-entries {item:?}: {why} (as in policy=2097152; maps: endpoints, addr4, addr6, policy, counters)"
+)]
+pub struct MapEntriesError {
+    pub item: String,
+    pub why: &'static str,
+}
+
+impl MapEntries {
+    /// The defaults with `items` (`map=entries`, map names as in `egret status` without the
+    /// `EGRET_` prefix, in any case) applied.
+    pub fn parse(items: &[String]) -> std::result::Result<Self, MapEntriesError> {
+        let mut out = Self::default();
+        for item in items {
+            let err = |why| MapEntriesError {
+                item: item.clone(),
+                why,
+            };
+            let (name, value) = item.split_once('=').ok_or_else(|| err("no `=`"))?;
+            let value: u32 = value
+                .trim()
+                .parse()
+                .map_err(|_| err("not a whole number of entries"))?;
+            if value == 0 {
+                return Err(err("a map needs at least one entry"));
+            }
+            let slot = match name.trim().to_ascii_lowercase().as_str() {
+                "endpoints" => &mut out.endpoints,
+                "addr4" => &mut out.addr4,
+                "addr6" => &mut out.addr6,
+                "policy" => &mut out.policy,
+                "counters" => &mut out.counters,
+                _ => return Err(err("unknown map")),
+            };
+            *slot = value;
+        }
+        Ok(out)
+    }
+
+    /// (map name, entries), as the loader sets them.
+    pub fn by_map(&self) -> [(&'static str, u32); 5] {
+        [
+            (map_names::ENDPOINTS, self.endpoints),
+            (map_names::ADDR4, self.addr4),
+            (map_names::ADDR6, self.addr6),
+            (map_names::POLICY, self.policy),
+            (map_names::COUNTERS, self.counters),
+        ]
+    }
 }
 
 /// How [`Datapath::open`] came by the programs.
@@ -285,7 +373,13 @@ impl Datapath {
     /// are not pinned there yet. Pinned maps are always reused, so a restart keeps policy and
     /// counters.
     pub fn open(config: &DatapathConfig) -> Result<Self> {
-        let attachment = Attachment::open(config)?;
+        Self::open_with(config, None)
+    }
+
+    /// [`Self::open`], creating maps that do not exist yet with `entries` (else the defaults);
+    /// pinned maps of another size than `entries` asks for are logged.
+    pub fn open_with(config: &DatapathConfig, entries: Option<&MapEntries>) -> Result<Self> {
+        let attachment = Attachment::open(config, entries.copied().unwrap_or_default())?;
         let maps_dir = attachment.layout().maps();
         let state: Array<MapData, StateValue> = open_map(&maps_dir, map_names::STATE)?;
         let epoch = state
@@ -317,7 +411,55 @@ impl Datapath {
             state_flags: 0,
         };
         datapath.shadow = datapath.read_generations()?;
+        for (name, wanted) in entries.map(MapEntries::by_map).into_iter().flatten() {
+            let held = datapath.capacity(name);
+            if held != wanted {
+                tracing::warn!(
+                    map = name,
+                    pinned = held,
+                    requested = wanted,
+                    "a pinned map keeps the size it was made with: the requested size applies after `egret detach`"
+                );
+            }
+        }
         Ok(datapath)
+    }
+
+    /// Entries `map` holds at most, as the kernel reports (what it was made with).
+    pub fn capacity(&self, map: &str) -> u32 {
+        let info = |data: &MapData| data.info().map(|i| i.max_entries()).ok();
+        let found = match map {
+            map_names::ENDPOINTS => info(self.endpoints.map()),
+            map_names::ADDR4 => info(self.addr4.map()),
+            map_names::ADDR6 => info(self.addr6.map()),
+            map_names::POLICY => info(self.policy.map()),
+            map_names::COUNTERS => info(self.counters.map()),
+            map_names::COUNTERS_OVERFLOW => info(self.counters_overflow.map()),
+            _ => None,
+        };
+        found.unwrap_or(0)
+    }
+
+    /// Refuses, before anything is written, a state the maps cannot hold beside the enforced
+    /// generation: a write that fails half way costs seconds and leaves the inactive half full.
+    fn check_room(&self, desired: &DesiredState) -> Result<()> {
+        let active = &self.shadow[self.generation as usize];
+        for (map, needed, enforced) in [
+            (map_names::ADDR4, desired.addr4.len(), active.addr4.len()),
+            (map_names::ADDR6, desired.addr6.len(), active.addr6.len()),
+            (map_names::POLICY, desired.policy.len(), active.policy.len()),
+        ] {
+            let capacity = self.capacity(map) as usize;
+            if needed.saturating_add(enforced) > capacity {
+                return Err(DatapathError::NoRoom {
+                    map,
+                    needed,
+                    enforced,
+                    capacity,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// What a datapath fault (an endpoint without policy in the active generation) gets:
@@ -382,6 +524,7 @@ impl Datapath {
             self.unsettled = false;
             self.purge_decision_cache();
         }
+        self.check_room(desired)?;
         let next = (self.generation + 1) % GENERATIONS;
         let changes = diff(&self.shadow[next as usize], desired);
         if let Err(err) = self.write_generation(next, &changes) {
@@ -774,7 +917,6 @@ impl Datapath {
 
     /// Entries and capacity of each map, for fill ratios.
     pub fn usage(&self) -> Vec<MapUsage> {
-        use egret_common::capacity;
         // The maps this process writes hold what it wrote: both generations of its shadow
         // (counting them key by key costs a syscall per entry, a quarter of a second at 10^5).
         // The counters the kernel fills are read in batches.
@@ -797,19 +939,19 @@ impl Datapath {
             counted(&self.counters_overflow),
         ];
         [
-            (map_names::ENDPOINTS, capacity::ENDPOINTS),
-            (map_names::ADDR4, capacity::ADDR4),
-            (map_names::ADDR6, capacity::ADDR6),
-            (map_names::POLICY, capacity::POLICY),
-            (map_names::COUNTERS, capacity::COUNTERS),
-            (map_names::COUNTERS_OVERFLOW, capacity::COUNTERS_OVERFLOW),
+            map_names::ENDPOINTS,
+            map_names::ADDR4,
+            map_names::ADDR6,
+            map_names::POLICY,
+            map_names::COUNTERS,
+            map_names::COUNTERS_OVERFLOW,
         ]
         .into_iter()
         .zip(entries)
-        .map(|((name, capacity), entries)| MapUsage {
+        .map(|(name, entries)| MapUsage {
             name,
             entries: entries as u32,
-            capacity,
+            capacity: self.capacity(name),
         })
         .collect()
     }
@@ -958,5 +1100,33 @@ impl EventReader {
         self.lost
             .get(&0, 0)
             .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_entries_parse_by_name_and_refuse_what_is_not_a_size() {
+        let parsed =
+            MapEntries::parse(&["policy=2097152".into(), "COUNTERS=131072".into()]).expect("valid");
+        assert_eq!(parsed.policy, 2_097_152);
+        assert_eq!(parsed.counters, 131_072);
+        assert_eq!(parsed.endpoints, MapEntries::default().endpoints);
+        for (bad, why) in [
+            ("policy", "no `=`"),
+            ("policy=lots", "not a whole number of entries"),
+            ("policy=0", "a map needs at least one entry"),
+            ("conntrack=5", "unknown map"),
+        ] {
+            let err = MapEntries::parse(&[bad.into()]).expect_err(bad);
+            assert_eq!(err.why, why, "{bad}");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("--map-entries {bad:?}")),
+                "{err}"
+            );
+        }
     }
 }

@@ -8,7 +8,7 @@
 //! port) region, and [`decide`] applies the semantics of `docs/policy.md` to them.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     rc::Rc,
 };
 
@@ -34,14 +34,66 @@ pub struct CompileOptions {
     pub baseline: Verdict,
     /// Only pods on this node become endpoints; `None`: every pod (explain).
     pub node: Option<String>,
+    /// The most policy entries one policy may need for this node's endpoints ([`Budget`]).
+    pub max_policy_entries: usize,
 }
+
+/// Default of [`CompileOptions::max_policy_entries`]: a tenth of the policy map's default
+/// capacity for one generation, so that ten policies at the limit still fit beside each other.
+pub const DEFAULT_MAX_POLICY_ENTRIES: usize = 50_000;
 
 impl Default for CompileOptions {
     fn default() -> Self {
         Self {
             baseline: Verdict::Allow,
             node: None,
+            max_policy_entries: DEFAULT_MAX_POLICY_ENTRIES,
         }
+    }
+}
+
+/// Rule name of the deny-everything rule that stands in for an EgressPolicy over its entry
+/// budget.
+pub const BUDGET_RULE: &str = "entry-budget";
+
+/// A policy left out because its entries for this node's endpoints would exceed the per-policy
+/// budget. Its pods do not lose a restriction by it: a NetworkPolicy over budget still isolates
+/// its pods (with none of its rules allowing), an enforcing EgressPolicy over budget denies its
+/// pods everything from its priority on (one rule, [`BUDGET_RULE`], whatever its own rules
+/// were: they are what does not fit). An Audit one is left out (it enforces nothing).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Budget {
+    /// `NetworkPolicy ns/name` or `EgressPolicy name`.
+    pub policy: String,
+    /// Entries its rules need per endpoint (an upper bound: each destination block or exception
+    /// times each port prefix).
+    pub per_endpoint: usize,
+    /// This node's endpoints it selects.
+    pub endpoints: usize,
+    pub budget: usize,
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            policy,
+            per_endpoint,
+            endpoints,
+            budget,
+        } = self;
+        write!(
+            f,
+            "{policy}: rejected, over the per-policy entry budget: it needs up to {} policy entries \
+             ({per_endpoint} per endpoint x {endpoints} endpoint(s) on this node), the budget is \
+             {budget} (--max-policy-entries); its pods get none of its allows ({}), every other \
+             policy is enforced",
+            per_endpoint.saturating_mul(*endpoints),
+            if policy.starts_with("EgressPolicy") {
+                "an enforcing EgressPolicy denies them everything from its priority on, as rule entry-budget"
+            } else {
+                "they stay isolated by it"
+            },
+        )
     }
 }
 
@@ -76,6 +128,8 @@ pub struct Compiled {
     /// made keep their names.
     pub ids: IdTable,
     pub baseline: Verdict,
+    /// Policies over the per-policy entry budget, left out (see [`Budget`]).
+    pub over_budget: Vec<Budget>,
 }
 
 impl Compiled {
@@ -304,6 +358,21 @@ impl Compiler {
             .iter()
             .filter(|p| options.node.is_none() || p.node == options.node)
             .collect();
+        let over_budget = over_budget(world, options, origins, expander, &sources);
+        let rejected_egress: BTreeSet<&str> = over_budget
+            .iter()
+            .filter_map(|b| b.policy.strip_prefix("EgressPolicy "))
+            .collect();
+        let rejected_np: BTreeSet<&str> = over_budget
+            .iter()
+            .filter_map(|b| b.policy.strip_prefix("NetworkPolicy "))
+            .collect();
+        let everywhere = (!rejected_egress.is_empty()).then(|| {
+            expander.set(
+                vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())],
+                Vec::new(),
+            )
+        });
         let mut endpoints = BTreeMap::new();
         let mut workloads = BTreeMap::new();
         let mut lists = Vec::with_capacity(sources.len());
@@ -318,6 +387,23 @@ impl Compiler {
                 .iter()
                 .filter(|ep| world.subject_selects(ep, pod))
             {
+                if rejected_egress.contains(ep.name.as_str()) {
+                    if let (false, Some(set)) = (ep.audit, everywhere) {
+                        let id =
+                            origins.rule(&egress_origin(&ep.name, BUDGET_RULE, RuleAction::Deny));
+                        let action = Action::Egress {
+                            audit: false,
+                            action: RuleAction::Deny,
+                            id,
+                        };
+                        rules.push(SetRule {
+                            set,
+                            l4: L4::Any,
+                            action,
+                        });
+                    }
+                    continue;
+                }
                 for rule in &ep.rules {
                     let rule_id = origins.rule(&egress_origin(&ep.name, &rule.name, rule.action));
                     let action = Action::Egress {
@@ -338,6 +424,9 @@ impl Compiler {
                         name: np.name.clone(),
                     })
                 });
+                if rejected_np.contains(format!("{}/{}", np.namespace, np.name).as_str()) {
+                    continue;
+                }
                 for (r, rule) in np.rules.iter().enumerate() {
                     let rule_id = origins.rule(&Origin::NetworkPolicyRule {
                         namespace: np.namespace.clone(),
@@ -406,8 +495,102 @@ impl Compiler {
             workloads,
             ids: origins.clone(),
             baseline,
+            over_budget,
         }
     }
+}
+
+/// The policies whose entries for this node's endpoints (`sources`) would exceed
+/// `options.max_policy_entries`, with the numbers. An upper bound per rule: each destination
+/// block or exception of each address set, times each port prefix its ports lower to; times the
+/// endpoints the policy selects. Computed from the rules' expansions, which the compile needs
+/// anyway, before anything is lowered: an oversized policy costs no lowering.
+fn over_budget(
+    world: &World,
+    options: &CompileOptions,
+    origins: &mut IdTable,
+    expander: &mut Expander,
+    sources: &[&PodInfo],
+) -> Vec<Budget> {
+    let mut egress: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut network: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+    for pod in sources {
+        for ep in world
+            .egress_policies
+            .iter()
+            .filter(|ep| world.subject_selects(ep, pod))
+        {
+            *egress.entry(ep.name.as_str()).or_default() += 1;
+        }
+        for np in world.isolating(pod) {
+            *network
+                .entry((np.namespace.as_str(), np.name.as_str()))
+                .or_default() += 1;
+        }
+    }
+    let mut out = Vec::new();
+    let budget = options.max_policy_entries;
+    let entries = |expander: &Expander, expansion: &Expansion| -> usize {
+        expansion
+            .iter()
+            .map(|&(set, l4)| {
+                let blocks = expander
+                    .sets
+                    .get(set)
+                    .map_or(1, |s| (s.to.len() + s.except.len()).max(1));
+                let ports = match l4 {
+                    L4::Ports { first, last, .. } => {
+                        crate::datapath::lower::port_prefixes(first, last).len()
+                    }
+                    L4::Any | L4::Protocol(_) => 1,
+                };
+                blocks.saturating_mul(ports)
+            })
+            .fold(0usize, usize::saturating_add)
+    };
+    for ep in &world.egress_policies {
+        let Some(&selected) = egress.get(ep.name.as_str()) else {
+            continue;
+        };
+        let mut per_endpoint = 0usize;
+        for rule in &ep.rules {
+            let id = origins.rule(&egress_origin(&ep.name, &rule.name, rule.action));
+            let expansion = expander.expand(world, id, Some(&rule.to), rule.ports.as_deref());
+            per_endpoint = per_endpoint.saturating_add(entries(expander, &expansion));
+        }
+        if per_endpoint.saturating_mul(selected) > budget {
+            out.push(Budget {
+                policy: format!("EgressPolicy {}", ep.name),
+                per_endpoint,
+                endpoints: selected,
+                budget,
+            });
+        }
+    }
+    for np in &world.network_policies {
+        let Some(&selected) = network.get(&(np.namespace.as_str(), np.name.as_str())) else {
+            continue;
+        };
+        let mut per_endpoint = 0usize;
+        for (r, rule) in np.rules.iter().enumerate() {
+            let id = origins.rule(&Origin::NetworkPolicyRule {
+                namespace: np.namespace.clone(),
+                name: np.name.clone(),
+                rule: r,
+            });
+            let expansion = expander.expand(world, id, rule.to.as_deref(), rule.ports.as_deref());
+            per_endpoint = per_endpoint.saturating_add(entries(expander, &expansion));
+        }
+        if per_endpoint.saturating_mul(selected) > budget {
+            out.push(Budget {
+                policy: format!("NetworkPolicy {}/{}", np.namespace, np.name),
+                per_endpoint,
+                endpoints: selected,
+                budget,
+            });
+        }
+    }
+    out
 }
 
 /// Rewrites, for every endpoint, the entries of each Service address's class: each exposed port
@@ -823,4 +1006,86 @@ fn push_rules(expansion: &Expansion, action: Action, out: &mut Vec<SetRule<Actio
             .iter()
             .map(|&(set, l4)| SetRule { set, l4, action }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::IpAddr, path::Path};
+
+    use super::*;
+    use crate::policy::cluster::Cluster;
+
+    /// Pods `web` and `db` in `shop`; `db`'s NetworkPolicy allows 192.0.2.11, and `big` (for
+    /// `db`) allows 203.0.113.0/24 on `ranges` UDP port ranges; an EgressPolicy `wide` denies
+    /// 198.51.100.0/24 to `web` on as many ranges.
+    fn world(ranges: u16) -> World {
+        let ports: Vec<String> = (0..ranges)
+            .map(|i| {
+                format!(
+                    "{{protocol: UDP, port: {}, endPort: {}}}",
+                    1000 + i * 100,
+                    1077 + i * 100
+                )
+            })
+            .collect();
+        let ports = ports.join(", ");
+        let text = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web, namespace: shop, labels: {{app: web}}}}\nstatus: {{podIP: 10.0.0.1}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: db, namespace: shop, labels: {{app: db}}}}\nstatus: {{podIP: 10.0.0.2}}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: db-out, namespace: shop}}\n\
+             spec: {{podSelector: {{matchLabels: {{app: db}}}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: 192.0.2.11/32}}}}]}}]}}\n---\n\
+             apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: big, namespace: shop}}\n\
+             spec: {{podSelector: {{matchLabels: {{app: db}}}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: 203.0.113.0/24}}}}], ports: [{ports}]}}]}}\n---\n\
+             apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: wide}}\n\
+             spec: {{priority: 10, subject: {{podSelector: {{matchLabels: {{app: web}}}}}}, rules: [{{name: r, action: Allow, to: [{{networks: [198.51.100.0/24]}}], ports: [{ports}]}}]}}\n"
+        );
+        let mut cluster = Cluster::default();
+        let errors = cluster.add_yaml(Path::new("world.yaml"), &text);
+        assert!(errors.is_empty(), "{errors:?}");
+        World::new(&cluster)
+    }
+
+    fn verdict(compiled: &Compiled, pod: &str, to: &str, port: u16) -> Verdict {
+        let id = compiled.endpoints[&("shop".to_owned(), pod.to_owned())];
+        let to: IpAddr = to.parse().unwrap();
+        compiled
+            .desired
+            .lookup(id, to, egret_common::protocol::UDP, port)
+            .entry
+            .map_or(compiled.baseline, |(_, decision)| decision.verdict)
+    }
+
+    #[test]
+    fn a_policy_over_its_entry_budget_is_left_out_without_opening_its_pods() {
+        let options = |max| CompileOptions {
+            max_policy_entries: max,
+            ..CompileOptions::default()
+        };
+        // Within the budget: both policies allow what they name.
+        let within = compile(&world(40), &options(100_000));
+        assert!(within.over_budget.is_empty(), "{:?}", within.over_budget);
+        assert_eq!(verdict(&within, "db", "203.0.113.5", 1005), Verdict::Allow);
+        assert_eq!(
+            verdict(&within, "web", "198.51.100.5", 1005),
+            Verdict::Allow
+        );
+
+        // Over it: both are named with their numbers; `db` stays isolated (only db-out allows),
+        // `web` is denied from `wide` on.
+        let over = compile(&world(40), &options(100));
+        let named: Vec<&str> = over.over_budget.iter().map(|b| b.policy.as_str()).collect();
+        assert_eq!(named, ["EgressPolicy wide", "NetworkPolicy shop/big"]);
+        for b in &over.over_budget {
+            assert_eq!(b.endpoints, 1);
+            assert!(b.per_endpoint > 100, "{b:?}");
+            assert!(b.to_string().contains("the budget is 100 "), "{b}");
+        }
+        assert_eq!(verdict(&over, "db", "203.0.113.5", 1005), Verdict::Deny);
+        assert_eq!(verdict(&over, "db", "192.0.2.11", 53), Verdict::Allow);
+        assert_eq!(verdict(&over, "web", "198.51.100.5", 1005), Verdict::Deny);
+        // Failing closed: from `wide`'s priority on, `web` is denied everything.
+        assert_eq!(verdict(&over, "web", "192.0.2.99", 53), Verdict::Deny);
+        assert_eq!(verdict(&within, "web", "192.0.2.99", 53), Verdict::Allow);
+        assert!(over.desired.len() < within.desired.len());
+    }
 }

@@ -287,7 +287,10 @@ proptest! {
     ) {
         let world = World::new(&cluster);
         let baseline = if deny_baseline { Verdict::Deny } else { Verdict::Allow };
-        let compiled = compile(&world, &CompileOptions { baseline, node: None });
+        let compiled = compile(&world, &CompileOptions {
+                baseline,
+                ..CompileOptions::default()
+            });
         let addresses: Vec<IpAddr> = world
             .pods
             .iter()

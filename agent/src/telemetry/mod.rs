@@ -48,6 +48,7 @@ pub struct Telemetry {
     overflow: IntCounter,
     lost: IntCounterVec,
     sync_errors: IntCounter,
+    write_failing: IntGauge,
     rejected: IntGaugeVec,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
@@ -64,6 +65,8 @@ pub struct Telemetry {
     seen_restarts: HashMap<String, u64>,
     /// Messages of the last load's rejections, for `/readyz`.
     rejections: Vec<String>,
+    /// Policies the last compile left out, over the per-policy entry budget.
+    over_budget: Vec<String>,
     /// At most this many destination IPs get their own series.
     budget: usize,
     destinations: HashSet<IpAddr>,
@@ -162,13 +165,17 @@ impl Telemetry {
                 "Attempts the kernel could count in neither counter map, by verdict.",
                 &["verdict"],
             )?,
+            write_failing: gauge(
+                "egret_policy_write_failing",
+                "1 while the last policy write failed (the kernel enforces the policy written before it; /readyz says why), else 0.",
+            )?,
             sync_errors: counter(
                 "egret_policy_sync_errors_total",
                 "Policy writes to the kernel that failed.",
             )?,
             rejected: gauge_vec(
                 "egret_policies_rejected",
-                "Files and objects rejected by the last load, by reason (config: the config file does not load, nothing was reloaded; unreadable: a file or document could not be read, parsed or decoded; invalid: an object failed validation or is a duplicate). A rejected object keeps its last valid version; every other object is enforced.",
+                "Files and objects rejected by the last load, by reason (config: the config file does not load, nothing was reloaded; unreadable: a file or document could not be read, parsed or decoded; invalid: an object failed validation or is a duplicate; entry-budget: a policy needs more policy entries than --max-policy-entries, and its pods get none of its allows). A rejected object keeps its last valid version; every other object is enforced.",
                 &["reason"],
             )?,
             map_entries: gauge_vec("egret_map_entries", "Entries in each kernel map.", &["map"])?,
@@ -205,6 +212,7 @@ impl Telemetry {
             seen_lost: [0; 3],
             seen_restarts: HashMap::new(),
             rejections: Vec::new(),
+            over_budget: Vec::new(),
         };
         // Every (what, program) series exists from the start at 0, so that the first
         // restoration is an increase an alert sees.
@@ -323,11 +331,13 @@ impl Telemetry {
     /// Records a successful policy write at `unix_seconds`.
     pub fn synced(&self, unix_seconds: i64) {
         self.last_sync.set(unix_seconds);
+        self.write_failing.set(0);
     }
 
     /// Records a failed policy write.
     pub fn sync_failed(&self) {
         self.sync_errors.inc();
+        self.write_failing.set(1);
     }
 
     /// Files and objects rejected by the last load, by reason, and their messages for the
@@ -343,6 +353,19 @@ impl Telemetry {
     /// What the last load rejected (and which objects keep their last valid version).
     pub fn rejections(&self) -> &[String] {
         &self.rejections
+    }
+
+    /// The policies the last compile left out over the per-policy entry budget.
+    pub fn over_budget(&mut self, messages: Vec<String>) {
+        self.rejected
+            .with_label_values(&["entry-budget"])
+            .set(messages.len() as i64);
+        self.over_budget = messages;
+    }
+
+    /// What [`Self::over_budget`] was last given.
+    pub fn over_budget_messages(&self) -> &[String] {
+        &self.over_budget
     }
 
     /// Map fill.

@@ -23,6 +23,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// What readiness still waits for besides the first write (a watch's initial list).
     pub waiting: Mutex<Option<String>>,
+    /// Why the last policy write failed, while it is the last: not ready until one succeeds.
+    pub write_error: Mutex<Option<String>>,
     /// `None`: the process has no loop that can die on its own.
     pub health: Option<HealthCheck>,
 }
@@ -33,6 +35,7 @@ impl Shared {
             telemetry: Mutex::new(telemetry),
             ready: AtomicBool::new(false),
             waiting: Mutex::new(None),
+            write_error: Mutex::new(None),
             health: None,
         }
     }
@@ -71,10 +74,24 @@ impl Endpoints for Shared {
         if !self.ready.load(Ordering::SeqCst) {
             return Err("no policy written yet\n".into());
         }
+        if let Some(error) = self
+            .write_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            return Err(format!(
+                "not ready: the last policy write failed ({error}); the policy written before it stays enforced\n"
+            ));
+        }
         // Ready: policy is enforced. Rejected files and objects are the detail: the rest is
         // enforced and a rejected object keeps its last valid version.
         let telemetry = self.telemetry();
-        let rejections = telemetry.rejections();
+        let rejections: Vec<&String> = telemetry
+            .rejections()
+            .iter()
+            .chain(telemetry.over_budget_messages())
+            .collect();
         Ok(if rejections.is_empty() {
             "ready\n".to_owned()
         } else {
@@ -84,7 +101,11 @@ impl Endpoints for Shared {
                     .iter()
                     .filter(|m| !m.contains("keeps its last valid version"))
                     .count(),
-                rejections.join("\n")
+                rejections
+                    .iter()
+                    .map(|m| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n")
             )
         })
     }

@@ -69,6 +69,8 @@ pub struct AgentOptions {
     pub identity: String,
     pub baseline: Verdict,
     pub unknown_pods: UnknownPods,
+    /// Most policy entries one policy may need for this node's pods.
+    pub max_policy_entries: usize,
     /// Names or globs of the pods' node-side veths: only these are held pending.
     pub pod_veths: Vec<String>,
     /// The cgroup2 mount.
@@ -388,6 +390,7 @@ pub async fn run(
     let compile_options = CompileOptions {
         baseline: options.baseline,
         node: Some(options.node.clone()),
+        max_policy_entries: options.max_policy_entries,
     };
     let mut period = tokio::time::interval(PERIOD);
     // While a pod's veth cannot be looked up yet, it is looked up again at this pace: until then
