@@ -265,7 +265,8 @@ pub fn run(
             );
         }
         if let Some(shared) = &runtime.shared {
-            drain(shared, &runtime.pipeline, pending_label);
+            let moved = drain(shared, &mut runtime.pipeline, pending_label);
+            report.moved(&moved);
         }
         // Programs someone detached are attached again and pins someone removed come back,
         // within a second; the attached-programs gauge says what the kernel reports.
@@ -636,28 +637,70 @@ fn reserved_label(rule: u32, pending_label: &str) -> Option<&str> {
     }
 }
 
-fn drain(shared: &Shared, pipeline: &Pipeline, pending_label: &str) {
+/// Fill of the destination counter map from which idle destinations are taken out of it.
+const FORGET_FROM_FILL: f64 = 0.5;
+
+fn drain(
+    shared: &Shared,
+    pipeline: &mut Pipeline,
+    pending_label: &str,
+) -> Vec<(crate::datapath::CounterSample, u64)> {
     let counters = match pipeline.datapath().counters() {
         Ok(counters) => counters,
         Err(err) => {
             tracing::warn!("failed to read counters: {err}");
-            return;
+            return Vec::new();
         }
     };
     let compiled = pipeline.compiled();
     let sources = labels(compiled);
-    shared
-        .telemetry
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .drain(
-            &counters,
-            |endpoint| sources.get(&endpoint).cloned(),
-            |rule| {
-                reserved_label(rule, pending_label)
-                    .map_or_else(|| compiled.origin(rule).policy_label(), str::to_owned)
-            },
-        );
+    let mut telemetry = shared.telemetry.lock().unwrap_or_else(|e| e.into_inner());
+    // Once the destination map is half full, destinations counted and idle since the last
+    // drain leave it (a scan of millions of addresses would otherwise fill it for good, and
+    // every workload's new destinations would only be counted without theirs).
+    let with_destination = counters
+        .samples
+        .iter()
+        .filter(|s| s.destination.is_some())
+        .count();
+    let capacity = pipeline
+        .datapath()
+        .capacity(egret_common::map_names::COUNTERS);
+    let idle: Vec<crate::datapath::CounterSample> =
+        if with_destination as f64 >= FORGET_FROM_FILL * f64::from(capacity) {
+            counters
+                .samples
+                .iter()
+                .filter(|s| s.destination.is_some() && telemetry.taken(s) == Some(s.attempts))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+    telemetry.drain(
+        &counters,
+        |endpoint| sources.get(&endpoint).cloned(),
+        |rule| {
+            reserved_label(rule, pending_label)
+                .map_or_else(|| compiled.origin(rule).policy_label(), str::to_owned)
+        },
+    );
+    if idle.is_empty() {
+        return Vec::new();
+    }
+    let moved = match pipeline.datapath_mut().forget_counters(&idle) {
+        Ok(moved) => moved,
+        Err(err) => {
+            tracing::warn!("failed to take idle destinations out of the counter map: {err}");
+            return Vec::new();
+        }
+    };
+    telemetry.moved(&moved);
+    tracing::debug!(
+        destinations = moved.len(),
+        "idle destinations left the counter map"
+    );
+    moved
 }
 
 /// Prints what was counted since the last report: one line per workload, destination,
@@ -674,6 +717,20 @@ impl Report {
         // Counts from before this process (pinned across restarts) are not "recent".
         report.deltas(datapath);
         report
+    }
+
+    /// Counters moved to the entry without destination: what was reported of them moves too.
+    fn moved(&mut self, moved: &[(crate::datapath::CounterSample, u64)]) {
+        for (s, _) in moved {
+            let taken = self
+                .last
+                .remove(&(s.endpoint, s.rule, s.destination, s.protocol, s.verdict))
+                .unwrap_or(0);
+            *self
+                .last
+                .entry((s.endpoint, s.rule, None, s.protocol, s.verdict))
+                .or_default() += taken;
+        }
     }
 
     fn deltas(

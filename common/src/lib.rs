@@ -256,6 +256,11 @@ pub const fn protocol_key(raw: u32) -> u8 {
 pub mod family {
     pub const INET: u8 = 2;
     pub const INET6: u8 = 10;
+    /// Not an address family: in [`super::map_names::COUNTERS_OVERFLOW`], the counts of
+    /// destinations the agent took out of [`super::map_names::COUNTERS`] (idle ones, once the
+    /// agent had counted them), per (endpoint, rule, protocol, verdict). Only the agent writes
+    /// these keys, so its read-add-write cannot race a program's increment.
+    pub const FORGOTTEN: u8 = 0xff;
 }
 
 /// An endpoint: a cgroup (a pod's, not each container's) whose egress egret decides.

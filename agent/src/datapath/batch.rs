@@ -11,6 +11,7 @@ use std::{
 
 use aya::Pod;
 
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// `ENOTSUPP` (kernel-internal, 524), what map types without batch ops return.
@@ -40,6 +41,49 @@ pub enum Batch<T> {
     Done(T),
     /// The kernel has no batch operation for this map: iterate instead.
     Unsupported,
+}
+
+/// The element member of `union bpf_attr`: `map_fd`, `key`, `value`, `flags`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Reads and deletes `key` in one step (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, hash maps since Linux
+/// 5.14): no update between the read and the delete is lost to the map. `None`: not there.
+pub fn lookup_and_delete<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<Option<V>> {
+    let mut value = MaybeUninit::<V>::zeroed();
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        ..ElemAttr::default()
+    };
+    // SAFETY: `attr` is a valid `bpf_attr` prefix of the size passed; key and value point to
+    // buffers of the map's key and value size that outlive the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_AND_DELETE_ELEM,
+            &raw mut attr,
+            size_of::<ElemAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        return if err.raw_os_error() == Some(libc::ENOENT) {
+            Ok(None)
+        } else {
+            Err(err)
+        };
+    }
+    // SAFETY: the kernel wrote a whole value; `V: Pod`.
+    Ok(Some(unsafe { value.assume_init() }))
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {

@@ -901,6 +901,27 @@ impl Datapath {
             }
         }
         samples.sort();
+        // An overflow entry and the forgotten destinations' entry of the same (endpoint, rule,
+        // protocol, verdict) are one count without destination.
+        samples.dedup_by(|next, kept| {
+            let same = (
+                next.endpoint,
+                next.rule,
+                next.destination,
+                next.protocol,
+                next.verdict,
+            ) == (
+                kept.endpoint,
+                kept.rule,
+                kept.destination,
+                kept.protocol,
+                kept.verdict,
+            );
+            if same {
+                kept.attempts += next.attempts;
+            }
+            same
+        });
         let mut lost = [0u64; 3];
         for (verdict, slot) in lost.iter_mut().enumerate() {
             let per_cpu = self
@@ -913,6 +934,93 @@ impl Datapath {
             *slot = per_cpu.iter().sum();
         }
         Ok(Counters { samples, lost })
+    }
+
+    /// Takes `samples` (destinations the caller has counted up to their `attempts`, and
+    /// idle since) out of the destination counter map, so that its room goes to destinations
+    /// still in use; their counts move to the entry without destination of the same
+    /// (endpoint, rule, protocol, verdict), which only the agent writes ([`family::FORGOTTEN`]),
+    /// so every total stays what the kernel counted. Each is read and deleted in one step, and
+    /// whatever was counted after the caller's read moves too. Returns the samples taken out,
+    /// with what moved; stops at the first failure (the rest stays where it is).
+    pub fn forget_counters(
+        &mut self,
+        samples: &[CounterSample],
+    ) -> Result<Vec<(CounterSample, u64)>> {
+        let mut moved = Vec::new();
+        for sample in samples {
+            let Some(destination) = sample.destination else {
+                continue;
+            };
+            let mut key = CounterKey {
+                endpoint_id: sample.endpoint,
+                rule_id: sample.rule,
+                addr: [0; 16],
+                family: 0,
+                protocol: sample.protocol,
+                verdict: sample.verdict.to_raw(),
+                _pad: 0,
+            };
+            match destination {
+                IpAddr::V4(v4) => {
+                    key.family = family::INET;
+                    key.addr[..4].copy_from_slice(&v4.octets());
+                }
+                IpAddr::V6(v6) => {
+                    key.family = family::INET6;
+                    key.addr = v6.octets();
+                }
+            }
+            let taken = batch::lookup_and_delete::<CounterKey, CounterValue>(
+                self.counters.map().fd().as_fd(),
+                &key,
+            )
+            .map_err(|io_error| DatapathError::ReadMap {
+                name: map_names::COUNTERS,
+                source: MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_and_delete_elem",
+                    io_error,
+                }),
+            })?;
+            let Some(value) = taken else { continue };
+            let forgotten = CounterKey {
+                addr: [0; 16],
+                family: family::FORGOTTEN,
+                ..key
+            };
+            let before = match self.counters_overflow.get(&forgotten, 0) {
+                Ok(v) => v.attempts,
+                Err(MapError::KeyNotFound) => 0,
+                Err(source) => {
+                    self.restore_counter(&key, value);
+                    return Err(DatapathError::ReadMap {
+                        name: map_names::COUNTERS_OVERFLOW,
+                        source,
+                    });
+                }
+            };
+            let total = CounterValue {
+                attempts: before + value.attempts,
+            };
+            if let Err(source) = self.counters_overflow.insert(forgotten, total, 0) {
+                self.restore_counter(&key, value);
+                return Err(write_err(map_names::COUNTERS_OVERFLOW, &forgotten, source));
+            }
+            moved.push((sample.clone(), value.attempts));
+        }
+        Ok(moved)
+    }
+
+    /// Puts a counter taken out back (its forgotten entry could not be written); whatever the
+    /// kernel counted for it meanwhile is added.
+    fn restore_counter(&mut self, key: &CounterKey, value: CounterValue) {
+        let now = self.counters.get(key, 0).map_or(0, |v| v.attempts);
+        let restored = CounterValue {
+            attempts: now + value.attempts,
+        };
+        if let Err(err) = self.counters.insert(key, restored, 0) {
+            tracing::error!(key = ?key, attempts = value.attempts, "a counter taken out could not be put back: {err}");
+        }
     }
 
     /// Entries and capacity of each map, for fill ratios.

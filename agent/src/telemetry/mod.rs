@@ -249,6 +249,31 @@ impl Telemetry {
             .set(i64::try_from(objects).unwrap_or(i64::MAX));
     }
 
+    /// What the last drain took of `sample`'s counter: equal to its attempts when nothing was
+    /// counted since.
+    pub fn taken(&self, s: &crate::datapath::CounterSample) -> Option<u64> {
+        self.seen
+            .get(&(s.endpoint, s.rule, s.destination, s.protocol, s.verdict))
+            .copied()
+    }
+
+    /// The kernel moved these counters (sample, attempts moved) to the entry without
+    /// destination (`Datapath::forget_counters`): what was taken of them moves with them, so
+    /// the next drain adds only what was counted after the take, and nothing twice. Their
+    /// destinations' series stay as they are.
+    pub fn moved(&mut self, moved: &[(crate::datapath::CounterSample, u64)]) {
+        for (s, _) in moved {
+            let taken = self
+                .seen
+                .remove(&(s.endpoint, s.rule, s.destination, s.protocol, s.verdict))
+                .unwrap_or(0);
+            *self
+                .seen
+                .entry((s.endpoint, s.rule, None, s.protocol, s.verdict))
+                .or_default() += taken;
+        }
+    }
+
     /// Adds what the kernel counted since the last drain. `source` names the endpoint and
     /// `policy` the rule, for labels. The first drain of a restarted agent adds everything the
     /// pinned counters hold, so the metrics continue where the kernel is.
@@ -504,5 +529,52 @@ mod tests {
             text.contains("egret_metrics_destinations_overflow_total 99007"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn counters_moved_out_of_the_destination_map_are_not_counted_twice() {
+        let mut t = Telemetry::new(10).unwrap();
+        let ten: IpAddr = "192.0.2.10".parse().unwrap();
+        let drain = |t: &mut Telemetry, samples: Vec<CounterSample>| {
+            t.drain(
+                &Counters {
+                    samples,
+                    lost: [0; 3],
+                },
+                source,
+                |_| "default".into(),
+            )
+        };
+        drain(
+            &mut t,
+            vec![
+                sample(Some(ten), Verdict::Deny, 5),
+                sample(None, Verdict::Deny, 2),
+            ],
+        );
+        let idle = sample(Some(ten), Verdict::Deny, 5);
+        assert_eq!(t.taken(&idle), Some(5));
+        // The kernel moved 5, and counted one more for 192.0.2.10 after the drain read it: that
+        // one is in the entry without destination now.
+        t.moved(&[(idle, 6)]);
+        drain(&mut t, vec![sample(None, Verdict::Deny, 2 + 6)]);
+        let text = t.encode();
+        assert_eq!(value(&text, "destination_ip=\"192.0.2.10\""), Some(5));
+        assert_eq!(value(&text, "destination_ip=\"other\""), Some(2 + 1));
+        assert!(
+            text.contains(
+                "egret_egress_connections_workload_total{source_namespace=\"shop\",source_workload=\"web\",verdict=\"blocked\"} 8"
+            ),
+            "{text}"
+        );
+        // A new attempt to the forgotten destination starts a fresh kernel entry.
+        drain(
+            &mut t,
+            vec![
+                sample(Some(ten), Verdict::Deny, 1),
+                sample(None, Verdict::Deny, 8),
+            ],
+        );
+        assert_eq!(value(&t.encode(), "destination_ip=\"192.0.2.10\""), Some(6));
     }
 }
