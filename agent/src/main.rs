@@ -113,6 +113,11 @@ enum Command {
         /// the config's `metrics.maxDestinationSeries`; default 1000).
         #[arg(long)]
         max_destination_series: Option<usize>,
+        /// How long a destination's metric series stays without growing before it is dropped
+        /// and its place in the budget freed, as `10m` or `90s`; `0`: never dropped (overrides
+        /// the config's `metrics.seriesIdle`; default 10m).
+        #[arg(long)]
+        metrics_series_idle: Option<egret::telemetry::IdleTime>,
         #[command(flatten)]
         faults: FaultOptions,
     },
@@ -147,8 +152,12 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:9091")]
         metrics_addr: std::net::SocketAddr,
         /// Destination IPs with their own metric series; the rest count as "other".
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = egret::telemetry::SeriesLimits::DEFAULT_MAX_DESTINATIONS)]
         max_destination_series: usize,
+        /// How long a destination's metric series stays without growing before it is dropped
+        /// and its place in the budget freed, as `10m` or `90s`; `0`: never dropped.
+        #[arg(long, default_value = "10m")]
+        metrics_series_idle: egret::telemetry::IdleTime,
         #[command(flatten)]
         faults: FaultOptions,
     },
@@ -377,10 +386,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report_interval,
             metrics_addr,
             max_destination_series,
+            metrics_series_idle,
             faults,
         } => {
-            let source = egret::local::LocalSource::new(config)
-                .with_metrics(metrics_addr, max_destination_series);
+            let source = egret::local::LocalSource::new(config).with_metrics(
+                metrics_addr,
+                max_destination_series,
+                metrics_series_idle,
+            );
             let mut datapath = open(pin_dir, Some(cgroup))?;
             datapath.set_on_fault(faults.on_fault.verdict());
             report_mode(&datapath);
@@ -402,26 +415,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             unknown_pods,
             metrics_addr,
             max_destination_series,
+            metrics_series_idle,
             faults,
-        } => agent(
-            pin_dir,
-            kubeconfig,
-            egret::source::kubernetes::AgentOptions {
-                identity: egret::source::kubernetes::identity(&node_name),
-                node: node_name,
-                namespace,
-                baseline: baseline.verdict(),
-                unknown_pods,
-                cgroup_root: match cgroup_root {
-                    Some(root) => root,
-                    None => sys::cgroup2_mount()?,
+        } => {
+            agent(
+                pin_dir,
+                kubeconfig,
+                egret::source::kubernetes::AgentOptions {
+                    identity: egret::source::kubernetes::identity(&node_name),
+                    node: node_name,
+                    namespace,
+                    baseline: baseline.verdict(),
+                    unknown_pods,
+                    cgroup_root: match cgroup_root {
+                        Some(root) => root,
+                        None => sys::cgroup2_mount()?,
+                    },
+                    own_cgroup: None,
                 },
-                own_cgroup: None,
-            },
-            cgroup,
-            (metrics_addr, max_destination_series),
-            &faults,
-        )?,
+                cgroup,
+                (
+                    metrics_addr,
+                    egret::telemetry::SeriesLimits {
+                        max_destinations: max_destination_series,
+                        idle: metrics_series_idle.0,
+                    },
+                ),
+                &faults,
+            )?;
+        }
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
             let datapath = open(pin_dir, None)?;
@@ -460,7 +482,7 @@ fn agent(
     kubeconfig: Option<PathBuf>,
     mut options: egret::source::kubernetes::AgentOptions,
     cgroup: Option<PathBuf>,
-    metrics: (std::net::SocketAddr, usize),
+    metrics: (std::net::SocketAddr, egret::telemetry::SeriesLimits),
     faults: &FaultOptions,
 ) -> anyhow::Result<()> {
     if options.node.is_empty() {
