@@ -262,6 +262,14 @@ impl LocalSource {
         self
     }
 
+    /// Whether the config puts TC programs on interfaces (a workload with `interfaces:`), for
+    /// the preflight; `false` when the config does not load (the run says why).
+    pub fn wants_tc(&self) -> bool {
+        self.read_config()
+            .1
+            .is_ok_and(|c| c.workloads.iter().any(|w| !w.interfaces.is_empty()))
+    }
+
     /// Loads everything. `Err`: the config itself could not be read or is invalid (nothing
     /// else was looked at). `Ok` holds every valid object and lists the rejected ones.
     pub fn load(&self) -> Result<Loaded, Vec<LocalError>> {

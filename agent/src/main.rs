@@ -1,7 +1,11 @@
 //! The `egret` binary: command-line edge over the library. Errors become one line with their
 //! whole chain, and a non-zero exit.
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -250,6 +254,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli { pin_dir, command } = cli;
     match command {
         Command::Attach { cgroup } => {
+            preflight(&pin_dir, &[("--cgroup", cgroup.as_deref())], false)?;
             let datapath = open(pin_dir, Some(cgroup))?;
             report_mode(&datapath);
         }
@@ -259,6 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hold,
         } => {
             let file = RulesFile::load(&rules)?;
+            preflight(&pin_dir, &[("--cgroup", cgroup.as_deref())], false)?;
             let mut datapath = open(pin_dir, Some(cgroup))?;
             report_mode(&datapath);
             let desired = file.desired();
@@ -394,6 +400,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_destination_series,
                 metrics_series_idle,
             );
+            preflight(
+                &pin_dir,
+                &[("--cgroup", cgroup.as_deref())],
+                source.wants_tc(),
+            )?;
             let mut datapath = open(pin_dir, Some(cgroup))?;
             datapath.set_on_fault(faults.on_fault.verdict());
             report_mode(&datapath);
@@ -418,6 +429,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_series_idle,
             faults,
         } => {
+            // The agent's TC programs go on every pod's veth.
+            preflight(
+                &pin_dir,
+                &[
+                    ("--cgroup", cgroup.as_deref()),
+                    ("--cgroup-root", cgroup_root.as_deref()),
+                ],
+                true,
+            )?;
             agent(
                 pin_dir,
                 kubeconfig,
@@ -531,6 +551,25 @@ fn agent(
             deny_log: faults.deny_log(),
         },
     )?;
+    Ok(())
+}
+
+/// Checks that the host offers what egret needs (`egret::preflight`), before anything that
+/// enforces is touched; `cgroups` are the directories given on the command line, by flag.
+fn preflight(
+    pin_dir: &Path,
+    cgroups: &[(&'static str, Option<&Path>)],
+    tcx: bool,
+) -> anyhow::Result<()> {
+    egret::preflight::check(&egret::preflight::Needs {
+        pin_dir,
+        bpffs_mount: Path::new(datapath::BPFFS_MOUNT),
+        cgroups: cgroups
+            .iter()
+            .filter_map(|(flag, path)| Some((*flag, (*path)?)))
+            .collect(),
+        tcx,
+    })?;
     Ok(())
 }
 
