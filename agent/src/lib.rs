@@ -9,6 +9,7 @@ pub mod inotify;
 pub mod local;
 pub mod pipeline;
 pub mod policy;
+pub mod preflight;
 pub mod rules_file;
 pub mod runtime;
 #[cfg(feature = "kubernetes")]

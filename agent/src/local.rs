@@ -39,6 +39,7 @@ use crate::{
     },
     runtime::{CgroupPlan, Rejections, RuntimeOptions, SourceEvent, Update},
     sys,
+    telemetry::{IdleTime, SeriesLimits},
 };
 
 /// Errors of local mode; each names the file, and the object and field where there is one.
@@ -142,10 +143,23 @@ pub struct MetricsConfig {
     /// Destination IPs with their own series; the rest count under `destination_ip="other"`.
     #[serde(default = "default_budget")]
     pub max_destination_series: usize,
+    /// How long a destination series stays without growing (`10m`; `0`: for ever).
+    #[serde(default)]
+    pub series_idle: IdleTime,
+}
+
+impl MetricsConfig {
+    /// The destination-series budget and idle time.
+    pub fn series_limits(&self) -> SeriesLimits {
+        SeriesLimits {
+            max_destinations: self.max_destination_series,
+            idle: self.series_idle.0,
+        }
+    }
 }
 
 fn default_budget() -> usize {
-    1000
+    SeriesLimits::DEFAULT_MAX_DESTINATIONS
 }
 
 fn allow() -> Verdict {
@@ -228,6 +242,7 @@ pub struct LocalSource {
     /// Command-line overrides of the config's `metrics` section.
     metrics_addr: Option<std::net::SocketAddr>,
     max_destination_series: Option<usize>,
+    series_idle: Option<IdleTime>,
     /// The objects enforced from the files, and the fingerprint of the last read.
     state: Mutex<(PolicyStore, Option<u64>)>,
 }
@@ -238,19 +253,30 @@ impl LocalSource {
             config_path,
             metrics_addr: None,
             max_destination_series: None,
+            series_idle: None,
             state: Mutex::new((PolicyStore::default(), None)),
         }
     }
 
-    /// Overrides the config's metrics address and series budget.
+    /// Overrides the config's metrics address, series budget and series idle time.
     pub fn with_metrics(
         mut self,
         address: Option<std::net::SocketAddr>,
         max_destination_series: Option<usize>,
+        series_idle: Option<IdleTime>,
     ) -> Self {
         self.metrics_addr = address;
         self.max_destination_series = max_destination_series;
+        self.series_idle = series_idle;
         self
+    }
+
+    /// Whether the config puts TC programs on interfaces (a workload with `interfaces:`), for
+    /// the preflight; `false` when the config does not load (the run says why).
+    pub fn wants_tc(&self) -> bool {
+        self.read_config()
+            .1
+            .is_ok_and(|c| c.workloads.iter().any(|w| !w.interfaces.is_empty()))
     }
 
     /// Loads everything. `Err`: the config itself could not be read or is invalid (nothing
@@ -316,19 +342,22 @@ impl LocalSource {
             }]
         })?;
         if let Some(address) = self.metrics_addr {
-            let budget = config
-                .metrics
-                .as_ref()
-                .map_or_else(default_budget, |m| m.max_destination_series);
-            config.metrics = Some(MetricsConfig {
-                address,
-                max_destination_series: budget,
+            config.metrics = Some(match config.metrics.take() {
+                Some(metrics) => MetricsConfig { address, ..metrics },
+                None => MetricsConfig {
+                    address,
+                    max_destination_series: default_budget(),
+                    series_idle: IdleTime::default(),
+                },
             });
         }
-        if let (Some(budget), Some(metrics)) =
-            (self.max_destination_series, config.metrics.as_mut())
-        {
-            metrics.max_destination_series = budget;
+        if let Some(metrics) = config.metrics.as_mut() {
+            if let Some(budget) = self.max_destination_series {
+                metrics.max_destination_series = budget;
+            }
+            if let Some(idle) = self.series_idle {
+                metrics.series_idle = idle;
+            }
         }
         let problems: Vec<LocalError> = config
             .workloads
@@ -744,7 +773,7 @@ pub fn run(
         metrics: config
             .metrics
             .as_ref()
-            .map(|m| (m.address, m.max_destination_series)),
+            .map(|m| (m.address, m.series_limits())),
         report_every: options.report_every,
         tick: options.poll_every,
         health: None,
@@ -864,6 +893,8 @@ pub fn rejections(rejected: &[LocalError], kept: &[(ObjectRef, Location)]) -> Re
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::policy::compile::{CompileOptions, compile};
 
@@ -1149,6 +1180,53 @@ mod tests {
     }
 
     #[test]
+    fn the_series_idle_time_comes_from_the_config_or_the_flag() {
+        let dir = temp_dir("series-idle");
+        let path = dir.join("egret.yaml");
+        let limits = |metrics: &str, flags: LocalSource| {
+            std::fs::write(&path, format!("{metrics}workloads: []\n")).unwrap();
+            flags
+                .load()
+                .map(|l| l.config.metrics.map(|m| m.series_limits()))
+                .map_err(|problems| problems[0].to_string())
+        };
+        let plain = || LocalSource::new(path.clone());
+        let idle = |d: Option<Duration>| {
+            Ok(Some(SeriesLimits {
+                max_destinations: 1000,
+                idle: d,
+            }))
+        };
+        let address = "metrics: {address: 127.0.0.1:0}\n";
+        assert_eq!(
+            limits(address, plain()),
+            idle(Some(Duration::from_secs(600)))
+        );
+        let two_seconds = "metrics: {address: 127.0.0.1:0, seriesIdle: 2s}\n";
+        assert_eq!(
+            limits(two_seconds, plain()),
+            idle(Some(Duration::from_secs(2)))
+        );
+        // The flag overrides the config; `0` keeps series for ever.
+        let flag = |idle: &str| plain().with_metrics(None, None, Some(idle.parse().unwrap()));
+        assert_eq!(limits(two_seconds, flag("0")), idle(None));
+        // An address given by flag alone brings the defaults, and the flag's idle time.
+        let both = plain().with_metrics(
+            Some("127.0.0.1:0".parse().unwrap()),
+            None,
+            Some("90s".parse().unwrap()),
+        );
+        assert_eq!(limits("", both), idle(Some(Duration::from_secs(90))));
+        let bad = limits("metrics: {address: 127.0.0.1:0, seriesIdle: 10}\n", plain());
+        assert!(
+            bad.as_ref()
+                .is_err_and(|e| e.contains("expected a number and a unit")),
+            "{bad:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn example_config_loads_and_means_what_it_says() {
         let path =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/examples/local/egret.yaml");
@@ -1163,6 +1241,10 @@ mod tests {
             )
         });
         assert_eq!(loaded.config.workloads.len(), 3);
+        assert_eq!(
+            loaded.config.metrics.map(|m| m.series_limits()),
+            Some(SeriesLimits::default())
+        );
         let compiled = compile(&loaded.world, &CompileOptions::default());
         let decide = |from: (&str, &str), to: &str, port: u16| {
             let endpoint = compiled.endpoints[&(from.0.to_owned(), from.1.to_owned())];

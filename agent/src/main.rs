@@ -1,7 +1,11 @@
 //! The `egret` binary: command-line edge over the library. Errors become one line with their
 //! whole chain, and a non-zero exit.
 
-use std::{io::Write as _, path::PathBuf, process::ExitCode};
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -118,6 +122,11 @@ enum Command {
         /// the config's `metrics.maxDestinationSeries`; default 1000).
         #[arg(long)]
         max_destination_series: Option<usize>,
+        /// How long a destination's metric series stays without growing before it is dropped
+        /// and its place in the budget freed, as `10m` or `90s`; `0`: never dropped (overrides
+        /// the config's `metrics.seriesIdle`; default 10m).
+        #[arg(long)]
+        metrics_series_idle: Option<egret::telemetry::IdleTime>,
         #[command(flatten)]
         faults: FaultOptions,
     },
@@ -162,8 +171,12 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:9091")]
         metrics_addr: std::net::SocketAddr,
         /// Destination IPs with their own metric series; the rest count as "other".
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = egret::telemetry::SeriesLimits::DEFAULT_MAX_DESTINATIONS)]
         max_destination_series: usize,
+        /// How long a destination's metric series stays without growing before it is dropped
+        /// and its place in the budget freed, as `10m` or `90s`; `0`: never dropped.
+        #[arg(long, default_value = "10m")]
+        metrics_series_idle: egret::telemetry::IdleTime,
         #[command(flatten)]
         faults: FaultOptions,
     },
@@ -265,6 +278,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     };
     match command {
         Command::Attach { cgroup } => {
+            preflight(&pin_dir, &[("--cgroup", cgroup.as_deref())], false)?;
             let datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
             report_mode(&datapath);
         }
@@ -274,6 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hold,
         } => {
             let file = RulesFile::load(&rules)?;
+            preflight(&pin_dir, &[("--cgroup", cgroup.as_deref())], false)?;
             let mut datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
             report_mode(&datapath);
             let desired = file.desired();
@@ -401,10 +416,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             report_interval,
             metrics_addr,
             max_destination_series,
+            metrics_series_idle,
             faults,
         } => {
-            let source = egret::local::LocalSource::new(config)
-                .with_metrics(metrics_addr, max_destination_series);
+            let source = egret::local::LocalSource::new(config).with_metrics(
+                metrics_addr,
+                max_destination_series,
+                metrics_series_idle,
+            );
+            preflight(
+                &pin_dir,
+                &[("--cgroup", cgroup.as_deref())],
+                source.wants_tc(),
+            )?;
             let mut datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
             datapath.set_on_fault(faults.on_fault.verdict());
             report_mode(&datapath);
@@ -428,28 +452,46 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_policy_entries,
             metrics_addr,
             max_destination_series,
+            metrics_series_idle,
             faults,
-        } => agent(
-            (pin_dir, entries.as_ref()),
-            kubeconfig,
-            egret::source::kubernetes::AgentOptions {
-                identity: egret::source::kubernetes::identity(&node_name),
-                node: node_name,
-                namespace,
-                baseline: baseline.verdict(),
-                unknown_pods,
-                pod_veths,
-                max_policy_entries,
-                cgroup_root: match cgroup_root {
-                    Some(root) => root,
-                    None => sys::cgroup2_mount()?,
+        } => {
+            // The agent's TC programs go on every pod's veth.
+            preflight(
+                &pin_dir,
+                &[
+                    ("--cgroup", cgroup.as_deref()),
+                    ("--cgroup-root", cgroup_root.as_deref()),
+                ],
+                true,
+            )?;
+            agent(
+                (pin_dir, entries.as_ref()),
+                kubeconfig,
+                egret::source::kubernetes::AgentOptions {
+                    identity: egret::source::kubernetes::identity(&node_name),
+                    node: node_name,
+                    namespace,
+                    baseline: baseline.verdict(),
+                    unknown_pods,
+                    pod_veths,
+                    max_policy_entries,
+                    cgroup_root: match cgroup_root {
+                        Some(root) => root,
+                        None => sys::cgroup2_mount()?,
+                    },
+                    own_cgroup: None,
                 },
-                own_cgroup: None,
-            },
-            cgroup,
-            (metrics_addr, max_destination_series),
-            &faults,
-        )?,
+                cgroup,
+                (
+                    metrics_addr,
+                    egret::telemetry::SeriesLimits {
+                        max_destinations: max_destination_series,
+                        idle: metrics_series_idle.0,
+                    },
+                ),
+                &faults,
+            )?;
+        }
         Command::Crd => print!("{}", egret::policy::crd_yaml()?),
         Command::Counters { output } => {
             let datapath = open(pin_dir, entries.as_ref(), None)?;
@@ -488,7 +530,7 @@ fn agent(
     kubeconfig: Option<PathBuf>,
     mut options: egret::source::kubernetes::AgentOptions,
     cgroup: Option<PathBuf>,
-    metrics: (std::net::SocketAddr, usize),
+    metrics: (std::net::SocketAddr, egret::telemetry::SeriesLimits),
     faults: &FaultOptions,
 ) -> anyhow::Result<()> {
     if options.node.is_empty() {
@@ -537,6 +579,25 @@ fn agent(
             deny_log: faults.deny_log(),
         },
     )?;
+    Ok(())
+}
+
+/// Checks that the host offers what egret needs (`egret::preflight`), before anything that
+/// enforces is touched; `cgroups` are the directories given on the command line, by flag.
+fn preflight(
+    pin_dir: &Path,
+    cgroups: &[(&'static str, Option<&Path>)],
+    tcx: bool,
+) -> anyhow::Result<()> {
+    egret::preflight::check(&egret::preflight::Needs {
+        pin_dir,
+        bpffs_mount: Path::new(datapath::BPFFS_MOUNT),
+        cgroups: cgroups
+            .iter()
+            .filter_map(|(flag, path)| Some((*flag, (*path)?)))
+            .collect(),
+        tcx,
+    })?;
     Ok(())
 }
 

@@ -129,7 +129,7 @@ pub enum SourceEvent {
 /// How the runtime serves and reports.
 pub struct RuntimeOptions {
     /// Where to serve `/metrics`, `/healthz` and `/readyz`, and the destination-series budget.
-    pub metrics: Option<(SocketAddr, usize)>,
+    pub metrics: Option<(SocketAddr, crate::telemetry::SeriesLimits)>,
     /// How often to print the connections counted since the last report; `None`: never.
     pub report_every: Option<Duration>,
     /// How often to drain counters when no event comes.

@@ -15,7 +15,7 @@ use std::{
 /// `BPF_FS_MAGIC` from the kernel's `include/uapi/linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// `CGROUP2_SUPER_MAGIC`, same header.
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+pub const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 
 /// Errors of this module; each names the path involved.
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +331,7 @@ pub fn check_pin_file(path: &Path) -> Result<bool, SysError> {
 
 /// `enum bpf_cmd` values from include/uapi/linux/bpf.h.
 mod bpf_cmd {
+    pub const PROG_LOAD: libc::c_long = 5;
     pub const OBJ_PIN: libc::c_long = 6;
     pub const OBJ_GET: libc::c_long = 7;
     pub const OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -513,6 +514,35 @@ pub fn bpf_link_create_tcx(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Loads a program of `prog_type` (for `expected_attach_type`) that returns 1 and does nothing
+/// else, for feature probes: it is never attached, and goes when the descriptor is dropped.
+pub fn bpf_prog_load_probe(prog_type: u32, expected_attach_type: u32) -> Result<OwnedFd, SysError> {
+    // `r0 = 1; exit`: BPF_ALU64 | BPF_MOV | BPF_K into r0, then BPF_JMP | BPF_EXIT.
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    // struct { __u32 prog_type; __u32 insn_cnt; __aligned_u64 insns; __aligned_u64 license;
+    //          __u32 log_level; __u32 log_size; __aligned_u64 log_buf; __u32 kern_version;
+    //          __u32 prog_flags; char prog_name[16]; __u32 prog_ifindex;
+    //          __u32 expected_attach_type; }
+    let mut attr = [0u64; 9];
+    attr[0] = u64::from(prog_type) | ((insns.len() as u64) << 32);
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    let name = *b"egret_probe\0\0\0\0\0";
+    attr[6] = u64::from_ne_bytes([
+        name[0], name[1], name[2], name[3], name[4], name[5], name[6], name[7],
+    ]);
+    attr[7] = u64::from_ne_bytes([
+        name[8], name[9], name[10], name[11], name[12], name[13], name[14], name[15],
+    ]);
+    attr[8] = u64::from(expected_attach_type) << 32;
+    let fd = bpf(bpf_cmd::PROG_LOAD, &mut attr, "BPF_PROG_LOAD", &|| {
+        format!("a probe program of type {prog_type}")
+    })?;
+    // SAFETY: the kernel returned a new file descriptor we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Detaches a link from its attach point while it stays pinned (`BPF_LINK_DETACH`, what
 /// `bpftool link detach` does). Tests use it to stand in for an attacker with root.
 pub fn bpf_link_detach(fd: impl AsFd) -> Result<(), SysError> {
@@ -531,7 +561,8 @@ fn on_bpffs(path: &Path) -> bool {
     existing.is_some_and(|p| fs_magic(p).is_ok_and(|m| m == BPF_FS_MAGIC))
 }
 
-fn fs_magic(path: &Path) -> io::Result<i64> {
+/// The filesystem magic number of `path` (`statfs(2)`'s `f_type`).
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: `statfs` is plain data, fully written on success.

@@ -1,14 +1,15 @@
 //! Telemetry: the kernel's per-destination counters as Prometheus metrics, with a cardinality
-//! budget, plus the agent's health, served on `/metrics` beside `/healthz` and `/readyz`.
-//! `docs/metrics.md` lists every metric and label.
+//! budget whose idle destination series expire, plus the agent's health, served on `/metrics`
+//! beside `/healthz` and `/readyz`. `docs/metrics.md` lists every metric and label.
 
 pub mod denylog;
 pub mod http;
 pub mod server;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     net::IpAddr,
+    time::{Duration, Instant},
 };
 
 use prometheus::{
@@ -21,6 +22,88 @@ use crate::datapath::{Counters, EndpointId, MapUsage, RuleId, Verdict};
 /// Label value of destinations past the series budget, and of attempts the kernel counted
 /// without their destination.
 pub const OTHER: &str = "other";
+
+/// How many destination series `/metrics` holds, and for how long an idle one stays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeriesLimits {
+    /// At most this many destination IPs get their own series; the rest count as [`OTHER`].
+    pub max_destinations: usize,
+    /// A destination series that has not grown for this long is dropped, and a destination
+    /// left without series frees its place in the budget. `None`: series never expire.
+    pub idle: Option<Duration>,
+}
+
+impl SeriesLimits {
+    /// The default budget: 1000 destinations.
+    pub const DEFAULT_MAX_DESTINATIONS: usize = 1000;
+    /// The default idle time: 10 minutes, twice the 5-minute windows the alerts and the
+    /// dashboard use, so that no `increase()` they take misses a series still in use.
+    pub const DEFAULT_IDLE: Duration = Duration::from_secs(600);
+}
+
+impl Default for SeriesLimits {
+    fn default() -> Self {
+        Self {
+            max_destinations: Self::DEFAULT_MAX_DESTINATIONS,
+            idle: Some(Self::DEFAULT_IDLE),
+        }
+    }
+}
+
+/// A duration as the flags and the config write it: a number and a unit (`ms`, `s`, `m`,
+/// `h`), as `90s` or `10m`; `0` turns series expiry off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdleTime(pub Option<Duration>);
+
+impl Default for IdleTime {
+    fn default() -> Self {
+        Self(Some(SeriesLimits::DEFAULT_IDLE))
+    }
+}
+
+impl std::str::FromStr for IdleTime {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let text = s.trim();
+        if text == "0" {
+            return Ok(Self(None));
+        }
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .ok_or_else(|| format!("{s:?}: expected a number and a unit (ms, s, m, h), as 10m"))?;
+        let (number, unit) = text.split_at(split);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a number and a unit (ms, s, m, h), as 10m"))?;
+        let duration = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(format!("{s:?}: unit {unit:?} is none of ms, s, m, h")),
+        };
+        Ok(Self((!duration.is_zero()).then_some(duration)))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IdleTime {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The labels of one `egret_egress_connections_total` series with its own destination.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct DestinationSeries {
+    verdict: &'static str,
+    destination: IpAddr,
+    protocol: String,
+    namespace: String,
+    workload: String,
+    policy: String,
+}
 
 /// Who made a connection and what decided it, for labels.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,9 +150,12 @@ pub struct Telemetry {
     rejections: Vec<String>,
     /// Policies the last compile left out, over the per-policy entry budget.
     over_budget: Vec<String>,
-    /// At most this many destination IPs get their own series.
-    budget: usize,
-    destinations: HashSet<IpAddr>,
+    /// The destination-series budget and idle time.
+    limits: SeriesLimits,
+    /// Destination IPs with their own series, and how many series each has.
+    destinations: HashMap<IpAddr, usize>,
+    /// Every series with its own destination, and when its count last grew.
+    series: HashMap<DestinationSeries, Instant>,
     /// Kernel counter values at the last drain, by (endpoint, rule, destination, protocol,
     /// verdict); kernel counters only grow, so the difference is what is new.
     seen: HashMap<(EndpointId, RuleId, Option<IpAddr>, u8, Verdict), u64>,
@@ -77,8 +163,8 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Metrics with a budget of `max_destination_series` destination IPs.
-    pub fn new(max_destination_series: usize) -> Result<Self, TelemetryError> {
+    /// Metrics whose destination series keep within `limits`.
+    pub fn new(limits: SeriesLimits) -> Result<Self, TelemetryError> {
         let registry = Registry::new();
         let register = |name: &'static str, c: Box<dyn prometheus::core::Collector>| {
             registry
@@ -206,8 +292,9 @@ impl Telemetry {
                 "Deny-log events the kernel did not deliver: its ring buffer was full (no reader), or the CPU's event budget (20,000 a second) was spent by a flood. Every attempt is still counted in egret_egress_connections_total.",
             )?,
             registry,
-            budget: max_destination_series,
-            destinations: HashSet::new(),
+            limits,
+            destinations: HashMap::new(),
+            series: HashMap::new(),
             seen: HashMap::new(),
             seen_lost: [0; 3],
             seen_restarts: HashMap::new(),
@@ -283,6 +370,21 @@ impl Telemetry {
         source: impl Fn(EndpointId) -> Option<Source>,
         policy: impl Fn(RuleId) -> String,
     ) {
+        self.drain_at(Instant::now(), counters, source, policy);
+    }
+
+    /// [`Self::drain`] at `now`: first drops the destination series idle for the idle time
+    /// (their places in the budget go to the destinations that come next), then adds the new
+    /// counts. Only series go: the kernel values in `seen` stay, so a destination seen again
+    /// gets a new series holding what it counted since, and nothing is counted twice.
+    pub fn drain_at(
+        &mut self,
+        now: Instant,
+        counters: &Counters,
+        source: impl Fn(EndpointId) -> Option<Source>,
+        policy: impl Fn(RuleId) -> String,
+    ) {
+        self.expire(now);
         for s in &counters.samples {
             let key = (s.endpoint, s.rule, s.destination, s.protocol, s.verdict);
             let before = self.seen.insert(key, s.attempts).unwrap_or(0);
@@ -290,15 +392,15 @@ impl Telemetry {
             if delta == 0 {
                 continue;
             }
-            let destination = match s.destination {
-                Some(ip) if self.destinations.contains(&ip) => ip.to_string(),
-                Some(ip) if self.destinations.len() < self.budget => {
-                    self.destinations.insert(ip);
-                    ip.to_string()
+            let own = match s.destination {
+                Some(ip) if self.destinations.contains_key(&ip) => Some(ip),
+                Some(ip) if self.destinations.len() < self.limits.max_destinations => {
+                    self.destinations.insert(ip, 0);
+                    Some(ip)
                 }
                 _ => {
                     self.overflow.inc_by(delta);
-                    OTHER.to_owned()
+                    None
                 }
             };
             let who = source(s.endpoint).unwrap_or_else(|| Source {
@@ -307,6 +409,8 @@ impl Telemetry {
             });
             let protocol = crate::policy::model::Protocol::from_number(s.protocol)
                 .map_or_else(|| s.protocol.to_string(), |p| p.to_string());
+            let policy = policy(s.rule);
+            let destination = own.map_or_else(|| OTHER.to_owned(), |ip| ip.to_string());
             self.connections
                 .with_label_values(&[
                     s.verdict.counter_label(),
@@ -314,9 +418,22 @@ impl Telemetry {
                     protocol.as_str(),
                     who.namespace.as_str(),
                     who.workload.as_str(),
-                    policy(s.rule).as_str(),
+                    policy.as_str(),
                 ])
                 .inc_by(delta);
+            if let Some(ip) = own {
+                let series = DestinationSeries {
+                    verdict: s.verdict.counter_label(),
+                    destination: ip,
+                    protocol,
+                    namespace: who.namespace.clone(),
+                    workload: who.workload.clone(),
+                    policy,
+                };
+                if self.series.insert(series, now).is_none() {
+                    *self.destinations.entry(ip).or_default() += 1;
+                }
+            }
             self.by_workload
                 .with_label_values(&[
                     s.verdict.counter_label(),
@@ -337,6 +454,41 @@ impl Telemetry {
                     .inc_by(delta);
             }
         }
+    }
+
+    /// Drops every destination series that has not grown for the idle time; a destination
+    /// left without series leaves the budget.
+    fn expire(&mut self, now: Instant) {
+        let Some(idle) = self.limits.idle else {
+            return;
+        };
+        let Self {
+            connections,
+            destinations,
+            series,
+            ..
+        } = self;
+        series.retain(|labels, last| {
+            if now.saturating_duration_since(*last) < idle {
+                return true;
+            }
+            let destination = labels.destination.to_string();
+            let _ = connections.remove_label_values(&[
+                labels.verdict,
+                destination.as_str(),
+                labels.protocol.as_str(),
+                labels.namespace.as_str(),
+                labels.workload.as_str(),
+                labels.policy.as_str(),
+            ]);
+            if let Some(count) = destinations.get_mut(&labels.destination) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    destinations.remove(&labels.destination);
+                }
+            }
+            false
+        });
     }
 
     /// Creates the per-workload series at 0 for each of `sources` and verdict (a counter that
@@ -458,6 +610,13 @@ mod tests {
         }
     }
 
+    fn limits(max_destinations: usize, idle: Option<Duration>) -> SeriesLimits {
+        SeriesLimits {
+            max_destinations,
+            idle,
+        }
+    }
+
     fn source(_: EndpointId) -> Option<Source> {
         Some(Source {
             namespace: "shop".into(),
@@ -474,7 +633,7 @@ mod tests {
 
     #[test]
     fn drains_deltas_and_never_decreases() {
-        let mut t = Telemetry::new(10).unwrap();
+        let mut t = Telemetry::new(limits(10, None)).unwrap();
         let ip: IpAddr = "192.0.2.10".parse().unwrap();
         let mut counters = Counters {
             samples: vec![sample(Some(ip), Verdict::Deny, 3)],
@@ -496,7 +655,7 @@ mod tests {
 
     #[test]
     fn destinations_past_the_budget_go_to_other_and_are_counted() {
-        let mut t = Telemetry::new(1000).unwrap();
+        let mut t = Telemetry::new(limits(1000, None)).unwrap();
         let samples: Vec<CounterSample> = (0..100_000u32)
             .map(|i| {
                 sample(
@@ -531,9 +690,255 @@ mod tests {
         );
     }
 
+    /// The `i`th address of 2001:db8::/32.
+    fn ip(i: u32) -> IpAddr {
+        IpAddr::V6(std::net::Ipv6Addr::from(
+            0x2001_0db8_u128 << 96 | u128::from(i),
+        ))
+    }
+
+    /// The series of `egret_egress_connections_total` with their own destination, by
+    /// (destination, workload).
+    fn own_series(text: &str) -> BTreeMap<(String, String), u64> {
+        text.lines()
+            .filter(|l| l.starts_with("egret_egress_connections_total{"))
+            .filter_map(|l| {
+                let label = |name: &str| {
+                    l.split(&format!("{name}=\""))
+                        .nth(1)?
+                        .split('"')
+                        .next()
+                        .map(str::to_owned)
+                };
+                let destination = label("destination_ip").filter(|d| d != OTHER)?;
+                let value = l.rsplit(' ').next()?.parse().ok()?;
+                Some(((destination, label("source_workload")?), value))
+            })
+            .collect()
+    }
+
+    /// The sum of the `other` series.
+    fn other(text: &str) -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("egret_egress_connections_total{")
+                    && l.contains("destination_ip=\"other\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    fn workload_total(text: &str, workload: &str) -> u64 {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("egret_egress_connections_workload_total{")
+                    && l.contains(&format!("source_workload=\"{workload}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Endpoint 1 is `shop/web`, endpoint 2 `shop/api`.
+    fn two_workloads(endpoint: EndpointId) -> Option<Source> {
+        Some(Source {
+            namespace: "shop".into(),
+            workload: if endpoint == 1 { "web" } else { "api" }.into(),
+        })
+    }
+
+    fn from(endpoint: EndpointId, dest: IpAddr, attempts: u64) -> CounterSample {
+        CounterSample {
+            endpoint,
+            ..sample(Some(dest), Verdict::Deny, attempts)
+        }
+    }
+
+    #[test]
+    fn idle_destination_series_expire_and_free_their_place_in_the_budget() {
+        let idle = Duration::from_secs(10);
+        let mut t = Telemetry::new(limits(2, Some(idle))).unwrap();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let (a, b, c) = (ip(1), ip(2), ip(3));
+        let drain = |t: &mut Telemetry, now, samples: Vec<CounterSample>| {
+            t.drain_at(
+                now,
+                &Counters {
+                    samples,
+                    lost: [0; 3],
+                },
+                two_workloads,
+                |_| "default".into(),
+            );
+        };
+        // web reaches A and B, api reaches B: the budget of 2 is full.
+        drain(
+            &mut t,
+            at(0),
+            vec![from(1, a, 3), from(1, b, 2), from(2, b, 1)],
+        );
+        // web's A and api's B keep growing; web's B does not.
+        drain(
+            &mut t,
+            at(5),
+            vec![from(1, a, 4), from(1, b, 2), from(2, b, 5)],
+        );
+        // Past the idle time of web's B only: it goes, B keeps its place (api's series lives),
+        // so C has none and counts as `other`.
+        drain(
+            &mut t,
+            at(11),
+            vec![from(1, a, 4), from(1, b, 2), from(2, b, 5), from(1, c, 1)],
+        );
+        let text = t.encode();
+        let web = |d: IpAddr| (d.to_string(), "web".to_owned());
+        let api = |d: IpAddr| (d.to_string(), "api".to_owned());
+        assert_eq!(
+            own_series(&text),
+            BTreeMap::from([(web(a), 4), (api(b), 5)]),
+            "{text}"
+        );
+        assert_eq!(other(&text), 1);
+        assert_eq!(t.destination_series(), 2);
+        // Past the idle time of everything but C's attempts: A and B go, C and D get places.
+        let (d, e) = (ip(4), ip(5));
+        drain(
+            &mut t,
+            at(16),
+            vec![
+                from(1, a, 4),
+                from(1, b, 2),
+                from(2, b, 5),
+                from(1, c, 2),
+                from(2, d, 7),
+                from(2, e, 1),
+            ],
+        );
+        let text = t.encode();
+        assert_eq!(
+            own_series(&text),
+            BTreeMap::from([(web(c), 1), (api(d), 7)]),
+            "C's first attempt stays under `other`; the budget holds C and D, E is `other`: {text}"
+        );
+        assert_eq!(t.destination_series(), 2);
+        assert_eq!(other(&text), 2);
+        // Per workload nothing went: every attempt, exactly once.
+        assert_eq!(workload_total(&text, "web"), 4 + 2 + 2);
+        assert_eq!(workload_total(&text, "api"), 5 + 7 + 1);
+    }
+
+    #[test]
+    fn an_expired_destination_seen_again_gets_a_new_series_of_its_new_counts() {
+        let mut t = Telemetry::new(limits(10, Some(Duration::from_secs(10)))).unwrap();
+        let t0 = Instant::now();
+        let a = ip(1);
+        let counters = |n| Counters {
+            samples: vec![from(1, a, n)],
+            lost: [0; 3],
+        };
+        t.drain_at(t0, &counters(5), two_workloads, |_| "default".into());
+        t.drain_at(
+            t0 + Duration::from_secs(10),
+            &counters(5),
+            two_workloads,
+            |_| "default".into(),
+        );
+        let text = t.encode();
+        assert!(own_series(&text).is_empty(), "{text}");
+        assert_eq!(t.destination_series(), 0);
+        assert_eq!(workload_total(&text, "web"), 5);
+        t.drain_at(
+            t0 + Duration::from_secs(11),
+            &counters(7),
+            two_workloads,
+            |_| "default".into(),
+        );
+        let text = t.encode();
+        assert_eq!(
+            own_series(&text),
+            BTreeMap::from([((a.to_string(), "web".to_owned()), 2)]),
+            "{text}"
+        );
+        assert_eq!(
+            workload_total(&text, "web"),
+            7,
+            "neither lost nor counted twice"
+        );
+    }
+
+    #[test]
+    fn a_long_running_agent_keeps_within_the_budget_as_destinations_change() {
+        let idle = Duration::from_secs(60);
+        let mut t = Telemetry::new(limits(100, Some(idle))).unwrap();
+        let t0 = Instant::now();
+        let mut samples = Vec::new();
+        // Every minute and a second a hundred new destinations, for an hour: 6,000 in all.
+        for round in 0..60u32 {
+            samples.extend((0..100).map(|i| from(1, ip(round * 100 + i), 1)));
+            let now = t0 + (idle + Duration::from_secs(1)) * round;
+            t.drain_at(
+                now,
+                &Counters {
+                    samples: samples.clone(),
+                    lost: [0; 3],
+                },
+                two_workloads,
+                |_| "default".into(),
+            );
+            let text = t.encode();
+            let series = own_series(&text);
+            assert_eq!(series.len(), 100, "round {round}");
+            assert!(
+                series
+                    .keys()
+                    .all(|(d, _)| (0..100).any(|i| *d == ip(round * 100 + i).to_string())),
+                "round {round}: only this round's destinations"
+            );
+            assert_eq!(other(&text), 0);
+            assert_eq!(
+                workload_total(&text, "web"),
+                u64::from(round + 1) * 100,
+                "round {round}"
+            );
+        }
+    }
+
+    #[test]
+    fn without_an_idle_time_series_stay() {
+        let mut t = Telemetry::new(limits(10, None)).unwrap();
+        let t0 = Instant::now();
+        let counters = Counters {
+            samples: vec![from(1, ip(1), 1)],
+            lost: [0; 3],
+        };
+        t.drain_at(t0, &counters, two_workloads, |_| "default".into());
+        t.drain_at(
+            t0 + Duration::from_secs(1_000_000),
+            &counters,
+            two_workloads,
+            |_| "default".into(),
+        );
+        assert_eq!(own_series(&t.encode()).len(), 1);
+    }
+
+    #[test]
+    fn idle_times_parse_with_their_unit() {
+        let parse = |s: &str| s.parse::<IdleTime>().map(|i| i.0);
+        assert_eq!(parse("10m"), Ok(Some(Duration::from_secs(600))));
+        assert_eq!(parse("2s"), Ok(Some(Duration::from_secs(2))));
+        assert_eq!(parse("500ms"), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(parse("1h"), Ok(Some(Duration::from_secs(3600))));
+        assert_eq!(parse("0"), Ok(None));
+        assert_eq!(parse("0s"), Ok(None));
+        for bad in ["10", "m", "10x", "-1s", ""] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(IdleTime::default().0, Some(SeriesLimits::DEFAULT_IDLE));
+    }
+
     #[test]
     fn counters_moved_out_of_the_destination_map_are_not_counted_twice() {
-        let mut t = Telemetry::new(10).unwrap();
+        let mut t = Telemetry::new(limits(10, None)).unwrap();
         let ten: IpAddr = "192.0.2.10".parse().unwrap();
         let drain = |t: &mut Telemetry, samples: Vec<CounterSample>| {
             t.drain(

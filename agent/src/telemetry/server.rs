@@ -140,7 +140,8 @@ mod tests {
 
     #[test]
     fn serves_metrics_health_and_readiness() {
-        let mut shared = Shared::new(Telemetry::new(10).unwrap());
+        let mut shared =
+            Shared::new(Telemetry::new(crate::telemetry::SeriesLimits::default()).unwrap());
         let alive = Arc::new(AtomicBool::new(true));
         let check = Arc::clone(&alive);
         shared.health = Some(Box::new(move || {
