@@ -281,6 +281,8 @@ pub fn run(
             if let Some(shared) = &runtime.shared {
                 let telemetry = shared.telemetry();
                 telemetry.attached(links.attached);
+                // The counter maps fill between syncs (a scan): their fill is read here too.
+                telemetry.usage(&runtime.pipeline.datapath().usage());
                 telemetry.links_restored(&links.reattached, &links.repinned);
                 telemetry.links_restored(&tc.reattached, &tc.repinned);
             }

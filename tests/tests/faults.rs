@@ -695,3 +695,175 @@ fn an_oversized_policy_is_rejected_alone_and_a_set_over_the_map_is_never_half_wr
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs the probe's `scan` from `pod`: `count` denied datagrams to consecutive addresses from
+/// `first`; all must be refused.
+fn scan(sandbox: &Sandbox, pod: &egret_tests::sandbox::Pod, first: &str, count: u64) {
+    let output = sandbox
+        .command_in(&pod.netns, &pod.cgroup, &egret_tests::probe::probe_binary())
+        .expect("probe command")
+        .args(["scan", first, "--count", &count.to_string()])
+        .output()
+        .expect("scan");
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("scan summary");
+    assert_eq!(
+        summary["outcomes"],
+        serde_json::json!({"denied": count}),
+        "{summary}"
+    );
+}
+
+/// Waits until `/metrics` counts `total` blocked attempts for `web`; returns the exposition.
+fn wait_blocked(agent: &EgretRun, total: u64) -> String {
+    let address = agent.metrics_address().expect("metrics address");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let metrics = http_get(&address, "/metrics").expect("scrape");
+        let counted: u64 = samples(&metrics, "egret_egress_connections_workload_total")
+            .filter(|(l, _)| {
+                l.contains("verdict=\"blocked\"") && l.contains("source_workload=\"web\"")
+            })
+            .map(|(_, v)| v as u64)
+            .sum();
+        if counted == total {
+            return metrics;
+        }
+        assert!(
+            counted < total,
+            "counted {counted} of {total}: more than were made"
+        );
+        assert!(Instant::now() < deadline, "counted {counted} of {total}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn a_scan_of_five_million_addresses_keeps_the_agent_flat_and_other_workloads_their_series() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let db = sandbox.add_pod("db").expect("pod");
+    let mut addrs: Vec<std::net::IpAddr> = vec!["2001:db8:2::10".parse().expect("ip")];
+    addrs.extend((20..25).map(|i| std::net::IpAddr::from([192, 0, 2, i])));
+    let _host = sandbox.add_host("ext", &addrs).expect("host");
+    let dir = std::env::temp_dir().join(format!("{}-scan5m", sandbox.id()));
+    std::fs::create_dir_all(dir.join("policies")).expect("dir");
+    // `web` may reach 192.0.2.11 only: its scan of 2001:db8:2::/64 is denied at the syscall.
+    std::fs::write(
+        dir.join("policies/web.yaml"),
+        network_policy("web-out", "web", &["192.0.2.11".to_owned()], &[]),
+    )
+    .expect("policy");
+    std::fs::write(
+        dir.join("egret.yaml"),
+        format!(
+            "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100, seriesIdle: 2s}}\n\
+             workloads:\n- {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n\
+             - {{name: db, namespace: shop, labels: {{app: db}}, cgroup: {}}}\n",
+            web.cgroup.display(),
+            db.cgroup.display()
+        ),
+    )
+    .expect("config");
+    let egret = EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "0").expect("egret run");
+    egret.wait_log("policy enforced", 1, Duration::from_secs(20));
+
+    // A million addresses, then four million more: the agent's memory after the second part
+    // is what it was after the first (nothing is kept per address).
+    scan(&sandbox, &web, "[2001:db8:2::1:0]:9", 1_000_000);
+    wait_blocked(&egret, 1_000_000);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_first = rss_kib(egret.pid());
+    scan(&sandbox, &web, "[2001:db8:2::1:0:0]:9", 4_000_000);
+    let metrics = wait_blocked(&egret, 5_000_000);
+    std::thread::sleep(Duration::from_secs(1));
+    let rss_last = rss_kib(egret.pid());
+    assert!(
+        rss_last <= rss_first + 16 * 1024,
+        "agent memory grew from {rss_first} KiB to {rss_last} KiB over four million more addresses"
+    );
+    assert_eq!(
+        sum_metric(&metrics, "egret_kernel_counter_lost_total"),
+        0,
+        "nothing lost in the kernel"
+    );
+    // Every attempt is in the kernel's counters too, with or without its destination.
+    assert_eq!(kernel_total(sandbox.pin_dir(), "blocked"), 5_000_000);
+
+    // The scan's destinations leave the kernel's destination map once counted and idle...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let entries = map_entries(&egret, "EGRET_COUNTERS");
+        if entries < 1000 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{entries} entries stay in EGRET_COUNTERS"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // ... and their series once idle for `seriesIdle`: another workload's new destinations
+    // get series of their own, each counted exactly.
+    std::thread::sleep(Duration::from_secs(3));
+    for i in 20..25 {
+        let to = format!("192.0.2.{i}:53");
+        for _ in 0..3 {
+            let attempts = sandbox.probe(&db, None, &["udp", &to]).expect("probe");
+            assert_eq!(
+                attempts[0].outcome,
+                egret_tests::probe::Outcome::Sent,
+                "{attempts:?}"
+            );
+        }
+    }
+    let address = egret.metrics_address().expect("metrics address");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let metrics = http_get(&address, "/metrics").expect("scrape");
+        let own: Vec<u64> = (20..25)
+            .map(|i| {
+                metric(
+                    &metrics,
+                    &[
+                        &format!("destination_ip=\"192.0.2.{i}\""),
+                        "source_workload=\"db\"",
+                        "verdict=\"passthrough\"",
+                    ],
+                )
+            })
+            .collect();
+        if own == [3; 5] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "db's new destinations: {own:?}\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let metrics = wait_blocked(&egret, 5_000_000);
+    assert_eq!(kernel_total(sandbox.pin_dir(), "blocked"), 5_000_000);
+    drop(metrics);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A metric without labels, or the sum of its series.
+fn sum_metric(exposition: &str, name: &str) -> u64 {
+    samples(exposition, name).map(|(_, v)| v as u64).sum()
+}
+
+/// Every attempt of `verdict` the kernel's counters hold, with or without destination.
+fn kernel_total(pin_dir: &Path, verdict: &str) -> u64 {
+    let out = std::process::Command::new(egret_binary())
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .args(["counters", "-o", "json"])
+        .output()
+        .expect("egret counters");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["verdict"] == verdict)
+        .filter_map(|v| v["attempts"].as_u64())
+        .sum()
+}
