@@ -85,6 +85,10 @@ pub struct Config {
     /// Size caps on reading the policy files.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Sizes of the maps egret creates (`policy: 2097152`), as `--map-entries` sets them; the
+    /// flag wins. Applies when the maps are made (a first start, or after `egret detach`).
+    #[serde(default)]
+    pub maps: BTreeMap<String, u32>,
 }
 
 /// The `limits` section: how much of the policy paths is read.
@@ -273,6 +277,15 @@ impl LocalSource {
 
     /// Whether the config puts TC programs on interfaces (a workload with `interfaces:`), for
     /// the preflight; `false` when the config does not load (the run says why).
+    /// The config's `maps:` as `--map-entries` items (`policy=2097152`); none when the config
+    /// does not read (its error comes with the first load).
+    pub fn map_entries(&self) -> Vec<String> {
+        self.read_config().1.map_or_else(
+            |_| Vec::new(),
+            |c| c.maps.iter().map(|(map, n)| format!("{map}={n}")).collect(),
+        )
+    }
+
     pub fn wants_tc(&self) -> bool {
         self.read_config()
             .1

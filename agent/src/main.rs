@@ -429,6 +429,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &[("--cgroup", cgroup.as_deref())],
                 source.wants_tc(),
             )?;
+            // The flag wins over the config's `maps:`.
+            let entries = match entries {
+                Some(entries) => Some(entries),
+                None => match source.map_entries() {
+                    items if items.is_empty() => None,
+                    items => Some(datapath::MapEntries::parse(&items)?),
+                },
+            };
             let mut datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
             datapath.set_on_fault(faults.on_fault.verdict());
             report_mode(&datapath);

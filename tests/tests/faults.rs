@@ -757,6 +757,7 @@ fn a_scan_of_five_million_addresses_keeps_the_agent_flat_and_other_workloads_the
         dir.join("egret.yaml"),
         format!(
             "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, maxDestinationSeries: 100, seriesIdle: 2s}}\n\
+             maps: {{counters: 32768}}\n\
              workloads:\n- {{name: web, namespace: shop, labels: {{app: web}}, cgroup: {}}}\n\
              - {{name: db, namespace: shop, labels: {{app: db}}, cgroup: {}}}\n",
             web.cgroup.display(),
@@ -766,6 +767,19 @@ fn a_scan_of_five_million_addresses_keeps_the_agent_flat_and_other_workloads_the
     .expect("config");
     let egret = EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "0").expect("egret run");
     egret.wait_log("policy enforced", 1, Duration::from_secs(20));
+
+    // The config sized the destination counter map.
+    let capacity = samples(
+        &http_get(
+            &egret.metrics_address().expect("metrics address"),
+            "/metrics",
+        )
+        .expect("scrape"),
+        "egret_map_capacity",
+    )
+    .find(|(labels, _)| labels.contains("map=\"EGRET_COUNTERS\""))
+    .map(|(_, v)| v as u64);
+    assert_eq!(capacity, Some(32_768));
 
     // A million addresses, then four million more: the agent's memory after the second part
     // is what it was after the first (nothing is kept per address).
