@@ -1003,6 +1003,7 @@ mod tests {
             workloads: vec![workload("svc-*", Pending::Deny)],
             metrics: None,
             limits: Default::default(),
+            maps: BTreeMap::new(),
         };
         assert_eq!(guard_problems(&config, &root).len(), 1);
         let _ = std::fs::remove_dir_all(&root);
