@@ -343,6 +343,31 @@ impl Sandbox {
 
     /// Runs `egret-probe` with `args` in `pod` (or in `cgroup`, when given, within the pod's
     /// namespace) and returns its attempts.
+    /// Runs the probe's `scan` from `pod`: `count` datagrams from one socket, one to each
+    /// address from `first` up, and asserts that every one was denied.
+    pub fn scan_denied(&self, pod: &Pod, first: &str, count: u64) {
+        let output = self
+            .command_in(&pod.netns, &pod.cgroup, &probe_binary())
+            .and_then(|mut command| {
+                command
+                    .args(["scan", first, "--count", &count.to_string()])
+                    .output()
+                    .map_err(|source| SandboxError::Io {
+                        what: "failed to run the scan",
+                        path: probe_binary(),
+                        source,
+                    })
+            })
+            .unwrap_or_else(|e| panic!("scan: {e}"));
+        let summary: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("scan summary ({e}): {output:?}"));
+        assert_eq!(
+            summary["outcomes"],
+            serde_json::json!({"denied": count}),
+            "{summary}"
+        );
+    }
+
     pub fn probe(&self, pod: &Pod, cgroup: Option<&Path>, args: &[&str]) -> Result<Vec<Attempt>> {
         let mut command =
             self.command_in(&pod.netns, cgroup.unwrap_or(&pod.cgroup), &probe_binary())?;

@@ -24,8 +24,9 @@ fn metric(exposition: &str, needles: &[&str]) -> u64 {
         .sum()
 }
 
-/// What the kernel's counters hold for `destination` and `verdict`, read from the pins.
-fn kernel(pin_dir: &Path, destination: &str, verdict: &str) -> u64 {
+/// What the kernel's counters hold for `verdict`, read from the pins: to `destination`, or
+/// in all (with or without destination) when it is `None`.
+fn kernel_counted(pin_dir: &Path, destination: Option<&str>, verdict: &str) -> u64 {
     let out = std::process::Command::new(egret_binary())
         .arg("--pin-dir")
         .arg(pin_dir)
@@ -35,9 +36,14 @@ fn kernel(pin_dir: &Path, destination: &str, verdict: &str) -> u64 {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["destination"] == destination && v["verdict"] == verdict)
+        .filter(|v| destination.is_none_or(|d| v["destination"] == d) && v["verdict"] == verdict)
         .filter_map(|v| v["attempts"].as_u64())
         .sum()
+}
+
+/// What the kernel's counters hold for `destination` and `verdict`.
+fn kernel(pin_dir: &Path, destination: &str, verdict: &str) -> u64 {
+    kernel_counted(pin_dir, Some(destination), verdict)
 }
 
 const DENIED: &str = "192.0.2.10";
@@ -696,23 +702,6 @@ fn an_oversized_policy_is_rejected_alone_and_a_set_over_the_map_is_never_half_wr
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Runs the probe's `scan` from `pod`: `count` denied datagrams to consecutive addresses from
-/// `first`; all must be refused.
-fn scan(sandbox: &Sandbox, pod: &egret_tests::sandbox::Pod, first: &str, count: u64) {
-    let output = sandbox
-        .command_in(&pod.netns, &pod.cgroup, &egret_tests::probe::probe_binary())
-        .expect("probe command")
-        .args(["scan", first, "--count", &count.to_string()])
-        .output()
-        .expect("scan");
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("scan summary");
-    assert_eq!(
-        summary["outcomes"],
-        serde_json::json!({"denied": count}),
-        "{summary}"
-    );
-}
-
 /// Waits until `/metrics` counts `total` blocked attempts for `web`; returns the exposition.
 fn wait_blocked(agent: &EgretRun, total: u64) -> String {
     let address = agent.metrics_address().expect("metrics address");
@@ -783,11 +772,11 @@ fn a_scan_of_five_million_addresses_keeps_the_agent_flat_and_other_workloads_the
 
     // A million addresses, then four million more: the agent's memory after the second part
     // is what it was after the first (nothing is kept per address).
-    scan(&sandbox, &web, "[2001:db8:2::1:0]:9", 1_000_000);
+    sandbox.scan_denied(&web, "[2001:db8:2::1:0]:9", 1_000_000);
     wait_blocked(&egret, 1_000_000);
     std::thread::sleep(Duration::from_secs(1));
     let rss_first = rss_kib(egret.pid());
-    scan(&sandbox, &web, "[2001:db8:2::1:0:0]:9", 4_000_000);
+    sandbox.scan_denied(&web, "[2001:db8:2::1:0:0]:9", 4_000_000);
     let metrics = wait_blocked(&egret, 5_000_000);
     std::thread::sleep(Duration::from_secs(1));
     let rss_last = rss_kib(egret.pid());
@@ -801,7 +790,10 @@ fn a_scan_of_five_million_addresses_keeps_the_agent_flat_and_other_workloads_the
         "nothing lost in the kernel"
     );
     // Every attempt is in the kernel's counters too, with or without its destination.
-    assert_eq!(kernel_total(sandbox.pin_dir(), "blocked"), 5_000_000);
+    assert_eq!(
+        kernel_counted(sandbox.pin_dir(), None, "blocked"),
+        5_000_000
+    );
 
     // The scan's destinations leave the kernel's destination map once counted and idle...
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -856,7 +848,10 @@ fn a_scan_of_five_million_addresses_keeps_the_agent_flat_and_other_workloads_the
         std::thread::sleep(Duration::from_millis(250));
     }
     let metrics = wait_blocked(&egret, 5_000_000);
-    assert_eq!(kernel_total(sandbox.pin_dir(), "blocked"), 5_000_000);
+    assert_eq!(
+        kernel_counted(sandbox.pin_dir(), None, "blocked"),
+        5_000_000
+    );
     drop(metrics);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -864,20 +859,4 @@ fn a_scan_of_five_million_addresses_keeps_the_agent_flat_and_other_workloads_the
 /// A metric without labels, or the sum of its series.
 fn sum_metric(exposition: &str, name: &str) -> u64 {
     samples(exposition, name).map(|(_, v)| v as u64).sum()
-}
-
-/// Every attempt of `verdict` the kernel's counters hold, with or without destination.
-fn kernel_total(pin_dir: &Path, verdict: &str) -> u64 {
-    let out = std::process::Command::new(egret_binary())
-        .arg("--pin-dir")
-        .arg(pin_dir)
-        .args(["counters", "-o", "json"])
-        .output()
-        .expect("egret counters");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["verdict"] == verdict)
-        .filter_map(|v| v["attempts"].as_u64())
-        .sum()
 }

@@ -14,7 +14,6 @@ use std::{
 
 use egret_tests::{
     agent::{EgretRun, copy_example_policies, destinations, http_get, sum},
-    probe::probe_binary,
     sandbox::Sandbox,
 };
 
@@ -45,19 +44,7 @@ fn scanning_100k_denied_addresses_stays_within_the_series_budget() {
     egret.wait_log("policy enforced", 1, Duration::from_secs(20));
     let address = egret.metrics_address().expect("metrics address");
 
-    let count = SCANNED.to_string();
-    let output = sandbox
-        .command_in(&web.netns, &web.cgroup, &probe_binary())
-        .expect("probe command")
-        .args(["scan", "[2001:db8:2::1:0]:9", "--count", &count])
-        .output()
-        .expect("scan");
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("scan summary");
-    assert_eq!(
-        summary["outcomes"],
-        serde_json::json!({"denied": SCANNED}),
-        "{summary}"
-    );
+    sandbox.scan_denied(&web, "[2001:db8:2::1:0]:9", SCANNED);
 
     // Wait until the agent has drained every count.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -138,22 +125,6 @@ fn scanning_100k_denied_addresses_stays_within_the_series_budget() {
 const SMALL_BUDGET: usize = 8;
 const IDLE_SECONDS: u64 = 4;
 
-/// `count` datagrams from `web`, one to each address from `first` up; all denied.
-fn scan(sandbox: &Sandbox, web: &egret_tests::sandbox::Pod, first: &str, count: u32) {
-    let output = sandbox
-        .command_in(&web.netns, &web.cgroup, &probe_binary())
-        .expect("probe command")
-        .args(["scan", first, "--count", &count.to_string()])
-        .output()
-        .expect("scan");
-    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).expect("scan summary");
-    assert_eq!(
-        summary["outcomes"],
-        serde_json::json!({"denied": count}),
-        "{summary}"
-    );
-}
-
 /// Waits until `/metrics` satisfies `done`; panics with the last exposition after 30 s.
 fn metrics_until(address: &str, what: &str, done: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -199,8 +170,8 @@ fn idle_destination_series_expire_and_their_places_go_to_new_destinations() {
         .collect();
 
     // The budget's worth of destinations, twice each.
-    scan(&sandbox, &web, "[2001:db8:2::1:0]:9", SMALL_BUDGET as u32);
-    scan(&sandbox, &web, "[2001:db8:2::1:0]:9", SMALL_BUDGET as u32);
+    sandbox.scan_denied(&web, "[2001:db8:2::1:0]:9", SMALL_BUDGET as u64);
+    sandbox.scan_denied(&web, "[2001:db8:2::1:0]:9", SMALL_BUDGET as u64);
     let metrics = metrics_until(&address, "counted the first scans", |m| {
         blocked_by_web(m) == 2 * SMALL_BUDGET as u64
     });
@@ -225,10 +196,10 @@ fn idle_destination_series_expire_and_their_places_go_to_new_destinations() {
 
     // New destinations take the freed places, and two old ones come back with new series
     // holding what they counted since.
-    const NEW: u32 = SMALL_BUDGET as u32 - 2;
-    scan(&sandbox, &web, "[2001:db8:2::2:0]:9", NEW);
-    scan(&sandbox, &web, "[2001:db8:2::1:0]:9", 2);
-    let total = 2 * SMALL_BUDGET as u64 + u64::from(NEW) + 2;
+    const NEW: u64 = SMALL_BUDGET as u64 - 2;
+    sandbox.scan_denied(&web, "[2001:db8:2::2:0]:9", NEW);
+    sandbox.scan_denied(&web, "[2001:db8:2::1:0]:9", 2);
+    let total = 2 * SMALL_BUDGET as u64 + NEW + 2;
     let metrics = metrics_until(&address, "counted the second scans", |m| {
         blocked_by_web(m) == total
     });

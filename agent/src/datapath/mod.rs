@@ -952,25 +952,16 @@ impl Datapath {
             let Some(destination) = sample.destination else {
                 continue;
             };
-            let mut key = CounterKey {
+            let (addr, key_family) = encode_addr(destination);
+            let key = CounterKey {
                 endpoint_id: sample.endpoint,
                 rule_id: sample.rule,
-                addr: [0; 16],
-                family: 0,
+                addr,
+                family: key_family,
                 protocol: sample.protocol,
                 verdict: sample.verdict.to_raw(),
                 _pad: 0,
             };
-            match destination {
-                IpAddr::V4(v4) => {
-                    key.family = family::INET;
-                    key.addr[..4].copy_from_slice(&v4.octets());
-                }
-                IpAddr::V6(v6) => {
-                    key.family = family::INET6;
-                    key.addr = v6.octets();
-                }
-            }
             let taken = batch::lookup_and_delete::<CounterKey, CounterValue>(
                 self.counters.map().fd().as_fd(),
                 &key,
@@ -1132,12 +1123,30 @@ fn addr6_key(generation: u32, net: Ipv6Net) -> Key<Addr6Key> {
 }
 
 fn counter_destination(key: &CounterKey) -> Option<IpAddr> {
-    match key.family {
+    decode_addr(key.addr, key.family)
+}
+
+/// An address as map keys hold it: 16 bytes in network order (IPv4 in the first four) and its
+/// [`family`].
+pub(crate) fn encode_addr(addr: IpAddr) -> ([u8; 16], u8) {
+    let mut out = [0; 16];
+    match addr {
+        IpAddr::V4(v4) => {
+            out[..4].copy_from_slice(&v4.octets());
+            (out, family::INET)
+        }
+        IpAddr::V6(v6) => (v6.octets(), family::INET6),
+    }
+}
+
+/// The address [`encode_addr`] made; `None` for another family.
+pub(crate) fn decode_addr(addr: [u8; 16], key_family: u8) -> Option<IpAddr> {
+    match key_family {
         family::INET => {
-            let [a, b, c, d, ..] = key.addr;
+            let [a, b, c, d, ..] = addr;
             Some(IpAddr::V4(Ipv4Addr::new(a, b, c, d)))
         }
-        family::INET6 => Some(IpAddr::V6(Ipv6Addr::from(key.addr))),
+        family::INET6 => Some(IpAddr::V6(Ipv6Addr::from(addr))),
         _ => None,
     }
 }

@@ -21,7 +21,7 @@ use aya::{
     maps::{HashMap, MapData, MapError},
     programs::{ProgramError, SchedClassifier},
 };
-use egret_common::{IfaceValue, SourceKey, family, iface_flags, map_names, program_names};
+use egret_common::{IfaceValue, SourceKey, iface_flags, map_names, program_names};
 
 use super::load::{EBPF_OBJECT, PinLayout, open_map, program_info};
 use crate::sys::{self, SysError};
@@ -616,36 +616,17 @@ impl TcAttachments {
 }
 
 fn source_key(ifindex: u32, addr: IpAddr) -> SourceKey {
-    let mut key = SourceKey {
+    let (addr, family) = super::encode_addr(addr);
+    SourceKey {
         ifindex,
-        family: 0,
+        family,
         _pad: [0; 3],
-        addr: [0; 16],
-    };
-    match addr {
-        IpAddr::V4(v4) => {
-            key.family = family::INET;
-            key.addr[..4].copy_from_slice(&v4.octets());
-        }
-        IpAddr::V6(v6) => {
-            key.family = family::INET6;
-            key.addr = v6.octets();
-        }
+        addr,
     }
-    key
 }
 
 fn address_of(key: &SourceKey) -> Option<IpAddr> {
-    match key.family {
-        family::INET => Some(IpAddr::from([
-            key.addr[0],
-            key.addr[1],
-            key.addr[2],
-            key.addr[3],
-        ])),
-        family::INET6 => Some(IpAddr::from(key.addr)),
-        _ => None,
-    }
+    super::decode_addr(key.addr, key.family)
 }
 
 /// What the interface and source maps hold (empty when they are not pinned yet).
