@@ -233,8 +233,18 @@ pub fn run(
         since,
     };
     runtime.report_over_budget();
-    // The first write must succeed: nothing else is enforced for these workloads yet.
-    runtime.enforce().map_err(Box::new)?;
+    // The first write must succeed: nothing else is enforced for these workloads yet. A set
+    // the maps cannot hold is the exception: it was refused before anything was written, so
+    // what a previous agent enforced stays, and staying up (not ready, the error in `/readyz`
+    // and `egret_policy_write_failing`) says so where a restart loop would not; the next
+    // change that makes room is written.
+    match runtime.enforce() {
+        Ok(()) => {}
+        Err(err @ DatapathError::NoRoom { .. }) => {
+            tracing::error!("failed to enforce: {err}; not ready until a change makes room");
+        }
+        Err(err) => return Err(Box::new(err).into()),
+    }
     let mut report = Report::new(runtime.pipeline.datapath());
     let mut last_report = Instant::now();
     let mut last_link_check = Instant::now();
@@ -690,14 +700,17 @@ fn drain(
     if idle.is_empty() {
         return Vec::new();
     }
-    let moved = match pipeline.datapath_mut().forget_counters(&idle) {
-        Ok(moved) => moved,
-        Err(err) => {
-            tracing::warn!("failed to take idle destinations out of the counter map: {err}");
-            return Vec::new();
-        }
-    };
+    let crate::datapath::Forgotten { moved, error } =
+        pipeline.datapath_mut().forget_counters(&idle);
+    // What moved before a failure did move: telemetry follows it either way, or its counts
+    // would be taken twice.
     telemetry.moved(&moved);
+    if let Some(err) = error {
+        tracing::warn!(
+            moved = moved.len(),
+            "failed to take idle destinations out of the counter map: {err}"
+        );
+    }
     tracing::debug!(
         destinations = moved.len(),
         "idle destinations left the counter map"

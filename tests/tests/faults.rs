@@ -682,6 +682,50 @@ fn an_oversized_policy_is_rejected_alone_and_a_set_over_the_map_is_never_half_wr
         "the enforced policy changed"
     );
 
+    // An agent restarted while the set does not fit stays up and not ready, saying why, and
+    // the policy the previous one wrote stays enforced (a restart loop would say nothing).
+    drop(egret);
+    let egret = EgretRun::start_with(
+        &dir,
+        sandbox.pin_dir(),
+        sandbox.cgroup(),
+        "0",
+        &["--map-entries", "policy=2048"],
+        "-restarted",
+    )
+    .expect("egret run");
+    egret.wait_log(
+        "not ready until a change makes room",
+        1,
+        Duration::from_secs(20),
+    );
+    let address = egret.metrics_address().expect("metrics address");
+    for _ in 0..2 {
+        let ready = http_get(&address, "/readyz").expect("the restarted agent stopped serving");
+        assert!(
+            ready.starts_with("HTTP/1.1 503")
+                && ready.contains("entries in EGRET_POLICY, which holds 2048"),
+            "{ready}\n{}",
+            egret.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let metrics = http_get(&address, "/metrics").expect("scrape");
+    assert!(
+        metrics.contains("egret_policy_write_failing 1"),
+        "{metrics}"
+    );
+    assert_eq!(
+        udp(&web, "192.0.2.12:53"),
+        Sent,
+        "the enforced policy changed"
+    );
+    assert_eq!(
+        udp(&web, "192.0.2.11:53"),
+        Denied,
+        "the enforced policy changed"
+    );
+
     // Room again: written, ready.
     for i in 0..4 {
         std::fs::remove_file(policies.join(format!("filler-{i}.yaml"))).expect("remove");

@@ -79,7 +79,7 @@ pub enum DatapathError {
     #[error("the eBPF object has no program {name}")]
     MissingProgram { name: &'static str },
     #[error(
-        "the policy needs {needed} entries in {map}, which holds {capacity} with {enforced} of them taken by the enforced policy: nothing was written, the enforced policy stays (make room with --map-entries, or find the largest policies with `egret explain` and egret_map_entries)"
+        "the policy needs {needed} entries in {map}, which holds {capacity} with {enforced} of them taken by the enforced policy: nothing was written, the enforced policy stays (make room with --map-entries, or lower --max-policy-entries so that the largest policies are rejected alone)"
     )]
     NoRoom {
         map: &'static str,
@@ -290,6 +290,14 @@ pub struct Counters {
     pub lost: [u64; 3],
 }
 
+/// What [`Datapath::forget_counters`] moved out of the destination counter map: (sample,
+/// attempts moved), and the failure that stopped it, if one did.
+#[derive(Debug, Default)]
+pub struct Forgotten {
+    pub moved: Vec<(CounterSample, u64)>,
+    pub error: Option<DatapathError>,
+}
+
 /// Number of entries in each map, for fill ratios.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapUsage {
@@ -366,6 +374,9 @@ pub struct Datapath {
     unsettled: bool,
     /// `StateValue::flags` written at every flip (`state_flags`).
     state_flags: u32,
+    /// Entries each sized map holds at most, read from the kernel at open (a map keeps the
+    /// size it was made with).
+    capacities: BTreeMap<&'static str, u32>,
 }
 
 impl Datapath {
@@ -409,7 +420,9 @@ impl Datapath {
             // A previous process may have flipped just before it died.
             unsettled: true,
             state_flags: 0,
+            capacities: BTreeMap::new(),
         };
+        datapath.capacities = datapath.read_capacities()?;
         datapath.shadow = datapath.read_generations()?;
         for (name, wanted) in entries.map(MapEntries::by_map).into_iter().flatten() {
             let held = datapath.capacity(name);
@@ -425,19 +438,29 @@ impl Datapath {
         Ok(datapath)
     }
 
-    /// Entries `map` holds at most, as the kernel reports (what it was made with).
-    pub fn capacity(&self, map: &str) -> u32 {
-        let info = |data: &MapData| data.info().map(|i| i.max_entries()).ok();
-        let found = match map {
-            map_names::ENDPOINTS => info(self.endpoints.map()),
-            map_names::ADDR4 => info(self.addr4.map()),
-            map_names::ADDR6 => info(self.addr6.map()),
-            map_names::POLICY => info(self.policy.map()),
-            map_names::COUNTERS => info(self.counters.map()),
-            map_names::COUNTERS_OVERFLOW => info(self.counters_overflow.map()),
-            _ => None,
+    /// Entries each sized map holds at most, as the kernel reports (what it was made with).
+    fn read_capacities(&self) -> Result<BTreeMap<&'static str, u32>> {
+        let read = |name: &'static str, data: &MapData| {
+            data.info()
+                .map(|info| (name, info.max_entries()))
+                .map_err(|source| DatapathError::ReadMap { name, source })
         };
-        found.unwrap_or(0)
+        [
+            read(map_names::ENDPOINTS, self.endpoints.map()),
+            read(map_names::ADDR4, self.addr4.map()),
+            read(map_names::ADDR6, self.addr6.map()),
+            read(map_names::POLICY, self.policy.map()),
+            read(map_names::COUNTERS, self.counters.map()),
+            read(map_names::COUNTERS_OVERFLOW, self.counters_overflow.map()),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    /// Entries `map` holds at most (what it was made with); 0 for a map that is not sized by
+    /// [`MapEntries`].
+    pub fn capacity(&self, map: &str) -> u32 {
+        self.capacities.get(map).copied().unwrap_or(0)
     }
 
     /// Refuses, before anything is written, a state the maps cannot hold beside the enforced
@@ -942,12 +965,19 @@ impl Datapath {
     /// (endpoint, rule, protocol, verdict), which only the agent writes ([`family::FORGOTTEN`]),
     /// so every total stays what the kernel counted. Each is read and deleted in one step, and
     /// whatever was counted after the caller's read moves too. Returns the samples taken out,
-    /// with what moved; stops at the first failure (the rest stays where it is).
-    pub fn forget_counters(
+    /// with what moved, and the first failure, at which it stops (the rest stays where it is;
+    /// what moved before it did move, and the caller must account for it either way).
+    pub fn forget_counters(&mut self, samples: &[CounterSample]) -> Forgotten {
+        let mut moved = Vec::new();
+        let error = self.forget_each(samples, &mut moved).err();
+        Forgotten { moved, error }
+    }
+
+    fn forget_each(
         &mut self,
         samples: &[CounterSample],
-    ) -> Result<Vec<(CounterSample, u64)>> {
-        let mut moved = Vec::new();
+        moved: &mut Vec<(CounterSample, u64)>,
+    ) -> Result<()> {
         for sample in samples {
             let Some(destination) = sample.destination else {
                 continue;
@@ -999,7 +1029,7 @@ impl Datapath {
             }
             moved.push((sample.clone(), value.attempts));
         }
-        Ok(moved)
+        Ok(())
     }
 
     /// Puts a counter taken out back (its forgotten entry could not be written); whatever the

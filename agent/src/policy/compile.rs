@@ -19,7 +19,7 @@ use super::{
     crd::RuleAction,
     explain::Origin,
     ids::{EndpointName, IdTable},
-    model::{Peer, PodInfo, PortMatch, PortSpec, World},
+    model::{Peer, PodInfo, PolicyKind, PolicyRef, PortMatch, PortSpec, World},
     services::{ServiceInfo, ServiceVerdict, decide_port},
 };
 use crate::datapath::{
@@ -63,10 +63,11 @@ pub const BUDGET_RULE: &str = "entry-budget";
 /// were: they are what does not fit). An Audit one is left out (it enforces nothing).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Budget {
-    /// `NetworkPolicy ns/name` or `EgressPolicy name`.
-    pub policy: String,
-    /// Entries its rules need per endpoint (an upper bound: each destination block or exception
-    /// times each port prefix).
+    pub policy: PolicyRef,
+    /// Entries its rules need per endpoint, by themselves: each destination block or exception
+    /// times each port prefix. Other policies' blocks can split this one's into more address
+    /// classes, so a set can need more than the sum of its policies' numbers: the map check
+    /// ([`crate::datapath::DatapathError::NoRoom`]) refuses such a set whole.
     pub per_endpoint: usize,
     /// This node's endpoints it selects.
     pub endpoints: usize,
@@ -88,7 +89,7 @@ impl std::fmt::Display for Budget {
              {budget} (--max-policy-entries); its pods get none of its allows ({}), every other \
              policy is enforced",
             per_endpoint.saturating_mul(*endpoints),
-            if policy.starts_with("EgressPolicy") {
+            if policy.kind == PolicyKind::EgressPolicy {
                 "an enforcing EgressPolicy denies them everything from its priority on, as rule entry-budget"
             } else {
                 "they stay isolated by it"
@@ -359,14 +360,17 @@ impl Compiler {
             .filter(|p| options.node.is_none() || p.node == options.node)
             .collect();
         let over_budget = over_budget(world, options, origins, expander, &sources);
-        let rejected_egress: BTreeSet<&str> = over_budget
-            .iter()
-            .filter_map(|b| b.policy.strip_prefix("EgressPolicy "))
+        let rejected = |kind| {
+            over_budget
+                .iter()
+                .filter(move |b| b.policy.kind == kind)
+                .map(|b| (b.policy.namespace.as_deref(), b.policy.name.as_str()))
+        };
+        let rejected_egress: BTreeSet<&str> = rejected(PolicyKind::EgressPolicy)
+            .map(|(_, name)| name)
             .collect();
-        let rejected_np: BTreeSet<&str> = over_budget
-            .iter()
-            .filter_map(|b| b.policy.strip_prefix("NetworkPolicy "))
-            .collect();
+        let rejected_np: BTreeSet<(Option<&str>, &str)> =
+            rejected(PolicyKind::NetworkPolicy).collect();
         let everywhere = (!rejected_egress.is_empty()).then(|| {
             expander.set(
                 vec![IpNet::V4(Ipv4Net::default()), IpNet::V6(Ipv6Net::default())],
@@ -424,7 +428,7 @@ impl Compiler {
                         name: np.name.clone(),
                     })
                 });
-                if rejected_np.contains(format!("{}/{}", np.namespace, np.name).as_str()) {
+                if rejected_np.contains(&(Some(np.namespace.as_str()), np.name.as_str())) {
                     continue;
                 }
                 for (r, rule) in np.rules.iter().enumerate() {
@@ -501,9 +505,9 @@ impl Compiler {
 }
 
 /// The policies whose entries for this node's endpoints (`sources`) would exceed
-/// `options.max_policy_entries`, with the numbers. An upper bound per rule: each destination
-/// block or exception of each address set, times each port prefix its ports lower to; times the
-/// endpoints the policy selects. Computed from the rules' expansions, which the compile needs
+/// `options.max_policy_entries`, with the numbers. Per rule: each destination block or exception
+/// of each address set, times each port prefix its ports lower to; times the endpoints the
+/// policy selects. Computed from the rules' expansions, which the compile needs
 /// anyway, before anything is lowered: an oversized policy costs no lowering.
 fn over_budget(
     world: &World,
@@ -560,7 +564,11 @@ fn over_budget(
         }
         if per_endpoint.saturating_mul(selected) > budget {
             out.push(Budget {
-                policy: format!("EgressPolicy {}", ep.name),
+                policy: PolicyRef {
+                    kind: PolicyKind::EgressPolicy,
+                    namespace: None,
+                    name: ep.name.clone(),
+                },
                 per_endpoint,
                 endpoints: selected,
                 budget,
@@ -583,7 +591,11 @@ fn over_budget(
         }
         if per_endpoint.saturating_mul(selected) > budget {
             out.push(Budget {
-                policy: format!("NetworkPolicy {}/{}", np.namespace, np.name),
+                policy: PolicyRef {
+                    kind: PolicyKind::NetworkPolicy,
+                    namespace: Some(np.namespace.clone()),
+                    name: np.name.clone(),
+                },
                 per_endpoint,
                 endpoints: selected,
                 budget,
@@ -1073,7 +1085,11 @@ mod tests {
         // Over it: both are named with their numbers; `db` stays isolated (only db-out allows),
         // `web` is denied from `wide` on.
         let over = compile(&world(40), &options(100));
-        let named: Vec<&str> = over.over_budget.iter().map(|b| b.policy.as_str()).collect();
+        let named: Vec<String> = over
+            .over_budget
+            .iter()
+            .map(|b| b.policy.to_string())
+            .collect();
         assert_eq!(named, ["EgressPolicy wide", "NetworkPolicy shop/big"]);
         for b in &over.over_budget {
             assert_eq!(b.endpoints, 1);

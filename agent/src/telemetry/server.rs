@@ -71,18 +71,26 @@ impl Endpoints for Shared {
         {
             return Err(format!("not ready: {waiting}\n"));
         }
-        if !self.ready.load(Ordering::SeqCst) {
-            return Err("no policy written yet\n".into());
-        }
+        let written = self.ready.load(Ordering::SeqCst);
         if let Some(error) = self
             .write_error
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
         {
+            // Also before this process wrote anything: a restarted agent whose first write
+            // failed leaves what the previous one wrote.
             return Err(format!(
-                "not ready: the last policy write failed ({error}); the policy written before it stays enforced\n"
+                "not ready: the last policy write failed ({error}); {}\n",
+                if written {
+                    "the policy written before it stays enforced"
+                } else {
+                    "whatever a previous agent wrote stays enforced"
+                }
             ));
+        }
+        if !written {
+            return Err("no policy written yet\n".into());
         }
         // Ready: policy is enforced. Rejected files and objects are the detail: the rest is
         // enforced and a rejected object keeps its last valid version.
