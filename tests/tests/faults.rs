@@ -306,6 +306,57 @@ fn map_entries(agent: &EgretRun, map: &str) -> u64 {
     .sum()
 }
 
+/// Entries of every pinned map under `pin_dir` that holds keys (arrays and ring buffers have a
+/// fixed size), counted in the kernel: what `/metrics` does not report too.
+fn every_map(pin_dir: &std::path::Path) -> std::collections::BTreeMap<String, u64> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    use aya::maps::{MapData, MapType};
+    let mut out = std::collections::BTreeMap::new();
+    let dir = pin_dir.join("maps");
+    for entry in std::fs::read_dir(&dir).expect("pinned maps").flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let map = MapData::from_pin(entry.path()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let info = map.info().unwrap_or_else(|e| panic!("{name}: {e}"));
+        if !matches!(
+            info.map_type(),
+            Ok(MapType::Hash | MapType::LruHash | MapType::LpmTrie | MapType::PerCpuHash)
+        ) {
+            continue;
+        }
+        let fd = map.fd().as_fd().as_raw_fd();
+        let size = info.key_size() as usize;
+        let (mut key, mut next) = (vec![0u8; size], vec![0u8; size]);
+        let mut first = true;
+        let mut count = 0u64;
+        loop {
+            // BPF_MAP_GET_NEXT_KEY: a null key asks for the first one.
+            let mut attr = [0u64; 4];
+            attr[0] = fd as u64;
+            attr[1] = if first { 0 } else { key.as_ptr() as u64 };
+            attr[2] = next.as_mut_ptr() as u64;
+            // SAFETY: `attr` is a bpf_attr prefix for BPF_MAP_GET_NEXT_KEY (map_fd, key,
+            // next_key) whose buffers live through the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    4, // BPF_MAP_GET_NEXT_KEY
+                    attr.as_mut_ptr(),
+                    std::mem::size_of_val(&attr),
+                )
+            };
+            if rc != 0 {
+                break;
+            }
+            count += 1;
+            first = false;
+            std::mem::swap(&mut key, &mut next);
+        }
+        out.insert(name, count);
+    }
+    out
+}
+
 #[test]
 fn a_thousand_cgroups_coming_and_going_leave_the_maps_at_baseline_and_memory_flat() {
     use egret_tests::probe::Outcome;
@@ -366,16 +417,24 @@ fn a_thousand_cgroups_coming_and_going_leave_the_maps_at_baseline_and_memory_fla
             std::fs::remove_dir(path).expect("remove cgroup");
         }
         wait_for("back to baseline", &|n| n == baseline);
-        policy_after_round.push(map_entries(&agent, "EGRET_POLICY"));
+        policy_after_round.push(every_map(sandbox.pin_dir()));
         rss_after_round.push(rss_kib(agent.pid()));
     }
-    // Cgroups of one workload share its policy: the policy map does not grow with them.
+    // Every map holds after each round what it held after the first (the first round's probe
+    // adds its one counter and decision): cgroups of one workload share its policy, and
+    // nothing is left of a removed cgroup.
     assert!(
         policy_after_round
             .iter()
             .all(|n| *n == policy_after_round[0]),
-        "policy entries after each round: {policy_after_round:?}"
+        "map entries after each round: {policy_after_round:#?}"
     );
+    assert_eq!(
+        policy_after_round[0].get("EGRET_ENDPOINTS"),
+        Some(&baseline),
+        "{policy_after_round:#?}"
+    );
+    eprintln!("map entries after each round: {:?}", policy_after_round[2]);
     // Memory flat: the third round costs what the first did (allocator noise aside).
     let growth = rss_after_round[2].saturating_sub(rss_after_round[0]);
     assert!(
