@@ -124,7 +124,8 @@ enum Command {
         max_destination_series: Option<usize>,
         /// How long a destination's metric series stays without growing before it is dropped
         /// and its place in the budget freed, as `10m` or `90s`; `0`: never dropped (overrides
-        /// the config's `metrics.seriesIdle`; default 10m).
+        /// the config's `metrics.seriesIdle`; default 10m). Also how long the kernel keeps the
+        /// counters of a workload that is gone.
         #[arg(long)]
         metrics_series_idle: Option<egret::telemetry::IdleTime>,
         #[command(flatten)]

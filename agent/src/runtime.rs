@@ -13,7 +13,7 @@
 //! changes costs one write.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     io,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, mpsc},
@@ -245,6 +245,7 @@ pub fn run(
         }
         Err(err) => return Err(Box::new(err).into()),
     }
+    let mut gone = HashMap::new();
     let mut report = Report::new(runtime.pipeline.datapath());
     let mut last_report = Instant::now();
     let mut last_link_check = Instant::now();
@@ -275,7 +276,7 @@ pub fn run(
             );
         }
         if let Some(shared) = &runtime.shared {
-            let moved = drain(shared, &mut runtime.pipeline, pending_label);
+            let moved = drain(shared, &mut runtime.pipeline, pending_label, &mut gone);
             report.moved(&moved);
         }
         // Programs someone detached are attached again and pins someone removed come back,
@@ -652,10 +653,15 @@ fn reserved_label(rule: u32, pending_label: &str) -> Option<&str> {
 /// Fill of the destination counter map from which idle destinations are taken out of it.
 const FORGET_FROM_FILL: f64 = 0.5;
 
+/// Takes what the kernel counted since the last drain into telemetry; deletes the counters of
+/// endpoints gone for the series idle time (`gone`: since when each endpoint with counters left
+/// is gone), and once the destination map is half full, moves idle destinations out of it.
+/// Returns what moved.
 fn drain(
     shared: &Shared,
     pipeline: &mut Pipeline,
     pending_label: &str,
+    gone: &mut HashMap<EndpointId, Instant>,
 ) -> Vec<(crate::datapath::CounterSample, u64)> {
     let counters = match pipeline.datapath().counters() {
         Ok(counters) => counters,
@@ -697,6 +703,49 @@ fn drain(
                 .map_or_else(|| compiled.origin(rule).policy_label(), str::to_owned)
         },
     );
+    // A gone endpoint's counters would stay in the kernel for good (pods come and go all day):
+    // once it has been gone for the series idle time (time for its last counts to be scraped)
+    // and everything it counted was taken, they are deleted; its ids then go with the next
+    // collection. The series stay: they are per owning workload, which other pods may share.
+    let now = Instant::now();
+    let mut live: BTreeSet<EndpointId> = compiled.workloads.keys().copied().collect();
+    live.extend(pipeline.cgroups().values().filter_map(|role| match role {
+        CgroupRole::Endpoint(id) => Some(*id),
+        CgroupRole::Guard | CgroupRole::Unmanaged => None,
+    }));
+    // Endpoint 0 counts what guards and pending interfaces deny: never gone.
+    live.insert(0);
+    let counted: BTreeSet<EndpointId> = counters.samples.iter().map(|s| s.endpoint).collect();
+    gone.retain(|id, _| !live.contains(id) && counted.contains(id));
+    for id in counted.difference(&live) {
+        gone.entry(*id).or_insert(now);
+    }
+    if let Some(keep) = telemetry.idle() {
+        let retired: Vec<crate::datapath::CounterSample> = counters
+            .samples
+            .iter()
+            .filter(|s| {
+                gone.get(&s.endpoint)
+                    .is_some_and(|since| now.saturating_duration_since(*since) >= keep)
+                    && telemetry.taken(s) == Some(s.attempts)
+            })
+            .cloned()
+            .collect();
+        if !retired.is_empty() {
+            match pipeline.datapath_mut().delete_counters(&retired) {
+                Ok(()) => {
+                    telemetry.forget(&retired);
+                    tracing::debug!(
+                        counters = retired.len(),
+                        "counters of gone endpoints deleted"
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!("failed to delete the counters of gone endpoints: {err}");
+                }
+            }
+        }
+    }
     if idle.is_empty() {
         return Vec::new();
     }

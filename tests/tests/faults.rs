@@ -11,7 +11,7 @@ use std::{
 };
 
 use egret_tests::{
-    agent::{EgretRun, http_get, samples},
+    agent::{EgretRun, http_get, samples, sum},
     probe::egret_binary,
     sandbox::Sandbox,
 };
@@ -442,6 +442,93 @@ fn a_thousand_cgroups_coming_and_going_leave_the_maps_at_baseline_and_memory_fla
         "RSS after each round (KiB): {rss_after_round:?}"
     );
     drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_gone_workloads_counters_leave_the_kernel_after_the_idle_time_and_live_ones_stay() {
+    use egret_tests::probe::Outcome::Denied;
+
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    let db = sandbox.add_pod("db").expect("pod");
+    let _host = sandbox
+        .add_host("ext", &[DENIED.parse().expect("ip")])
+        .expect("host");
+    let dir = std::env::temp_dir().join(format!("{}-faults-gone", sandbox.id()));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("dir");
+    let config = |workloads: &[(&str, &std::path::Path)]| {
+        let listed: Vec<String> = workloads
+            .iter()
+            .map(|(name, cgroup)| {
+                format!(
+                    "- {{name: {name}, namespace: shop, labels: {{app: {name}}}, cgroup: {}}}\n",
+                    cgroup.display()
+                )
+            })
+            .collect();
+        std::fs::write(
+            dir.join("egret.yaml"),
+            format!(
+                "policies: [policies]\nmetrics: {{address: 127.0.0.1:0, seriesIdle: 2s}}\nworkloads:\n{}",
+                listed.concat()
+            ),
+        )
+        .expect("config");
+    };
+    config(&[("web", &web.cgroup), ("db", &db.cgroup)]);
+    for app in ["web", "db"] {
+        std::fs::write(
+            policies.join(format!("{app}.yaml")),
+            network_policy(app, app, &["192.0.2.11".to_owned()], &[]),
+        )
+        .expect("policy");
+    }
+    let egret = EgretRun::start(&dir, sandbox.pin_dir(), sandbox.cgroup(), "0").expect("egret run");
+    egret.wait_log("policy enforced", 1, Duration::from_secs(20));
+    for pod in [&web, &db] {
+        let attempts = sandbox
+            .probe(pod, None, &["udp", &format!("{DENIED}:53")])
+            .expect("probe");
+        assert_eq!(attempts[0].outcome, Denied);
+    }
+    let counters = || every_map(sandbox.pin_dir())["EGRET_COUNTERS"];
+    assert_eq!(counters(), 2, "one destination counter per workload");
+
+    // `db` leaves the config: once gone for the idle time (2 s) and drained, its counter goes;
+    // `web`'s, as idle but live, stays. The per-workload totals keep both.
+    config(&[("web", &web.cgroup)]);
+    egret.wait_log("reloaded config and policies", 1, Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while counters() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "{} counters left:\n{}",
+            counters(),
+            egret.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(counters(), 1, "a live workload's counter was deleted");
+    let address = egret.metrics_address().expect("metrics address");
+    let metrics = http_get(&address, "/metrics").expect("scrape");
+    for workload in ["web", "db"] {
+        assert_eq!(
+            sum(
+                &metrics,
+                "egret_egress_connections_workload_total",
+                &[
+                    "verdict=\"blocked\"",
+                    &format!("source_workload=\"{workload}\"")
+                ]
+            ),
+            1,
+            "{workload}:\n{metrics}"
+        );
+    }
+    drop(egret);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

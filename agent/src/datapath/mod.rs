@@ -282,6 +282,23 @@ pub struct CounterSample {
     pub attempts: u64,
 }
 
+impl CounterSample {
+    /// Its key in a counter map, to `destination` (`None`: the entry without destination that
+    /// the programs write when the destination map is full).
+    fn key_to(&self, destination: Option<IpAddr>) -> CounterKey {
+        let (addr, key_family) = destination.map_or(([0; 16], 0), encode_addr);
+        CounterKey {
+            endpoint_id: self.endpoint,
+            rule_id: self.rule,
+            addr,
+            family: key_family,
+            protocol: self.protocol,
+            verdict: self.verdict.to_raw(),
+            _pad: 0,
+        }
+    }
+}
+
 /// Everything the counter maps hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Counters {
@@ -979,19 +996,10 @@ impl Datapath {
         moved: &mut Vec<(CounterSample, u64)>,
     ) -> Result<()> {
         for sample in samples {
-            let Some(destination) = sample.destination else {
+            if sample.destination.is_none() {
                 continue;
-            };
-            let (addr, key_family) = encode_addr(destination);
-            let key = CounterKey {
-                endpoint_id: sample.endpoint,
-                rule_id: sample.rule,
-                addr,
-                family: key_family,
-                protocol: sample.protocol,
-                verdict: sample.verdict.to_raw(),
-                _pad: 0,
-            };
+            }
+            let key = sample.key_to(sample.destination);
             let taken = batch::lookup_and_delete::<CounterKey, CounterValue>(
                 self.counters.map().fd().as_fd(),
                 &key,
@@ -1005,9 +1013,8 @@ impl Datapath {
             })?;
             let Some(value) = taken else { continue };
             let forgotten = CounterKey {
-                addr: [0; 16],
                 family: family::FORGOTTEN,
-                ..key
+                ..sample.key_to(None)
             };
             let before = match self.counters_overflow.get(&forgotten, 0) {
                 Ok(v) => v.attempts,
@@ -1028,6 +1035,41 @@ impl Datapath {
                 return Err(write_err(map_names::COUNTERS_OVERFLOW, &forgotten, source));
             }
             moved.push((sample.clone(), value.attempts));
+        }
+        Ok(())
+    }
+
+    /// Deletes the counters of `samples` (endpoints that are gone, whose counts the caller
+    /// has taken): a destination's entry, or for a sample without destination both entries
+    /// that make it up (the programs' overflow and the agent's [`family::FORGOTTEN`]). No
+    /// program counts for a gone endpoint (its cgroups and interfaces point elsewhere and ids
+    /// are never reused), so nothing races the delete. Stops at the first failure other than
+    /// an entry already gone.
+    pub fn delete_counters(&mut self, samples: &[CounterSample]) -> Result<()> {
+        for sample in samples {
+            let key = sample.key_to(sample.destination);
+            let keys: &[(&'static str, CounterKey)] = if sample.destination.is_some() {
+                &[(map_names::COUNTERS, key)]
+            } else {
+                &[
+                    (map_names::COUNTERS_OVERFLOW, key),
+                    (
+                        map_names::COUNTERS_OVERFLOW,
+                        CounterKey {
+                            family: family::FORGOTTEN,
+                            ..key
+                        },
+                    ),
+                ]
+            };
+            for (name, key) in keys {
+                let map = if *name == map_names::COUNTERS {
+                    &mut self.counters
+                } else {
+                    &mut self.counters_overflow
+                };
+                ignore_missing(map.remove(key)).map_err(|source| write_err(name, key, source))?;
+            }
         }
         Ok(())
     }

@@ -344,6 +344,20 @@ impl Telemetry {
             .copied()
     }
 
+    /// How long an idle destination series stays (`None`: for good).
+    pub fn idle(&self) -> Option<Duration> {
+        self.limits.idle
+    }
+
+    /// The kernel deleted these counters (of endpoints that are gone): what drains took of
+    /// them is forgotten. Their series stay (they are per owning workload and keep its total).
+    pub fn forget(&mut self, deleted: &[crate::datapath::CounterSample]) {
+        for s in deleted {
+            self.seen
+                .remove(&(s.endpoint, s.rule, s.destination, s.protocol, s.verdict));
+        }
+    }
+
     /// The kernel moved these counters (sample, attempts moved) to the entry without
     /// destination (`Datapath::forget_counters`): what was taken of them moves with them, so
     /// the next drain adds only what was counted after the take, and nothing twice. Their
