@@ -275,8 +275,6 @@ impl LocalSource {
         self
     }
 
-    /// Whether the config puts TC programs on interfaces (a workload with `interfaces:`), for
-    /// the preflight; `false` when the config does not load (the run says why).
     /// The config's `maps:` as `--map-entries` items (`policy=2097152`); none when the config
     /// does not read (its error comes with the first load).
     pub fn map_entries(&self) -> Vec<String> {
@@ -286,6 +284,8 @@ impl LocalSource {
         )
     }
 
+    /// Whether the config puts TC programs on interfaces (a workload with `interfaces:`), for
+    /// the preflight; `false` when the config does not load (the run says why).
     pub fn wants_tc(&self) -> bool {
         self.read_config()
             .1

@@ -420,6 +420,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics_series_idle,
             faults,
         } => {
+            let config_file = config.display().to_string();
             let source = egret::local::LocalSource::new(config).with_metrics(
                 metrics_addr,
                 max_destination_series,
@@ -435,7 +436,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(entries) => Some(entries),
                 None => match source.map_entries() {
                     items if items.is_empty() => None,
-                    items => Some(datapath::MapEntries::parse(&items)?),
+                    items => Some(
+                        datapath::MapEntries::parse(&items)
+                            .with_context(|| format!("{config_file}: maps"))?,
+                    ),
                 },
             };
             let mut datapath = open(pin_dir, entries.as_ref(), Some(cgroup))?;
