@@ -203,6 +203,9 @@ pub struct PodInterfaces {
     pub pending: BTreeSet<u32>,
     /// Pods whose veth could not be looked up yet: the source looks again soon.
     pub unresolved: usize,
+    /// Why pods' veths cannot be looked up at all as the agent runs (no hostPID, a capability
+    /// missing), for `/readyz` and `egret_pod_veth_lookup_failing`; `None` when they can.
+    pub cannot_look: Option<String>,
 }
 
 /// A pod's cgroup and the node-side veths found for it: (index, name).
@@ -270,6 +273,7 @@ impl Veths {
             ..PodInterfaces::default()
         };
         let mut failed = Vec::new();
+        let mut cannot_look = Vec::new();
         let mut claimed = BTreeSet::new();
         let mut keep = std::collections::HashMap::new();
         for pod in local.pods.iter().filter(|p| !p.host_network) {
@@ -291,7 +295,12 @@ impl Veths {
                         | veth::PodNetwork::Veths(_),
                     ) => None,
                     Err(err) => {
-                        failed.push(format!("{}/{}: {}", pod.key.0, pod.key.1, chain(&err)));
+                        let message = format!("{}/{}: {}", pod.key.0, pod.key.1, chain(&err));
+                        if err.is_setup() {
+                            cannot_look.push(message);
+                        } else {
+                            failed.push(message);
+                        }
                         None
                     }
                 },
@@ -327,10 +336,14 @@ impl Veths {
         }
         if let Some(first) = failed.first() {
             // Loud: without its veth a pod's packet-level sockets are refused, and its frames
-            // only pass link traffic (hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE are what the
-            // lookup needs).
+            // only pass link traffic.
             tracing::warn!(pods = failed.len(), first = %first, "cannot find pods' veths: no TC programs for them");
         }
+        // Logged by the source when it changes: it stays while the agent runs as it does.
+        out.cannot_look = cannot_look.first().map(|first| match cannot_look.len() {
+            1 => first.clone(),
+            n => format!("{first} (and {} more pods)", n - 1),
+        });
         out
     }
 }
@@ -455,6 +468,7 @@ pub async fn run(
     let mut unresolved = false;
     let mut veths = Veths::new(&options.pod_veths);
     let mut plan_pending = BTreeSet::new();
+    let mut cannot_look = None;
     let mut listed = false;
     let mut last_plan = None;
     let mut leader = false;
@@ -525,6 +539,27 @@ pub async fn run(
                 tracing::info!(unresolved = found.unresolved, interfaces = ?found.pending,
                     "unclaimed veths pass link traffic only until every started pod's veth is found");
                 plan_pending.clone_from(&found.pending);
+            }
+            if found.cannot_look != cannot_look {
+                // Logged when it starts and ends; `/readyz` follows every change of its text (a
+                // pod more or less).
+                match (&cannot_look, &found.cannot_look) {
+                    // Every started pod's veth stays unfound, so every unclaimed container veth
+                    // stays pending: pods' frames pass link traffic only.
+                    (None, Some(why)) => tracing::error!(
+                        reason = %why,
+                        "cannot find pods' veths: their raw, ping and SCTP sockets are refused and unclaimed veths pass link traffic only"
+                    ),
+                    (Some(_), None) => tracing::info!("pods' veths can be found again"),
+                    _ => {}
+                }
+                cannot_look.clone_from(&found.cannot_look);
+                if events
+                    .send(SourceEvent::VethLookup(found.cannot_look.clone()))
+                    .is_err()
+                {
+                    return;
+                }
             }
             plan.interfaces = found.by_pod;
             plan.pending_interfaces = found.pending;
@@ -893,5 +928,31 @@ mod tests {
         });
         assert_eq!(found.unresolved, 0);
         assert!(found.by_pod.is_empty() && found.pending.is_empty());
+    }
+
+    #[test]
+    fn a_lookup_the_agent_cannot_make_is_reported_and_holds_the_veths() {
+        let mut veths = Veths::new(&["*".to_owned()]);
+        let found = veths.look_up_with(&web(false), &|| Ok(links()), &|cgroup, _| {
+            Err(veth::VethError::OtherPidNamespace {
+                cgroup: cgroup.into(),
+            })
+        });
+        assert_eq!(found.unresolved, 1);
+        assert_eq!(found.pending, BTreeSet::from([10, 11]), "fail closed");
+        let why = found.cannot_look.expect("reported");
+        assert!(
+            why.starts_with("a/web: ") && why.contains("hostPID"),
+            "{why}"
+        );
+        // A failure of this pod alone (a netlink error) is no setup problem.
+        let found = veths.look_up_with(&web(false), &|| Ok(links()), &|_, _| {
+            Err(veth::VethError::Links {
+                pid: 7,
+                source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+            })
+        });
+        assert_eq!(found.cannot_look, None);
+        assert_eq!(found.unresolved, 1);
     }
 }
