@@ -1436,6 +1436,82 @@ fn a_pod_started_while_the_agent_runs_sends_no_frame_before_its_veth_is_found() 
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn an_agent_that_cannot_look_pods_up_says_so_in_readiness_and_metrics() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    enter(sandbox.node_netns());
+    let dir = temp_dir(&sandbox, "agent-blind");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let web_uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &web_uid);
+    let mut web_pause = pause(&sandbox, &web.netns, &web_cgroup);
+    let capabilities = manifests::daemonset_capabilities();
+    // Each setup mistake, as an agent started with it: the pod spec without hostPID (a pid
+    // namespace of its own), or without CAP_SYS_PTRACE (root's processes cannot be opened).
+    let without_hostpid = {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--pid", "--mount-proc", "--kill-child"])
+            .arg(egret_binary());
+        command
+    };
+    let without_ptrace = {
+        let caps: Vec<String> = capabilities
+            .iter()
+            .filter(|c| *c != "sys_ptrace")
+            .map(|c| format!("+{c}"))
+            .collect();
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid", "0", "--inh-caps=-all"])
+            .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+            .arg(egret_binary());
+        command
+    };
+    for (mistake, command, says) in [
+        ("no-hostpid", without_hostpid, "hostPID"),
+        ("no-ptrace", without_ptrace, "CAP_SYS_PTRACE"),
+    ] {
+        let run_dir = dir.join(mistake);
+        std::fs::create_dir_all(&run_dir).expect("dir");
+        let agent = Agent::spawn(command, &sandbox, &run_dir, &cluster.kubeconfig, &[]);
+        let address = agent.metrics_address();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            let ready = http_get(&address, "/readyz").expect("readyz");
+            if ready.contains(says) {
+                break ready;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mistake}: /readyz never said why: {ready}\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            ready.starts_with("HTTP/1.1 503") && ready.contains("app/web"),
+            "{mistake}: {ready}"
+        );
+        let metrics = http_get(&address, "/metrics").expect("metrics");
+        assert!(
+            metrics.contains("egret_pod_veth_lookup_failing 1"),
+            "{mistake}: {metrics}"
+        );
+        assert_eq!(
+            agent.log().matches("cannot find pods' veths").count(),
+            1,
+            "{mistake}: logged once, not at every lookup:\n{}",
+            agent.log()
+        );
+    }
+    let _ = web_pause.kill();
+    let _ = web_pause.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Starts the agent the way the kubelet would run the DaemonSet's pod: its process in a pod
 /// cgroup under `kubepods` from its first instruction.
 fn start_in_pod_cgroup(
