@@ -124,6 +124,8 @@ pub enum SourceEvent {
     },
     /// What readiness waits for (a watch's initial list); `None`: nothing.
     Waiting(Option<String>),
+    /// Why pods' veths cannot be looked up at all (`/readyz`, a metric); `None`: they can.
+    VethLookup(Option<String>),
 }
 
 /// How the runtime serves and reports.
@@ -323,6 +325,11 @@ fn handle_report(shared: Option<&Shared>, event: SourceEvent) {
         SourceEvent::Waiting(waiting) => {
             if let Some(shared) = shared {
                 *shared.waiting.lock().unwrap_or_else(|e| e.into_inner()) = waiting;
+            }
+        }
+        SourceEvent::VethLookup(problem) => {
+            if let Some(shared) = shared {
+                shared.telemetry().veth_lookup(problem);
             }
         }
         SourceEvent::Update(_) | SourceEvent::Cgroups(_) => {}

@@ -25,7 +25,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn alert_rules_are_valid() {
     let out = promtool(&["check", "rules", "egret-rules.yaml"]);
-    assert!(out.contains("SUCCESS: 10 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 11 rules found"), "{out}");
 }
 
 #[test]

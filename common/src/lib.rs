@@ -197,7 +197,11 @@ pub mod state_flags {
 /// Version 3: [`StateValue::flags`] carries [`state_flags::FAULT_DENY`] and
 /// [`map_names::EVENT_BUDGET`] bounds the deny-log events; an agent adopting programs of version
 /// 2 would silently have neither.
-pub const LAYOUT_VERSION: u32 = 3;
+///
+/// Version 4: [`IfaceValue::flags`] carries [`iface_flags::PENDING`]; programs of version 3
+/// ignore it and decide a pending interface's frames as endpoint 0's, not as pending ones
+/// (link traffic only, the rest counted under [`RULE_PENDING`]).
+pub const LAYOUT_VERSION: u32 = 4;
 /// Rule id of a denial of a process whose cgroup lies under a guarded cgroup but is not an
 /// endpoint yet (fail closed until the agent has written its policy).
 pub const RULE_PENDING: u32 = u32::MAX - 1;

@@ -134,6 +134,18 @@ impl Sandbox {
         sandbox.add_netns(&node_netns)?;
         let n = node_netns.as_str();
         ip(&["-n", n, "link", "add", "br0", "type", "bridge"])?;
+        // A bridge takes the lowest address of its ports unless given one: a pod wired later
+        // (`wire_pod`) could change the gateway's MAC under the neighbours that cached it, and
+        // their frames to the old address would be dropped as another host's.
+        ip(&[
+            "-n",
+            n,
+            "link",
+            "set",
+            "br0",
+            "address",
+            "02:00:00:00:00:01",
+        ])?;
         ip(&["-n", n, "link", "set", "br0", "up"])?;
         ip(&["-n", n, "link", "set", "lo", "up"])?;
         for addr in ["198.51.100.1/24", "192.0.2.1/24", "203.0.113.1/24"] {
@@ -165,6 +177,14 @@ impl Sandbox {
     /// Adds a pod: its namespace, veth to the node bridge, addresses, TEST-NET routes and
     /// cgroup. Pods are numbered from 10 in the last octet / group of their addresses.
     pub fn add_pod(&mut self, name: &str) -> Result<Pod> {
+        let pod = self.add_unwired_pod(name)?;
+        self.wire_pod(&pod)?;
+        Ok(pod)
+    }
+
+    /// [`Self::add_pod`] before the CNI has run: the pod's namespace (loopback only) and cgroup;
+    /// [`Self::wire_pod`] adds the rest.
+    pub fn add_unwired_pod(&mut self, name: &str) -> Result<Pod> {
         let index = 10 + self.pods;
         self.pods += 1;
         let netns = format!("{}-{name}", self.id);
@@ -173,14 +193,28 @@ impl Sandbox {
         let ipv6: Ipv6Addr = format!("2001:db8:1::{index:x}")
             .parse()
             .unwrap_or(Ipv6Addr::UNSPECIFIED);
-        self.wire(&netns, &format!("p{index}"))?;
-        let ns = netns.as_str();
+        let cgroup = self.add_cgroup(&self.cgroup.join(name))?;
+        Ok(Pod {
+            name: name.into(),
+            netns,
+            cgroup,
+            ipv4,
+            ipv6,
+        })
+    }
+
+    /// What a CNI ADD does for `pod`: its veth to the node bridge (`p<index>` on the node side),
+    /// its addresses and TEST-NET routes.
+    pub fn wire_pod(&self, pod: &Pod) -> Result<()> {
+        let index = pod.ipv4.octets()[3];
+        let ns = pod.netns.as_str();
+        self.wire(ns, &format!("p{index}"))?;
         ip(&[
             "-n",
             ns,
             "addr",
             "add",
-            &format!("{ipv4}/24"),
+            &format!("{}/24", pod.ipv4),
             "dev",
             "eth0",
         ])?;
@@ -189,7 +223,7 @@ impl Sandbox {
             ns,
             "addr",
             "add",
-            &format!("{ipv6}/64"),
+            &format!("{}/64", pod.ipv6),
             "dev",
             "eth0",
             "nodad",
@@ -207,14 +241,13 @@ impl Sandbox {
             "via",
             "2001:db8:1::1",
         ])?;
-        let cgroup = self.add_cgroup(&self.cgroup.join(name))?;
-        Ok(Pod {
-            name: name.into(),
-            netns,
-            cgroup,
-            ipv4,
-            ipv6,
-        })
+        Ok(())
+    }
+
+    /// The node's network namespace, where the bridge and the node ends of the veths are (the
+    /// host's, as a pod sees it).
+    pub fn node_netns(&self) -> &str {
+        &self.node_netns
     }
 
     /// Adds a container cgroup under a pod's cgroup (as a runtime does after the pod starts).

@@ -1183,6 +1183,335 @@ fn a_pods_first_process_cannot_send_a_frame_before_its_veth_is_found() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A process that only waits, in `netns` and `cgroup` (a pod's pause container, or a runtime
+/// still setting up a sandbox when `netns` is the node's); killed by the caller, or by the
+/// sandbox's cgroup cleanup.
+fn pause(sandbox: &Sandbox, netns: &str, cgroup: &Path) -> Child {
+    sandbox
+        .command_in(netns, cgroup, Path::new("sleep"))
+        .expect("command")
+        .arg("600")
+        .spawn()
+        .expect("sleep")
+}
+
+/// Waits until the agent's log holds `needle` more than `before` times, which means `what`.
+fn wait_count(agent: &Agent, needle: &str, before: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.log().matches(needle).count() <= before {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: egret agent never logged {needle:?} again:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_pod_started_while_the_agent_runs_sends_no_frame_before_its_veth_is_found() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    // `fresh` has a namespace but no veth yet (the CNI has not run); `late` has its veth, but
+    // neither a Pod nor a cgroup yet; `stranger` is a container veth of no pod.
+    let fresh = sandbox.add_unwired_pod("fresh").expect("pod");
+    let late = sandbox.add_pod("late").expect("pod");
+    let stranger = sandbox.add_pod("stranger").expect("pod");
+    let (host, _listeners) = hosts(&mut sandbox);
+    let receiver = |addr: &str| {
+        sandbox
+            .bind_udp(&host, addr.parse().expect("addr"))
+            .expect("udp")
+    };
+    let denied_at = receiver("192.0.2.10:53");
+    let allowed_at = receiver("192.0.2.11:53");
+    let arrived = |at: &std::net::UdpSocket| {
+        let mut any = false;
+        while at.recv(&mut [0u8; 64]).is_ok() {
+            any = true;
+        }
+        any
+    };
+    let node = sandbox.node_netns().to_owned();
+    enter(&node);
+    let dir = temp_dir(&sandbox, "agent-pending-late");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let web_uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &web_uid);
+    cluster.apply(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: only-eleven, namespace: app}\n\
+         spec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  \
+         - to: [{ipBlock: {cidr: 192.0.2.11/32}}]\n",
+    );
+    let mut web_pause = pause(&sandbox, &web.netns, &web_cgroup);
+    let agent = start_with_daemonset_capabilities(
+        &sandbox,
+        &dir,
+        &cluster.kubeconfig,
+        &["--pod-veths", "p*"],
+    );
+    agent.wait_log("TC programs attached", Duration::from_secs(30));
+    // An AF_PACKET frame from `pod`'s namespace and `cgroup`, with the pod's own address.
+    let frame = |pod: &Pod, cgroup: &Path, to: &str| {
+        let source = pod.ipv4.to_string();
+        let attempts = sandbox
+            .probe(
+                pod,
+                Some(cgroup),
+                &["raw", to, "--kind", "packet", "--source", &source],
+            )
+            .expect("probe");
+        assert_eq!(attempts[0].outcome, Outcome::Sent, "{to}: {attempts:?}");
+    };
+    let stranger_udp = || {
+        let attempts = sandbox
+            .probe(&stranger, None, &["udp", "192.0.2.11:53"])
+            .expect("probe");
+        assert_eq!(attempts[0].outcome, Outcome::Sent, "{attempts:?}");
+    };
+    // Sends with `send` until something arrives at `at`.
+    let arrives = |send: &dyn Fn(), at: &std::net::UdpSocket, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            send();
+            if arrived(at) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} never arrived:\n{}",
+                agent.log()
+            );
+        }
+    };
+    // Every pod found: nothing is held.
+    arrives(
+        &stranger_udp,
+        &allowed_at,
+        "the stranger's datagram, nothing pending",
+    );
+
+    // 1. `fresh`: the pod's first process (pause) runs in its namespace before the CNI has
+    // moved a veth in. Looking up finds no veth there: looked up again, it keeps the unclaimed
+    // veths held, also once the lookup has seen the empty namespace many times.
+    let attached = agent.log().matches("TC programs attached").count();
+    let fresh_uid = cluster.pod("app", "fresh", "app: web", IpAddr::V4(fresh.ipv4));
+    let fresh_cgroup = kubepods.pod(&sandbox, &fresh_uid);
+    let mut fresh_pause = pause(&sandbox, &fresh.netns, &fresh_cgroup);
+    wait_count(
+        &agent,
+        "TC programs attached",
+        attached + 1,
+        "late's and the stranger's veths held while fresh's is not found",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stranger_udp();
+    assert!(
+        !arrived(&allowed_at),
+        "a veth no pod claims passed a datagram while fresh's veth was not found"
+    );
+    frame(&late, &late.cgroup, "192.0.2.11:53");
+    assert!(
+        !arrived(&allowed_at),
+        "a frame left late's veth before its pod was known"
+    );
+    // The CNI runs: fresh's veth appears, is found through the pause process, and is decided by
+    // its policy.
+    sandbox.wire_pod(&fresh).expect("CNI");
+    arrives(
+        &|| frame(&fresh, &fresh_cgroup, "192.0.2.11:53"),
+        &allowed_at,
+        "fresh's frame to the allowed address",
+    );
+    frame(&fresh, &fresh_cgroup, "192.0.2.10:53");
+    assert!(
+        !arrived(&denied_at),
+        "fresh's frame to the denied address passed its veth"
+    );
+    arrives(
+        &stranger_udp,
+        &allowed_at,
+        "the stranger's datagram, all found",
+    );
+
+    // 2. `late`: the kubelet makes its cgroup before the watch delivers its Pod, and the
+    // runtime's first process in it is still in the node's namespace, setting up the sandbox,
+    // while the app's process (a container cgroup below) is already in the pod's.
+    cluster.server.hold_watches(true);
+    cluster.server.drop_watches();
+    // Once the agent's Pod watch waits to reconnect, no Pod reaches it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cluster.server.held_watches().iter().any(|r| r == "pods") {
+        assert!(Instant::now() < deadline, "the Pod watch never reconnected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let attached = agent.log().matches("TC programs attached").count();
+    let late_uid = cluster.pod("app", "late", "app: web", IpAddr::V4(late.ipv4));
+    let late_cgroup = kubepods.pod(&sandbox, &late_uid);
+    let mut setting_up = pause(&sandbox, &node, &late_cgroup);
+    let app = sandbox
+        .add_cgroup_below(&late_cgroup, "cri-containerd-app.scope")
+        .expect("container cgroup");
+    wait_count(
+        &agent,
+        "TC programs attached",
+        attached + 1,
+        "late's and the stranger's veths held while a pod cgroup is of no known pod",
+    );
+    frame(&late, &app, "192.0.2.11:53");
+    assert!(
+        !arrived(&allowed_at),
+        "a frame left late's veth while its Pod was not delivered"
+    );
+    // The Pod arrives: no hostNetwork pod, but its first process is in the host's namespace,
+    // so its veth is still not found.
+    let compiled = agent.log().matches("compiled").count();
+    cluster.server.hold_watches(false);
+    wait_count(&agent, "compiled", compiled, "late's Pod delivered");
+    std::thread::sleep(Duration::from_millis(500));
+    frame(&late, &app, "192.0.2.11:53");
+    assert!(
+        !arrived(&allowed_at),
+        "a frame left late's veth while its first process was in the host's namespace"
+    );
+    stranger_udp();
+    assert!(
+        !arrived(&allowed_at),
+        "the stranger's veth is held meanwhile"
+    );
+    // The sandbox is set up: its process is in the pod's namespace now, the veth is found, and
+    // late's frames are decided by its policy.
+    let _ = setting_up.kill();
+    let _ = setting_up.wait();
+    let mut late_pause = pause(&sandbox, &late.netns, &late_cgroup);
+    arrives(
+        &|| frame(&late, &app, "192.0.2.11:53"),
+        &allowed_at,
+        "late's frame to the allowed address",
+    );
+    frame(&late, &app, "192.0.2.10:53");
+    assert!(
+        !arrived(&denied_at),
+        "late's frame to the denied address passed its veth"
+    );
+    arrives(
+        &stranger_udp,
+        &allowed_at,
+        "the stranger's datagram, all found",
+    );
+
+    // The held frames are counted, and the agent could look every pod up.
+    let address = agent.metrics_address();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let metrics = loop {
+        let metrics = http_get(&address, "/metrics").expect("scrape");
+        let pending: f64 = samples(&metrics, "egret_egress_connections_total")
+            .filter(|(labels, _)| {
+                labels.contains("source_workload=\"pending\"")
+                    && labels.contains("verdict=\"blocked\"")
+            })
+            .map(|(_, v)| v)
+            .sum();
+        // The stranger's datagrams and late's frames while they were held.
+        if pending >= 4.0 {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pending drops not counted ({pending}):\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        metrics.contains("egret_pod_veth_lookup_failing 0"),
+        "{metrics}"
+    );
+    let ready = http_get(&address, "/readyz").expect("readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    for child in [&mut web_pause, &mut fresh_pause, &mut late_pause] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn an_agent_that_cannot_look_pods_up_says_so_in_readiness_and_metrics() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    let web = sandbox.add_pod("web").expect("pod");
+    enter(sandbox.node_netns());
+    let dir = temp_dir(&sandbox, "agent-blind");
+    let cluster = Cluster::start(&dir);
+    let kubepods = Kubepods::new(&sandbox);
+    let web_uid = cluster.pod("app", "web", "app: web", IpAddr::V4(web.ipv4));
+    let web_cgroup = kubepods.pod(&sandbox, &web_uid);
+    let mut web_pause = pause(&sandbox, &web.netns, &web_cgroup);
+    let capabilities = manifests::daemonset_capabilities();
+    // Each setup mistake, as an agent started with it: the pod spec without hostPID (a pid
+    // namespace of its own), or without CAP_SYS_PTRACE (root's processes cannot be opened).
+    let without_hostpid = {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--pid", "--mount-proc", "--kill-child"])
+            .arg(egret_binary());
+        command
+    };
+    let without_ptrace = {
+        let caps: Vec<String> = capabilities
+            .iter()
+            .filter(|c| *c != "sys_ptrace")
+            .map(|c| format!("+{c}"))
+            .collect();
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid", "0", "--inh-caps=-all"])
+            .arg(format!("--bounding-set=-all,{}", caps.join(",")))
+            .arg(egret_binary());
+        command
+    };
+    for (mistake, command, says) in [
+        ("no-hostpid", without_hostpid, "hostPID"),
+        ("no-ptrace", without_ptrace, "CAP_SYS_PTRACE"),
+    ] {
+        let run_dir = dir.join(mistake);
+        std::fs::create_dir_all(&run_dir).expect("dir");
+        let agent = Agent::spawn(command, &sandbox, &run_dir, &cluster.kubeconfig, &[]);
+        let address = agent.metrics_address();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ready = loop {
+            let ready = http_get(&address, "/readyz").expect("readyz");
+            if ready.contains(says) {
+                break ready;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{mistake}: /readyz never said why: {ready}\n{}",
+                agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            ready.starts_with("HTTP/1.1 503") && ready.contains("app/web"),
+            "{mistake}: {ready}"
+        );
+        let metrics = http_get(&address, "/metrics").expect("metrics");
+        assert!(
+            metrics.contains("egret_pod_veth_lookup_failing 1"),
+            "{mistake}: {metrics}"
+        );
+        assert_eq!(
+            agent.log().matches("cannot find pods' veths").count(),
+            1,
+            "{mistake}: logged once, not at every lookup:\n{}",
+            agent.log()
+        );
+    }
+    let _ = web_pause.kill();
+    let _ = web_pause.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Starts the agent the way the kubelet would run the DaemonSet's pod: its process in a pod
 /// cgroup under `kubepods` from its first instruction.
 fn start_in_pod_cgroup(

@@ -132,6 +132,7 @@ pub struct Telemetry {
     lost: IntCounterVec,
     sync_errors: IntCounter,
     write_failing: IntGauge,
+    veth_lookup_failing: IntGauge,
     rejected: IntGaugeVec,
     map_entries: IntGaugeVec,
     map_capacity: IntGaugeVec,
@@ -150,6 +151,8 @@ pub struct Telemetry {
     rejections: Vec<String>,
     /// Policies the last compile left out, over the per-policy entry budget.
     over_budget: Vec<String>,
+    /// Why pods' veths cannot be looked up, for `/readyz`.
+    veth_lookup_problem: Option<String>,
     /// The destination-series budget and idle time.
     limits: SeriesLimits,
     /// Destination IPs with their own series, and how many series each has.
@@ -255,6 +258,10 @@ impl Telemetry {
                 "egret_policy_write_failing",
                 "1 while the last policy write failed (the kernel enforces the policy written before it; /readyz says why), else 0.",
             )?,
+            veth_lookup_failing: gauge(
+                "egret_pod_veth_lookup_failing",
+                "1 while the agent cannot look up pods' veths at all (no hostPID, CAP_SYS_ADMIN or CAP_SYS_PTRACE missing): pods' raw sockets are refused and unclaimed container veths pass link traffic only; /readyz says why. Else 0.",
+            )?,
             sync_errors: counter(
                 "egret_policy_sync_errors_total",
                 "Policy writes to the kernel that failed.",
@@ -300,6 +307,7 @@ impl Telemetry {
             seen_restarts: HashMap::new(),
             rejections: Vec::new(),
             over_budget: Vec::new(),
+            veth_lookup_problem: None,
         };
         // Every (what, program) series exists from the start at 0, so that the first
         // restoration is an increase an alert sees.
@@ -529,6 +537,17 @@ impl Telemetry {
     pub fn sync_failed(&self) {
         self.sync_errors.inc();
         self.write_failing.set(1);
+    }
+
+    /// Records why pods' veths cannot be looked up at all; `None`: they can.
+    pub fn veth_lookup(&mut self, problem: Option<String>) {
+        self.veth_lookup_failing.set(i64::from(problem.is_some()));
+        self.veth_lookup_problem = problem;
+    }
+
+    /// What [`Self::veth_lookup`] was last given.
+    pub fn veth_lookup_problem(&self) -> Option<&str> {
+        self.veth_lookup_problem.as_deref()
     }
 
     /// Files and objects rejected by the last load, by reason, and their messages for the

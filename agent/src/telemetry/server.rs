@@ -92,9 +92,16 @@ impl Endpoints for Shared {
         if !written {
             return Err("no policy written yet\n".into());
         }
+        let telemetry = self.telemetry();
+        // Not ready, as a failed write: no pod's veth is found, so every pod's frames pass link
+        // traffic only, and a DaemonSet rollout should stop at the first such node.
+        if let Some(problem) = telemetry.veth_lookup_problem() {
+            return Err(format!(
+                "not ready: pods' veths cannot be found ({problem}); their raw, ping and SCTP sockets are refused and unclaimed container veths pass link traffic only\n"
+            ));
+        }
         // Ready: policy is enforced. Rejected files and objects are the detail: the rest is
         // enforced and a rejected object keeps its last valid version.
-        let telemetry = self.telemetry();
         let rejections: Vec<&String> = telemetry
             .rejections()
             .iter()
@@ -190,6 +197,20 @@ mod tests {
                 ),
             "{ready}"
         );
+        shared
+            .telemetry()
+            .veth_lookup(Some("app/web: the agent needs hostPID".into()));
+        let blind = get(addr, "/readyz");
+        assert!(
+            blind.starts_with("HTTP/1.1 503") && blind.contains("needs hostPID"),
+            "{blind}"
+        );
+        assert!(
+            get(addr, "/metrics").contains("egret_pod_veth_lookup_failing 1"),
+            "the gauge says it too"
+        );
+        shared.telemetry().veth_lookup(None);
+        assert!(get(addr, "/readyz").starts_with("HTTP/1.1 200"));
         shared.telemetry().sync_failed();
         let metrics = get(addr, "/metrics");
         assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");

@@ -163,6 +163,12 @@ impl ApiServer {
         self.state.hold_watches.send_replace(hold);
     }
 
+    /// The resource (plural, as `pods`) of each watch waiting while watches are held: a test
+    /// that held and dropped them knows from it that a client's watch is no longer open.
+    pub fn held_watches(&self) -> Vec<String> {
+        lock(&self.state.held_watches).clone()
+    }
+
     /// The latest resourceVersion.
     pub fn resource_version(&self) -> u64 {
         lock(&self.state.store).resource_version()

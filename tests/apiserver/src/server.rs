@@ -86,6 +86,8 @@ pub(crate) struct State {
     /// While true, new watches wait before they start (so a test can make writes and compact
     /// while clients reconnect).
     pub(crate) hold_watches: watch::Sender<bool>,
+    /// The resource (plural) of each watch waiting while held.
+    pub(crate) held_watches: Mutex<Vec<String>>,
     pub(crate) config: Config,
     pub(crate) address: String,
 }
@@ -104,6 +106,7 @@ impl State {
             requests: Mutex::new(Vec::new()),
             drop_watches: watch::channel(0).0,
             hold_watches: watch::channel(false).0,
+            held_watches: Mutex::new(Vec::new()),
             config,
             address,
         }

@@ -95,6 +95,31 @@ impl WatchFilter {
     }
 }
 
+/// A watch waiting while watches are held: listed in [`State::held_watches`] until dropped.
+struct Held<'a> {
+    state: &'a State,
+    resource: String,
+}
+
+impl<'a> Held<'a> {
+    fn new(state: &'a State, resource: &str) -> Self {
+        lock(&state.held_watches).push(resource.to_owned());
+        Self {
+            state,
+            resource: resource.to_owned(),
+        }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut held = lock(&self.state.held_watches);
+        if let Some(i) = held.iter().position(|r| *r == self.resource) {
+            held.remove(i);
+        }
+    }
+}
+
 fn error_line(e: &ApiError) -> Bytes {
     let mut line =
         serde_json::to_vec(&json!({"type": "ERROR", "object": e.to_status()})).unwrap_or_default();
@@ -152,11 +177,15 @@ pub(crate) async fn start(state: &Arc<State>, call: &Call, target: &Target) -> R
         },
     };
 
-    // Wait while a test holds new watches back.
+    // Wait while a test holds new watches back, listed as held meanwhile (also when the client
+    // gives up waiting and this future is dropped).
     let mut hold = state.hold_watches.subscribe();
-    while *hold.borrow_and_update() {
-        if hold.changed().await.is_err() {
-            break;
+    if *hold.borrow_and_update() {
+        let _held = Held::new(state, &filter.target.t.plural);
+        while *hold.borrow_and_update() {
+            if hold.changed().await.is_err() {
+                break;
+            }
         }
     }
 

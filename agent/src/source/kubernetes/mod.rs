@@ -88,6 +88,17 @@ pub struct LocalPod {
     pub host_network: bool,
 }
 
+/// The pod cgroups of this node, as [`Veths::look_up`] needs them.
+#[derive(Clone, Debug, Default)]
+pub struct LocalPods {
+    /// Those of known pods.
+    pub pods: Vec<LocalPod>,
+    /// Pod cgroups of no known pod: the kubelet made them before the watch delivered their
+    /// Pod. Such a pod may already run, and its veth is among the unclaimed ones, so each
+    /// counts as a pod whose veth is not found.
+    pub unknown: usize,
+}
+
 /// The cgroups of this node's pods, and (with `--unknown-pods deny`) the kubelet's directories
 /// as guards, so that a pod cgroup egret has not written yet is denied; with the pods found.
 /// `own` (the agent's own pod cgroup) is never enforced: it is planned unmanaged.
@@ -97,7 +108,7 @@ pub fn plan(
     kubepods: Option<&Kubepods>,
     unknown: UnknownPods,
     own: Option<u64>,
-) -> (CgroupPlan, Vec<LocalPod>) {
+) -> (CgroupPlan, LocalPods) {
     plan_with(
         pods,
         node,
@@ -134,36 +145,42 @@ fn plan_with(
     unknown: UnknownPods,
     own: Option<u64>,
     cgroup_id: &dyn Fn(&std::path::Path) -> Option<u64>,
-) -> (CgroupPlan, Vec<LocalPod>) {
+) -> (CgroupPlan, LocalPods) {
     let mut plan = CgroupPlan::default();
-    let mut local = Vec::new();
+    let mut local = LocalPods::default();
     let Some(kubepods) = kubepods else {
         return (plan, local);
     };
-    let on_disk = kubepods.pods();
+    let mut on_disk = kubepods.pods();
     for (key, pod) in pods.iter() {
         if pod.node.as_deref() != Some(node) {
             continue;
         }
-        let Some(dir) = pod.uid.as_deref().and_then(|uid| on_disk.get(uid)) else {
+        let Some(dir) = pod.uid.as_deref().and_then(|uid| on_disk.remove(uid)) else {
             continue;
         };
-        if let Some(id) = cgroup_id(dir) {
+        if let Some(id) = cgroup_id(&dir) {
             if Some(id) == own {
                 plan.unmanaged.insert(id);
                 continue;
             }
             plan.workloads.entry(key.clone()).or_default().insert(id);
             if let Ok(model) = &pod.model {
-                local.push(LocalPod {
+                local.pods.push(LocalPod {
                     key: key.clone(),
-                    cgroup: dir.clone(),
+                    cgroup: dir,
                     addresses: model.ips.clone(),
                     host_network: model.host_network,
                 });
             }
         }
     }
+    // What is left is no known pod's. A cgroup gone meanwhile (no id) is no pod's any more;
+    // the agent's own pod is known before its first plan, but is never held either way.
+    local.unknown = on_disk
+        .values()
+        .filter(|dir| cgroup_id(dir).is_some_and(|id| Some(id) != own))
+        .count();
     if unknown == UnknownPods::Deny {
         plan.guards
             .extend(kubepods.parents().iter().filter_map(|p| cgroup_id(p)));
@@ -178,23 +195,32 @@ pub struct PodInterfaces {
     /// (not started yet, or a network that is no veth): its raw, ping and SCTP sockets are
     /// refused until it is (fail closed).
     pub by_pod: std::collections::BTreeMap<(String, String), WorkloadInterfaces>,
-    /// While a pod of the node has started no process yet (its veth cannot be looked up), every
-    /// container veth of the node that no known pod claims: the unknown pod's veth may be among
-    /// them, and its first process could send `AF_PACKET` frames that no socket hook sees. TC
-    /// programs drop all but link traffic on them until the pod is found.
+    /// While a pod of the node has no veth found yet (no process, a process still in the
+    /// host's namespace, no veth in its namespace yet, or a cgroup whose Pod the watch has not
+    /// delivered), every container veth of the node that no known pod claims: the pod's veth
+    /// may be among them, and its first process could send `AF_PACKET` frames that no socket
+    /// hook sees. TC programs drop all but link traffic on them until the pod is found.
     pub pending: BTreeSet<u32>,
     /// Pods whose veth could not be looked up yet: the source looks again soon.
     pub unresolved: usize,
+    /// Why pods' veths cannot be looked up at all as the agent runs (no hostPID, a capability
+    /// missing), for `/readyz` and `egret_pod_veth_lookup_failing`; `None` when they can.
+    pub cannot_look: Option<String>,
 }
 
 /// A pod's cgroup and the node-side veths found for it: (index, name).
 type Found = (PathBuf, Vec<(u32, String)>);
+
+/// How a pod's network is found: [`veth::pod_network`], a fake in tests.
+type FindPodNetwork<'a> =
+    dyn Fn(&std::path::Path, &[veth::Link]) -> Result<veth::PodNetwork, veth::VethError> + 'a;
 
 /// What finds each local pod's node-side veth, with what it found: a pod is looked up again only
 /// when its veth is gone or was not found (entering a pod's namespace costs a thread and a
 /// netlink dump).
 #[derive(Debug)]
 pub struct Veths {
+    /// Only pods with at least one veth found: an empty result is looked up again.
     found: std::collections::HashMap<(String, String), Found>,
     /// Which veths may be a pod's ([`AgentOptions::pod_veths`]).
     candidates: Vec<glob::Pattern>,
@@ -218,9 +244,19 @@ impl Veths {
         }
     }
 
-    /// The packet level of `pods`. A hostNetwork pod keeps the socket hooks only.
-    pub fn look_up(&mut self, pods: &[LocalPod]) -> PodInterfaces {
-        let ours = veth::links().unwrap_or_else(|err| {
+    /// The packet level of `local`. A hostNetwork pod keeps the socket hooks only.
+    pub fn look_up(&mut self, local: &LocalPods) -> PodInterfaces {
+        self.look_up_with(local, &veth::links, &veth::pod_network)
+    }
+
+    /// [`Self::look_up`] with the kernel's answers given (fakes in tests).
+    fn look_up_with(
+        &mut self,
+        local: &LocalPods,
+        links: &dyn Fn() -> std::io::Result<Vec<veth::Link>>,
+        pod_network: &FindPodNetwork<'_>,
+    ) -> PodInterfaces {
+        let ours = links().unwrap_or_else(|err| {
             tracing::warn!(
                 "cannot list this node's interfaces: {err}; pods' raw sockets are refused"
             );
@@ -232,23 +268,39 @@ impl Veths {
                     .any(|l| l.index == *index && &l.name == name && l.is_container_veth())
             })
         };
-        let mut out = PodInterfaces::default();
+        let mut out = PodInterfaces {
+            unresolved: local.unknown,
+            ..PodInterfaces::default()
+        };
         let mut failed = Vec::new();
+        let mut cannot_look = Vec::new();
         let mut claimed = BTreeSet::new();
         let mut keep = std::collections::HashMap::new();
-        for pod in pods.iter().filter(|p| !p.host_network) {
+        for pod in local.pods.iter().filter(|p| !p.host_network) {
             let cached = self
                 .found
                 .remove(&pod.key)
                 .filter(|(cgroup, veths)| *cgroup == pod.cgroup && still_there(veths));
             let veths = match cached {
                 Some((_, veths)) => Some(veths),
-                None => match veth::pod_network(&pod.cgroup, &ours) {
-                    Ok(veth::PodNetwork::Host) => continue,
-                    Ok(veth::PodNetwork::Veths(veths)) => Some(veths),
-                    Ok(veth::PodNetwork::NotStarted) => None,
+                None => match pod_network(&pod.cgroup, &ours) {
+                    Ok(veth::PodNetwork::Veths(veths)) if !veths.is_empty() => Some(veths),
+                    // Not found yet, all three looked up again: no process yet; its process
+                    // still in the host's namespace while a runtime sets up the sandbox (the
+                    // model says this pod is no hostNetwork one); or its namespace, made
+                    // before the CNI moved the veth in, has none yet.
+                    Ok(
+                        veth::PodNetwork::NotStarted
+                        | veth::PodNetwork::Host
+                        | veth::PodNetwork::Veths(_),
+                    ) => None,
                     Err(err) => {
-                        failed.push(format!("{}/{}: {err}", pod.key.0, pod.key.1));
+                        let message = format!("{}/{}: {}", pod.key.0, pod.key.1, chain(&err));
+                        if err.is_setup() {
+                            cannot_look.push(message);
+                        } else {
+                            failed.push(message);
+                        }
                         None
                     }
                 },
@@ -284,12 +336,28 @@ impl Veths {
         }
         if let Some(first) = failed.first() {
             // Loud: without its veth a pod's packet-level sockets are refused, and its frames
-            // only pass link traffic (hostPID, CAP_SYS_ADMIN and CAP_SYS_PTRACE are what the
-            // lookup needs).
+            // only pass link traffic.
             tracing::warn!(pods = failed.len(), first = %first, "cannot find pods' veths: no TC programs for them");
         }
+        // Logged by the source when it changes: it stays while the agent runs as it does.
+        out.cannot_look = cannot_look.first().map(|first| match cannot_look.len() {
+            1 => first.clone(),
+            n => format!("{first} (and {} more pods)", n - 1),
+        });
         out
     }
+}
+
+/// `err` and its causes, as one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// A client from `kubeconfig`, else as kube infers one (`$KUBECONFIG` or `~/.kube/config`,
@@ -400,6 +468,7 @@ pub async fn run(
     let mut unresolved = false;
     let mut veths = Veths::new(&options.pod_veths);
     let mut plan_pending = BTreeSet::new();
+    let mut cannot_look = None;
     let mut listed = false;
     let mut last_plan = None;
     let mut leader = false;
@@ -464,18 +533,41 @@ pub async fn run(
             (taken, plan)
         };
         // Veths are looked up with the view unlocked: it enters each pod's namespace.
-        let plan = plan.map(|(mut plan, local)| {
+        let plan = if let Some((mut plan, local)) = plan {
             let found = veths.look_up(&local);
             if found.pending != plan_pending {
                 tracing::info!(unresolved = found.unresolved, interfaces = ?found.pending,
                     "unclaimed veths pass link traffic only until every started pod's veth is found");
                 plan_pending.clone_from(&found.pending);
             }
+            if found.cannot_look != cannot_look {
+                // Logged when it starts and ends; `/readyz` follows every change of its text (a
+                // pod more or less).
+                match (&cannot_look, &found.cannot_look) {
+                    // Every started pod's veth stays unfound, so every unclaimed container veth
+                    // stays pending: pods' frames pass link traffic only.
+                    (None, Some(why)) => tracing::error!(
+                        reason = %why,
+                        "cannot find pods' veths: their raw, ping and SCTP sockets are refused and unclaimed veths pass link traffic only"
+                    ),
+                    (Some(_), None) => tracing::info!("pods' veths can be found again"),
+                    _ => {}
+                }
+                cannot_look.clone_from(&found.cannot_look);
+                if events
+                    .send(SourceEvent::VethLookup(found.cannot_look.clone()))
+                    .is_err()
+                {
+                    return;
+                }
+            }
             plan.interfaces = found.by_pod;
             plan.pending_interfaces = found.pending;
             unresolved = found.unresolved > 0;
-            plan
-        });
+            Some(plan)
+        } else {
+            None
+        };
         status_due |= taken.status;
         let sent = match (taken.change, plan) {
             (Some(change), Some(plan)) => {
@@ -681,8 +773,12 @@ mod tests {
             None,
             &inode,
         );
-        assert_eq!(local.len(), 1, "the pod on this node, for its veth");
-        assert_eq!(local[0].cgroup, *web_dir);
+        assert_eq!(local.pods.len(), 1, "the pod on this node, for its veth");
+        assert_eq!(local.pods[0].cgroup, *web_dir);
+        assert_eq!(
+            local.unknown, 1,
+            "db's cgroup is here but its Pod says another node: no known pod of this node"
+        );
         assert_eq!(
             allow.workloads,
             BTreeMap::from([(
@@ -701,5 +797,162 @@ mod tests {
         );
         assert_eq!(deny.guards.len(), 2);
         let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_pod_cgroup_the_watch_has_not_delivered_counts_as_unresolved() {
+        let root = std::env::temp_dir().join(format!("egret-unknown-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let known = "6f0c7c9e-2d3b-4b53-9a52-2c1d9b3e8a01";
+        let early = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+        let own = "11111111-2222-3333-4444-555555555555";
+        for uid in [known, early, own] {
+            std::fs::create_dir_all(root.join(format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            )))
+            .unwrap();
+        }
+        let kubepods = Kubepods::find(&root).unwrap();
+        let mut view = View::default();
+        view.apply(kube::runtime::watcher::Event::Apply(pod(
+            "a", "web", known, "n1",
+        )));
+        let inode = |dir: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(dir).ok().map(|m| m.ino())
+        };
+        let own_id = inode(&kubepods.pods()[own]);
+        let (_, local) = plan_with(
+            &view.pods,
+            "n1",
+            Some(&kubepods),
+            UnknownPods::Allow,
+            own_id,
+            &inode,
+        );
+        assert_eq!(local.pods.len(), 1);
+        assert_eq!(
+            local.unknown, 1,
+            "the early pod's cgroup, not the agent's own"
+        );
+        let mut veths = Veths::new(&["*".to_owned()]);
+        let found = veths.look_up_with(&local, &|| Ok(links()), &|_, _| {
+            Ok(veth::PodNetwork::Veths(vec![(10, "veth-web".into())]))
+        });
+        assert_eq!(found.unresolved, 1, "web is found, the early pod is not");
+        assert_eq!(
+            found.pending,
+            BTreeSet::from([11]),
+            "the unclaimed veth may be the early pod's"
+        );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    /// A node with two container veths: 10 (`veth-web`) and 11 (`veth-other`).
+    fn links() -> Vec<veth::Link> {
+        [(10, "veth-web"), (11, "veth-other")]
+            .into_iter()
+            .map(|(index, name)| veth::Link {
+                index,
+                name: name.into(),
+                peer: Some(2),
+                kind: Some("veth".into()),
+                peer_netns: Some(1),
+            })
+            .collect()
+    }
+
+    fn web(host_network: bool) -> LocalPods {
+        LocalPods {
+            pods: vec![LocalPod {
+                key: ("a".into(), "web".into()),
+                cgroup: "/sys/fs/cgroup/kubepods.slice/web".into(),
+                addresses: vec!["198.51.100.10".parse().unwrap()],
+                host_network,
+            }],
+            unknown: 0,
+        }
+    }
+
+    #[test]
+    fn a_pod_without_a_veth_yet_is_looked_up_again_until_its_veth_is_found() {
+        use std::cell::{Cell, RefCell};
+        let answers = RefCell::new(vec![
+            veth::PodNetwork::NotStarted,
+            // The runtime's first process, before it entered the pod's namespace.
+            veth::PodNetwork::Host,
+            // The pod's namespace before the CNI moved its veth in.
+            veth::PodNetwork::Veths(Vec::new()),
+            veth::PodNetwork::Veths(vec![(10, "veth-web".into())]),
+        ]);
+        let lookups = Cell::new(0);
+        let pod_network = |_: &std::path::Path, _: &[veth::Link]| {
+            lookups.set(lookups.get() + 1);
+            Ok(answers.borrow_mut().remove(0))
+        };
+        let mut veths = Veths::new(&["*".to_owned()]);
+        for round in 0..3 {
+            let found = veths.look_up_with(&web(false), &|| Ok(links()), &pod_network);
+            assert_eq!(found.unresolved, 1, "round {round}");
+            assert_eq!(
+                found.pending,
+                BTreeSet::from([10, 11]),
+                "round {round}: every unclaimed veth is held"
+            );
+            assert!(
+                found.by_pod[&("a".to_owned(), "web".to_owned())]
+                    .patterns
+                    .is_empty(),
+                "round {round}: its raw sockets are refused meanwhile"
+            );
+        }
+        let found = veths.look_up_with(&web(false), &|| Ok(links()), &pod_network);
+        assert_eq!(found.unresolved, 0);
+        assert!(found.pending.is_empty(), "all found: nothing held");
+        assert_eq!(
+            found.by_pod[&("a".to_owned(), "web".to_owned())].patterns,
+            ["veth-web"]
+        );
+        // Found stays found: no fifth lookup while the veth is there.
+        let again = veths.look_up_with(&web(false), &|| Ok(links()), &pod_network);
+        assert_eq!(again.unresolved, 0);
+        assert_eq!(lookups.get(), 4);
+    }
+
+    #[test]
+    fn a_host_network_pod_keeps_the_socket_hooks_only_and_holds_nothing() {
+        let mut veths = Veths::new(&["*".to_owned()]);
+        let found = veths.look_up_with(&web(true), &|| Ok(links()), &|_, _| {
+            panic!("a hostNetwork pod is not looked up")
+        });
+        assert_eq!(found.unresolved, 0);
+        assert!(found.by_pod.is_empty() && found.pending.is_empty());
+    }
+
+    #[test]
+    fn a_lookup_the_agent_cannot_make_is_reported_and_holds_the_veths() {
+        let mut veths = Veths::new(&["*".to_owned()]);
+        let found = veths.look_up_with(&web(false), &|| Ok(links()), &|cgroup, _| {
+            Err(veth::VethError::OtherPidNamespace {
+                cgroup: cgroup.into(),
+            })
+        });
+        assert_eq!(found.unresolved, 1);
+        assert_eq!(found.pending, BTreeSet::from([10, 11]), "fail closed");
+        let why = found.cannot_look.expect("reported");
+        assert!(
+            why.starts_with("a/web: ") && why.contains("hostPID"),
+            "{why}"
+        );
+        // A failure of this pod alone (a netlink error) is no setup problem.
+        let found = veths.look_up_with(&web(false), &|| Ok(links()), &|_, _| {
+            Err(veth::VethError::Links {
+                pid: 7,
+                source: std::io::Error::from_raw_os_error(libc::ENOBUFS),
+            })
+        });
+        assert_eq!(found.cannot_look, None);
+        assert_eq!(found.unresolved, 1);
     }
 }
