@@ -93,9 +93,10 @@ pub struct LocalPod {
 pub struct LocalPods {
     /// Those of known pods.
     pub pods: Vec<LocalPod>,
-    /// Pod cgroups of no known pod: the kubelet made them before the watch delivered their
-    /// Pod. Such a pod may already run, and its veth is among the unclaimed ones, so each
-    /// counts as a pod whose veth is not found.
+    /// Pod cgroups of no known pod (the kubelet made them before the watch delivered their
+    /// Pod), and those of pods whose object fails validation (no model). Such a pod may
+    /// already run, and its veth is among the unclaimed ones, so each counts as a pod whose
+    /// veth is not found.
     pub unknown: usize,
 }
 
@@ -165,19 +166,23 @@ fn plan_with(
                 continue;
             }
             plan.workloads.entry(key.clone()).or_default().insert(id);
-            if let Ok(model) = &pod.model {
-                local.pods.push(LocalPod {
+            match &pod.model {
+                Ok(model) => local.pods.push(LocalPod {
                     key: key.clone(),
                     cgroup: dir,
                     addresses: model.ips.clone(),
                     host_network: model.host_network,
-                });
+                }),
+                // A Pod that fails validation has no model: whether it is a hostNetwork one, and
+                // its addresses, are not known, so its veth is not looked up. It runs all the
+                // same, and its veth is among the unclaimed ones: it counts as unknown.
+                Err(_) => local.unknown += 1,
             }
         }
     }
     // What is left is no known pod's. A cgroup gone meanwhile (no id) is no pod's any more;
     // the agent's own pod is known before its first plan, but is never held either way.
-    local.unknown = on_disk
+    local.unknown += on_disk
         .values()
         .filter(|dir| cgroup_id(dir).is_some_and(|id| Some(id) != own))
         .count();
@@ -196,8 +201,8 @@ pub struct PodInterfaces {
     /// refused until it is (fail closed).
     pub by_pod: std::collections::BTreeMap<(String, String), WorkloadInterfaces>,
     /// While a pod of the node has no veth found yet (no process, a process still in the
-    /// host's namespace, no veth in its namespace yet, or a cgroup whose Pod the watch has not
-    /// delivered), every container veth of the node that no known pod claims: the pod's veth
+    /// host's namespace, no veth in its namespace yet, a cgroup whose Pod the watch has not
+    /// delivered, or a Pod that fails validation), every container veth of the node that no known pod claims: the pod's veth
     /// may be among them, and its first process could send `AF_PACKET` frames that no socket
     /// hook sees. TC programs drop all but link traffic on them until the pod is found.
     pub pending: BTreeSet<u32>,
@@ -846,6 +851,79 @@ mod tests {
             BTreeSet::from([11]),
             "the unclaimed veth may be the early pod's"
         );
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_pod_that_fails_validation_counts_as_unresolved_while_its_cgroup_exists() {
+        let root = std::env::temp_dir().join(format!("egret-invalid-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let valid = "6f0c7c9e-2d3b-4b53-9a52-2c1d9b3e8a01";
+        let broken = "0a1b2c3d-4e5f-6071-8293-a4b5c6d7e8f9";
+        let dir = |uid: &str| {
+            root.join(format!(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+                uid.replace('-', "_")
+            ))
+        };
+        for uid in [valid, broken] {
+            std::fs::create_dir_all(dir(uid)).unwrap();
+        }
+        let mut view = View::default();
+        view.apply(kube::runtime::watcher::Event::Apply(pod(
+            "a", "web", valid, "n1",
+        )));
+        let mut bad = pod("a", "bad", broken, "n1");
+        bad.status.as_mut().unwrap().pod_ip = Some("not-an-ip".into());
+        view.apply(kube::runtime::watcher::Event::Apply(bad));
+        assert!(
+            view.pods
+                .iter()
+                .any(|(k, p)| k.1 == "bad" && p.model.is_err())
+        );
+        let inode = |dir: &std::path::Path| {
+            use std::os::unix::fs::MetadataExt as _;
+            std::fs::metadata(dir).ok().map(|m| m.ino())
+        };
+        let planned = |view: &View| {
+            let kubepods = Kubepods::find(&root).unwrap();
+            plan_with(
+                &view.pods,
+                "n1",
+                Some(&kubepods),
+                UnknownPods::Allow,
+                None,
+                &inode,
+            )
+        };
+        let (cgroups, local) = planned(&view);
+        assert!(
+            cgroups
+                .workloads
+                .contains_key(&("a".to_owned(), "bad".to_owned())),
+            "its cgroup is still planned"
+        );
+        assert_eq!(local.pods.len(), 1, "only web's veth is looked up");
+        assert_eq!(local.unknown, 1, "the invalid pod counts as unknown");
+        let mut veths = Veths::new(&["*".to_owned()]);
+        let found = veths.look_up_with(&local, &|| Ok(links()), &|_, _| {
+            Ok(veth::PodNetwork::Veths(vec![(10, "veth-web".into())]))
+        });
+        assert_eq!(found.unresolved, 1, "web is found, the invalid pod is not");
+        assert_eq!(
+            found.pending,
+            BTreeSet::from([11]),
+            "the unclaimed veth may be the invalid pod's: its frames pass link traffic only"
+        );
+        // Its cgroup gone (the pod ended), nothing is held any more.
+        std::fs::remove_dir(dir(broken)).unwrap();
+        let (_, local) = planned(&view);
+        assert_eq!(local.unknown, 0);
+        let found = veths.look_up_with(&local, &|| Ok(links()), &|_, _| {
+            Ok(veth::PodNetwork::Veths(vec![(10, "veth-web".into())]))
+        });
+        assert_eq!(found.unresolved, 0);
+        assert!(found.pending.is_empty());
         let _ = std::fs::remove_dir_all(&root);
     }
 
