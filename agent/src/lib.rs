@@ -7,6 +7,7 @@
 pub mod datapath;
 pub mod inotify;
 pub mod local;
+pub mod netlink;
 pub mod pipeline;
 pub mod policy;
 pub mod preflight;

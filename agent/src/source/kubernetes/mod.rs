@@ -31,6 +31,7 @@ use self::{
 };
 use crate::{
     datapath::{Verdict, tc::WorkloadInterfaces},
+    netlink,
     pipeline::StateChange,
     policy::compile::CompileOptions,
     runtime::{CgroupPlan, SourceEvent, Update},
@@ -218,7 +219,7 @@ type Found = (PathBuf, Vec<(u32, String)>);
 
 /// How a pod's network is found: [`veth::pod_network`], a fake in tests.
 type FindPodNetwork<'a> =
-    dyn Fn(&std::path::Path, &[veth::Link]) -> Result<veth::PodNetwork, veth::VethError> + 'a;
+    dyn Fn(&std::path::Path, &[netlink::Link]) -> Result<veth::PodNetwork, veth::VethError> + 'a;
 
 /// What finds each local pod's node-side veth, with what it found: a pod is looked up again only
 /// when its veth is gone or was not found (entering a pod's namespace costs a thread and a
@@ -251,14 +252,14 @@ impl Veths {
 
     /// The packet level of `local`. A hostNetwork pod keeps the socket hooks only.
     pub fn look_up(&mut self, local: &LocalPods) -> PodInterfaces {
-        self.look_up_with(local, &veth::links, &veth::pod_network)
+        self.look_up_with(local, &netlink::links, &veth::pod_network)
     }
 
     /// [`Self::look_up`] with the kernel's answers given (fakes in tests).
     fn look_up_with(
         &mut self,
         local: &LocalPods,
-        links: &dyn Fn() -> std::io::Result<Vec<veth::Link>>,
+        links: &dyn Fn() -> std::io::Result<Vec<netlink::Link>>,
         pod_network: &FindPodNetwork<'_>,
     ) -> PodInterfaces {
         let ours = links().unwrap_or_else(|err| {
@@ -665,7 +666,7 @@ fn spawn_link_watch(changed: Arc<Notify>) {
     let spawned = std::thread::Builder::new()
         .name("links".into())
         .spawn(move || {
-            let watched = veth::watch_links(|| {
+            let watched = netlink::watch_links(|| {
                 changed.notify_one();
                 true
             });
@@ -928,10 +929,10 @@ mod tests {
     }
 
     /// A node with two container veths: 10 (`veth-web`) and 11 (`veth-other`).
-    fn links() -> Vec<veth::Link> {
+    fn links() -> Vec<netlink::Link> {
         [(10, "veth-web"), (11, "veth-other")]
             .into_iter()
-            .map(|(index, name)| veth::Link {
+            .map(|(index, name)| netlink::Link {
                 index,
                 name: name.into(),
                 peer: Some(2),
@@ -965,7 +966,7 @@ mod tests {
             veth::PodNetwork::Veths(vec![(10, "veth-web".into())]),
         ]);
         let lookups = Cell::new(0);
-        let pod_network = |_: &std::path::Path, _: &[veth::Link]| {
+        let pod_network = |_: &std::path::Path, _: &[netlink::Link]| {
             lookups.set(lookups.get() + 1);
             Ok(answers.borrow_mut().remove(0))
         };
