@@ -794,6 +794,13 @@ pub fn run(
         pending_label: "pending",
         deny_log: options.deny_log,
     };
+    // A new interface that a workload's `interfaces` names gets its TC programs at once: a link
+    // change wakes the runtime, which resolves the names again.
+    let links = events.clone();
+    crate::netlink::spawn_watch(
+        move || links.send(SourceEvent::Links).is_ok(),
+        "new interfaces get their TC programs at the next poll",
+    );
     // New cgroups wake the source at once; the poll is the backstop (and reads the files).
     let mut watch = crate::inotify::DirWatch::new()?;
     watch.watch_only(&watch_dirs(&config, cgroup_root));

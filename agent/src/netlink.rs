@@ -1,6 +1,7 @@
 //! Links of the calling thread's network namespace over rtnetlink: a dump of every link
-//! ([`links`]) and a watch of their changes ([`watch_links`]), for whatever follows the node's
-//! interfaces without being a source of its own (the Kubernetes source finds pods' veths with it).
+//! ([`links`]) and a watch of their changes ([`watch_links`]). The Kubernetes source finds pods'
+//! veths with them; local mode wakes the runtime on each change, so that a new interface a
+//! workload names gets its TC programs at once.
 
 use std::{
     io,
@@ -94,6 +95,22 @@ pub fn watch_links(mut changed: impl FnMut() -> bool) -> io::Result<()> {
         if !changed() {
             return Ok(());
         }
+    }
+}
+
+/// Runs [`watch_links`] on a thread of its own (in the calling thread's network namespace),
+/// calling `changed` at each change until it returns false. A watch that cannot start or that
+/// fails is logged, with `otherwise`: what still catches the change.
+pub fn spawn_watch(mut changed: impl FnMut() -> bool + Send + 'static, otherwise: &'static str) {
+    let spawned = std::thread::Builder::new()
+        .name("links".into())
+        .spawn(move || {
+            if let Err(err) = watch_links(&mut changed) {
+                tracing::warn!("link watch ended ({err}); {otherwise}");
+            }
+        });
+    if let Err(err) = spawned {
+        tracing::warn!("no link watch ({err}); {otherwise}");
     }
 }
 

@@ -126,6 +126,10 @@ pub enum SourceEvent {
     Waiting(Option<String>),
     /// Why pods' veths cannot be looked up at all (`/readyz`, a metric); `None`: they can.
     VethLookup(Option<String>),
+    /// A link of the node was added, changed or removed: nothing to compile, but the
+    /// workloads' `interfaces` are resolved again at once (a new interface gets its TC
+    /// programs now, not at the next tick).
+    Links,
 }
 
 /// How the runtime serves and reports.
@@ -247,6 +251,8 @@ pub fn run(
         }
         Err(err) => return Err(Box::new(err).into()),
     }
+    // The interfaces that exist now get their programs now, not after the first tick.
+    runtime.reconcile_tc();
     let mut gone = HashMap::new();
     let mut report = Report::new(runtime.pipeline.datapath());
     let mut last_report = Instant::now();
@@ -268,15 +274,7 @@ pub fn run(
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
         }
-        if let Some(tc) = &mut runtime.tc {
-            let endpoints = &runtime.pipeline.compiled().endpoints;
-            crate::datapath::tc::reconcile_logged(
-                tc,
-                &runtime.plan.interfaces,
-                &runtime.plan.pending_interfaces,
-                endpoints,
-            );
-        }
+        runtime.reconcile_tc();
         if let Some(shared) = &runtime.shared {
             let moved = drain(shared, &mut runtime.pipeline, pending_label, &mut gone);
             report.moved(&moved);
@@ -332,7 +330,8 @@ fn handle_report(shared: Option<&Shared>, event: SourceEvent) {
                 shared.telemetry().veth_lookup(problem);
             }
         }
-        SourceEvent::Update(_) | SourceEvent::Cgroups(_) => {}
+        // The run loop resolves interfaces after every event.
+        SourceEvent::Links | SourceEvent::Update(_) | SourceEvent::Cgroups(_) => {}
     }
 }
 
@@ -376,6 +375,18 @@ impl Runtime {
             }
             SourceEvent::Cgroups(plan) => self.plan = *plan,
             other => handle_report(self.shared.as_deref(), other),
+        }
+    }
+
+    /// Attaches and detaches TC programs as the plan's interfaces, as they exist now, want.
+    fn reconcile_tc(&mut self) {
+        if let Some(tc) = &mut self.tc {
+            crate::datapath::tc::reconcile_logged(
+                tc,
+                &self.plan.interfaces,
+                &self.plan.pending_interfaces,
+                &self.pipeline.compiled().endpoints,
+            );
         }
     }
 

@@ -663,20 +663,13 @@ fn spawn_cgroup_watch(cgroup_root: PathBuf, changed: Arc<Notify>) {
 /// network being made) wakes the source at once, so that it is pending before the pod's first
 /// process runs.
 fn spawn_link_watch(changed: Arc<Notify>) {
-    let spawned = std::thread::Builder::new()
-        .name("links".into())
-        .spawn(move || {
-            let watched = netlink::watch_links(|| {
-                changed.notify_one();
-                true
-            });
-            if let Err(err) = watched {
-                tracing::warn!("link watch ended ({err}); veths are found at the periodic rescan");
-            }
-        });
-    if let Err(err) = spawned {
-        tracing::warn!("no link watch ({err}); veths are found at the periodic rescan");
-    }
+    netlink::spawn_watch(
+        move || {
+            changed.notify_one();
+            true
+        },
+        "veths are found at the periodic rescan",
+    );
 }
 
 /// The watch state as `/healthz` sees it: an error names the watches whose loop ended.
