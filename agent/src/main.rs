@@ -115,6 +115,10 @@ enum Command {
         /// Seconds between reports of recent connections; 0 turns them off.
         #[arg(long, default_value_t = 2.0)]
         report_interval: f64,
+        /// Seconds between reads of the config and policy files, and between counter drains
+        /// when nothing else happens. New cgroups and new interfaces do not wait for it.
+        #[arg(long, default_value = "0.2", value_parser = positive_seconds)]
+        poll_interval: std::time::Duration,
         /// Serve /metrics, /healthz and /readyz here (overrides the config's `metrics.address`).
         #[arg(long)]
         metrics_addr: Option<std::net::SocketAddr>,
@@ -415,6 +419,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             cgroup,
             report_interval,
+            poll_interval,
             metrics_addr,
             max_destination_series,
             metrics_series_idle,
@@ -448,7 +453,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let options = egret::local::RunOptions {
                 report_every: (report_interval > 0.0)
                     .then(|| std::time::Duration::from_secs_f64(report_interval)),
-                poll_every: std::time::Duration::from_millis(200),
+                poll_every: poll_interval,
                 deny_log: faults.deny_log(),
             };
             egret::local::run(source, datapath, &sys::cgroup2_mount()?, &options)?;
@@ -694,4 +699,13 @@ fn print_counters(counters: &datapath::Counters, output: Output) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+/// A positive number of seconds (`0.2`, `30`).
+fn positive_seconds(text: &str) -> Result<std::time::Duration, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|seconds| *seconds > 0.0)
+        .and_then(|seconds| std::time::Duration::try_from_secs_f64(seconds).ok())
+        .ok_or_else(|| format!("{text:?} is no positive number of seconds"))
 }
