@@ -917,3 +917,86 @@ fn egret_run_attaches_to_configured_interfaces_keeps_them_across_restarts_and_de
     assert_eq!(attempts[0].outcome, Outcome::Sent);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn egret_run_attaches_to_a_new_interface_when_it_appears_not_at_the_next_poll() {
+    let mut sandbox = Sandbox::new().unwrap_or_else(|e| panic!("sandbox: {e}"));
+    // The workload's cgroup and namespace exist; its veth does not yet (no CNI ADD so far).
+    let pod = sandbox.add_unwired_pod("web").expect("pod");
+    let host = sandbox
+        .add_host("meta", &[ip("192.0.2.254"), ip("192.0.2.10")])
+        .expect("host");
+    enter(&format!("{}-node", sandbox.id()));
+    let dir = std::env::temp_dir().join(format!("{}-tc-new-link", sandbox.id()));
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).expect("policies dir");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/examples/local/policies/block-metadata.yaml"),
+        policies.join("block-metadata.yaml"),
+    )
+    .expect("copy policy");
+    std::fs::write(
+        dir.join("egret.yaml"),
+        format!(
+            "baseline: allow\npolicies: [policies]\nworkloads:\n\
+             - {{name: web, namespace: shop, cgroup: {}, ips: [{}, {}], interfaces: [\"p1?\"]}}\n",
+            pod.cgroup.display(),
+            pod.ipv4,
+            pod.ipv6,
+        ),
+    )
+    .expect("config");
+    let at = capture(&host);
+    // An hour between polls (the runtime's tick): within this test only the link event can
+    // have the runtime resolve the workload's interfaces again.
+    let agent = egret_tests::agent::EgretRun::start_with(
+        &dir,
+        sandbox.pin_dir(),
+        sandbox.cgroup(),
+        "0",
+        &["--poll-interval", "3600"],
+        "",
+    )
+    .expect("egret run");
+    agent.wait_log("policy enforced", 1, Duration::from_secs(20));
+    assert!(
+        !agent.log().contains("TC programs attached"),
+        "no interface to attach to yet:\n{}",
+        agent.log()
+    );
+
+    // The CNI makes the veth (`p10` on the node), moves its peer into the pod and sets both up.
+    sandbox.wire_pod(&pod).expect("wire the pod");
+    let ifindex = *resolve_interfaces(&["p10".into()])
+        .get("p10")
+        .expect("node-side veth p10");
+    agent.wait_log("TC programs attached", 1, Duration::from_secs(20));
+    assert!(
+        sandbox
+            .pin_dir()
+            .join("links")
+            .join(format!("tc_from_pod@{ifindex}"))
+            .exists(),
+        "the new interface's link is pinned"
+    );
+    for to in ["192.0.2.254:53", "192.0.2.10:53"] {
+        let attempts = sandbox
+            .probe(&pod, None, &["raw", to, "--kind", "udp"])
+            .expect("probe");
+        assert_eq!(attempts[0].outcome, Outcome::Sent, "{to}: {attempts:?}");
+    }
+    let packets = seen(&at, SETTLE);
+    assert_eq!(
+        count(&packets, "192.0.2.10", 17, Some(53)),
+        1,
+        "the allowed address tells that packets flow: {packets:?}"
+    );
+    assert_eq!(
+        count(&packets, "192.0.2.254", 17, Some(53)),
+        0,
+        "raw UDP from the new interface reached the denied address: {packets:?}"
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
