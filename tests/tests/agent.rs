@@ -1401,6 +1401,42 @@ fn a_pod_started_while_the_agent_runs_sends_no_frame_before_its_veth_is_found() 
         "the stranger's datagram, all found",
     );
 
+    // 3. `bad`: a Pod that fails validation (two IPv4 addresses) has no model, so its veth is
+    // not looked up; while its cgroup exists, it holds the unclaimed veths as an unknown pod's
+    // cgroup does, and releases them once its cgroup is gone.
+    let attached = agent.log().matches("TC programs attached").count();
+    let bad = cluster
+        .server
+        .seed(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: bad, namespace: app, labels: {{app: web}}}}\n\
+             spec: {{nodeName: {NODE}, containers: [{{name: c, image: scratch}}]}}\n\
+             status: {{phase: Running, podIP: 198.51.100.98, podIPs: [{{ip: 198.51.100.98}}, {{ip: 198.51.100.99}}]}}\n"
+        ))
+        .expect("invalid pod");
+    let bad_uid = bad[0]["metadata"]["uid"].as_str().expect("uid").to_owned();
+    // Its cgroup comes once the Pod is known (rejected), so that it holds nothing as a cgroup of
+    // no known pod would.
+    agent.wait_log("rejected: Pod app/bad", Duration::from_secs(10));
+    let bad_cgroup = kubepods.pod(&sandbox, &bad_uid);
+    wait_count(
+        &agent,
+        "TC programs attached",
+        attached,
+        "the stranger's veth held while an invalid pod's cgroup exists",
+    );
+    stranger_udp();
+    assert!(
+        !arrived(&allowed_at),
+        "a veth no pod claims passed a datagram while an invalid pod's cgroup existed:\n{}",
+        agent.log()
+    );
+    std::fs::remove_dir(&bad_cgroup).expect("remove bad's cgroup");
+    arrives(
+        &stranger_udp,
+        &allowed_at,
+        "the stranger's datagram, the invalid pod gone",
+    );
+
     // The held frames are counted, and the agent could look every pod up.
     let address = agent.metrics_address();
     let deadline = Instant::now() + Duration::from_secs(10);
