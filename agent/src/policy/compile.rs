@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     rc::Rc,
+    sync::Arc,
 };
 
 use egret_common::RULE_DEFAULT;
@@ -256,22 +257,23 @@ impl Compiler {
             .world
             .pods
             .binary_search_by(|p| (&p.namespace, &p.name).cmp(&(&pod.namespace, &pod.name)));
+        let pod = Arc::new(pod);
         let old = match at {
             Ok(i) if self.world.pods[i] == pod => return,
-            Ok(i) => Some(std::mem::replace(&mut self.world.pods[i], pod.clone())),
+            Ok(i) => Some(std::mem::replace(&mut self.world.pods[i], Arc::clone(&pod))),
             Err(_) => {
-                self.world.insert_pod(pod.clone());
+                self.world.insert_pod(Arc::clone(&pod));
                 None
             }
         };
-        self.forget_expansions_naming(old.as_ref(), Some(&pod));
+        self.forget_expansions_naming(old.as_deref(), Some(&pod));
     }
 
     /// Removes one pod (nothing if it is not there), dropping the expansions that could name
     /// it.
     pub fn remove_pod(&mut self, namespace: &str, name: &str) {
         if let Some(old) = self.world.remove_pod(namespace, name) {
-            self.forget_expansions_naming(Some(&old), None);
+            self.forget_expansions_naming(Some(&*old), None);
         }
     }
 
@@ -356,7 +358,8 @@ impl Compiler {
         let sources: Vec<&PodInfo> = world
             .pods
             .iter()
-            .filter(|p| options.node.is_none() || p.node == options.node)
+            .map(AsRef::as_ref)
+            .filter(|p: &&PodInfo| options.node.is_none() || p.node == options.node)
             .collect();
         let over_budget = over_budget(world, options, origins, expander, &sources);
         let rejected_egress: BTreeSet<&str> = over_budget

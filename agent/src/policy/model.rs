@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -294,16 +295,28 @@ pub struct PodInfo {
     pub workload: String,
 }
 
-/// The whole validated cluster.
+/// The labels of a namespace no object defines but a pod names: the one the API server gives
+/// every namespace.
+pub fn implicit_namespace(name: &str) -> Arc<Labels> {
+    Arc::new(Labels::from([(
+        NAMESPACE_NAME_LABEL.to_owned(),
+        name.to_owned(),
+    )]))
+}
+
+/// The whole validated cluster. Each model is behind an `Arc`: the source that validated it
+/// keeps it too (the local files' store keeps the last valid version of every object), and a
+/// compile clones the world, so a world holds pointers rather than another copy of every
+/// object.
 #[derive(Clone, Debug, Default)]
 pub struct World {
-    pub namespaces: BTreeMap<String, Labels>,
+    pub namespaces: BTreeMap<String, Arc<Labels>>,
     /// Sorted by (namespace, name).
-    pub pods: Vec<PodInfo>,
+    pub pods: Vec<Arc<PodInfo>>,
     /// Sorted by (namespace, name); only those with Egress in their policy types.
-    pub network_policies: Vec<NetPol>,
+    pub network_policies: Vec<Arc<NetPol>>,
     /// Sorted by (priority, name).
-    pub egress_policies: Vec<EgressPol>,
+    pub egress_policies: Vec<Arc<EgressPol>>,
     /// Objects left out, with the reason.
     pub invalid: Vec<InvalidPolicy>,
     /// Services pods connect to by address (see `policy::services`); set by the source.
@@ -314,7 +327,7 @@ pub struct World {
 
 impl World {
     pub fn namespace_labels(&self, namespace: &str) -> Option<&Labels> {
-        self.namespaces.get(namespace)
+        self.namespaces.get(namespace).map(AsRef::as_ref)
     }
 
     /// The pod with `namespace/name`.
@@ -322,6 +335,7 @@ impl World {
         self.pods
             .iter()
             .find(|p| p.namespace == namespace && p.name == name)
+            .map(AsRef::as_ref)
     }
 
     /// Indices into `pods` of the pods a peer selects (never hostNetwork ones), in pod order;
@@ -367,12 +381,10 @@ impl World {
     }
 
     /// Adds a pod, keeping the (namespace, name) order and the indices.
-    pub fn insert_pod(&mut self, pod: PodInfo) {
+    pub fn insert_pod(&mut self, pod: Arc<PodInfo>) {
         self.namespaces
             .entry(pod.namespace.clone())
-            .or_insert_with(|| {
-                Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())])
-            });
+            .or_insert_with(|| implicit_namespace(&pod.namespace));
         let at = self
             .pods
             .partition_point(|p| (&p.namespace, &p.name) < (&pod.namespace, &pod.name));
@@ -381,7 +393,7 @@ impl World {
     }
 
     /// Removes the pod `namespace/name`, if there is one; returns it.
-    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Option<PodInfo> {
+    pub fn remove_pod(&mut self, namespace: &str, name: &str) -> Option<Arc<PodInfo>> {
         let at = self
             .pods
             .binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
@@ -421,5 +433,6 @@ impl World {
             .iter()
             .take_while(move |np| np.namespace == pod.namespace)
             .filter(move |np| np.pod_selector.matches(&pod.labels))
+            .map(AsRef::as_ref)
     }
 }

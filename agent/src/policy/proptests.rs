@@ -333,7 +333,7 @@ proptest! {
         let options = CompileOptions::default();
         let mut compiler = super::compile::Compiler::new(world.clone(), options.clone());
         let _ = compiler.compile();
-        let mut pod = which.get(&world.pods).clone();
+        let mut pod = (**which.get(&world.pods)).clone();
         pod.labels.insert("app".into(), app.into());
         if tier {
             pod.labels.insert("tier".into(), "1".into());
@@ -344,7 +344,7 @@ proptest! {
         let incremental = compiler.compile();
         let mut changed = world.clone();
         let i = changed.pods.iter().position(|p| p.namespace == pod.namespace && p.name == pod.name).unwrap();
-        changed.pods[i] = pod;
+        changed.pods[i] = pod.into();
         let fresh = compile(&changed, &options);
         let addresses: Vec<IpAddr> = changed.pods.iter().flat_map(|p| p.ips.iter().copied())
             .chain(OUTSIDE.iter().map(|a| a.parse().unwrap())).collect();
@@ -451,7 +451,7 @@ proptest! {
             if world.pods.is_empty() {
                 break;
             }
-            let mut pod = which.get(&world.pods).clone();
+            let mut pod = (**which.get(&world.pods)).clone();
             match change {
                 PodChange::Remove => {
                     world.remove_pod(&pod.namespace, &pod.name);
@@ -481,7 +481,7 @@ proptest! {
                 }
             }
             world.remove_pod(&pod.namespace, &pod.name);
-            world.insert_pod(pod.clone());
+            world.insert_pod(pod.clone().into());
             compiler.update_pod(pod);
             // Compiling between changes exercises what the compiler keeps from one to the next.
             let _ = compiler.compile();

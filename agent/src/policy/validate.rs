@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -29,6 +30,7 @@ use super::{
         EgressPol, EgressRuleModel, Expression, FieldError, InvalidPolicy, Labels,
         NAMESPACE_NAME_LABEL, NamedPort, Namespaces, NetPol, NetPolRule, ObjectKind, ObjectRef,
         Operator, Peer, PodInfo, PortMatch, PortSpec, Protocol, Selector, World,
+        implicit_namespace,
     },
 };
 
@@ -774,7 +776,7 @@ impl World {
         for (name, ns) in &cluster.namespaces {
             match namespace(name, ns) {
                 Ok(labels) => {
-                    namespaces.insert(name.clone(), labels);
+                    namespaces.insert(name.clone(), Arc::new(labels));
                 }
                 Err(e) => reject(
                     &mut world,
@@ -786,14 +788,14 @@ impl World {
         let mut pods = Vec::new();
         for ((ns, name), p) in &cluster.pods {
             match pod(ns, name, p) {
-                Ok(info) => pods.push(info),
+                Ok(info) => pods.push(Arc::new(info)),
                 Err(e) => reject(&mut world, ObjectRef::new(ObjectKind::Pod, ns, name), e),
             }
         }
         let mut network_policies = Vec::new();
         for ((ns, name), np) in &cluster.network_policies {
             match network_policy(ns, name, np) {
-                Ok(Some(np)) => network_policies.push(np),
+                Ok(Some(np)) => network_policies.push(Arc::new(np)),
                 Ok(None) => {}
                 Err(e) => reject(
                     &mut world,
@@ -805,7 +807,7 @@ impl World {
         let mut egress_policies = Vec::new();
         for (name, ep) in &cluster.egress_policies {
             match egress_policy(name, ep) {
-                Ok(ep) => egress_policies.push(ep),
+                Ok(ep) => egress_policies.push(Arc::new(ep)),
                 Err(e) => reject(
                     &mut world,
                     ObjectRef::new(ObjectKind::EgressPolicy, "", name),
@@ -822,23 +824,20 @@ impl World {
         )
     }
 
-    /// A world of objects validated one at a time (the agent keeps them so): puts them in the
+    /// A world of objects validated one at a time (the sources keep them so): puts them in the
     /// order the compiler relies on and indexes the pods. A namespace that only pods name gets
-    /// the labels the API server gives every namespace.
+    /// the labels the API server gives every namespace. The models are shared, not copied.
     pub fn from_validated(
-        mut namespaces: BTreeMap<String, Labels>,
-        mut pods: Vec<PodInfo>,
-        mut network_policies: Vec<NetPol>,
-        mut egress_policies: Vec<EgressPol>,
+        mut namespaces: BTreeMap<String, Arc<Labels>>,
+        mut pods: Vec<Arc<PodInfo>>,
+        mut network_policies: Vec<Arc<NetPol>>,
+        mut egress_policies: Vec<Arc<EgressPol>>,
         invalid: Vec<InvalidPolicy>,
     ) -> Self {
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for pod in &pods {
             if !namespaces.contains_key(&pod.namespace) {
-                namespaces.insert(
-                    pod.namespace.clone(),
-                    Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())]),
-                );
+                namespaces.insert(pod.namespace.clone(), implicit_namespace(&pod.namespace));
             }
         }
         network_policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
