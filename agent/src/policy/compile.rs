@@ -1016,7 +1016,7 @@ mod tests {
     use std::{net::IpAddr, path::Path};
 
     use super::*;
-    use crate::policy::cluster::Cluster;
+    use crate::policy::cluster::load_yaml;
 
     /// Pods `web` and `db` in `shop`; `db`'s NetworkPolicy allows 192.0.2.11, and `big` (for
     /// `db`) allows 203.0.113.0/24 on `ranges` UDP port ranges; an EgressPolicy `wide` denies
@@ -1042,10 +1042,9 @@ mod tests {
              apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: wide}}\n\
              spec: {{priority: 10, subject: {{podSelector: {{matchLabels: {{app: web}}}}}}, rules: [{{name: r, action: Allow, to: [{{networks: [198.51.100.0/24]}}], ports: [{ports}]}}]}}\n"
         );
-        let mut cluster = Cluster::default();
-        let errors = cluster.add_yaml(Path::new("world.yaml"), &text);
+        let (world, errors) = load_yaml(Path::new("world.yaml"), &text);
         assert!(errors.is_empty(), "{errors:?}");
-        World::new(&cluster)
+        world
     }
 
     fn verdict(compiled: &Compiled, pod: &str, to: &str, port: u16) -> Verdict {

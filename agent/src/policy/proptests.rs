@@ -240,10 +240,9 @@ fn cluster() -> impl Strategy<Value = Cluster> {
             let mut cluster = Cluster::default();
             for (ns, team) in NAMESPACES.iter().zip(teams) {
                 let v = json!({"metadata": {"name": ns, "labels": {"team": team}}});
-                cluster.namespaces.insert(
-                    (*ns).into(),
-                    std::sync::Arc::new(serde_json::from_value(v).unwrap()),
-                );
+                cluster
+                    .namespaces
+                    .insert((*ns).into(), serde_json::from_value(v).unwrap());
             }
             for p in pods {
                 let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(p).unwrap();
@@ -251,7 +250,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                     p.metadata.namespace.clone().unwrap(),
                     p.metadata.name.clone().unwrap(),
                 );
-                cluster.pods.insert(key, p.into());
+                cluster.pods.insert(key, p);
             }
             for np in nps {
                 let np: k8s_openapi::api::networking::v1::NetworkPolicy =
@@ -260,13 +259,13 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                     np.metadata.namespace.clone().unwrap(),
                     np.metadata.name.clone().unwrap(),
                 );
-                cluster.network_policies.insert(key, np.into());
+                cluster.network_policies.insert(key, np);
             }
             for ep in eps {
                 let ep: super::crd::EgressPolicy = serde_json::from_value(ep).unwrap();
                 cluster
                     .egress_policies
-                    .insert(ep.metadata.name.clone().unwrap(), ep.into());
+                    .insert(ep.metadata.name.clone().unwrap(), ep);
             }
             cluster
         })

@@ -766,10 +766,11 @@ fn reject(world: &mut World, object: ObjectRef, error: FieldError) {
 }
 
 impl World {
-    /// Validates `cluster`: every object is checked as the API server would; an invalid one is
-    /// left out (listed in `invalid`), everything else is kept. A source that validated its
-    /// objects already (the local files) finds `invalid` empty; one that did not (a cluster
-    /// whose CRD is older than egret) gets its objects checked here.
+    /// Validates a cluster of Kubernetes objects built in memory (the synthetic benchmark
+    /// cluster, the property tests): every object is checked as the API server would; an
+    /// invalid one is left out (listed in `invalid`), everything else is kept. The sources
+    /// validate each object as it arrives and keep only its model (`cluster::PolicyStore`,
+    /// the Kubernetes source's `View`); they build their worlds with [`Self::from_validated`].
     pub fn new(cluster: &Cluster) -> Self {
         let mut world = Self::default();
         let mut namespaces = BTreeMap::new();
@@ -862,10 +863,9 @@ mod tests {
     use super::*;
 
     fn world(yaml: &str) -> World {
-        let mut cluster = Cluster::default();
-        let errors = cluster.add_yaml(Path::new("t.yaml"), yaml);
+        let (world, errors) = super::super::cluster::load_yaml(Path::new("t.yaml"), yaml);
         assert!(errors.is_empty(), "{errors:?}");
-        World::new(&cluster)
+        world
     }
 
     #[test]
@@ -903,18 +903,17 @@ mod tests {
         .unwrap();
         cluster
             .network_policies
-            .insert(("x".into(), "bad".into()), np.into());
-        cluster.network_policies.insert(
-            ("x".into(), "Bad_Name!".into()),
-            NetworkPolicy::default().into(),
-        );
+            .insert(("x".into(), "bad".into()), np);
+        cluster
+            .network_policies
+            .insert(("x".into(), "Bad_Name!".into()), NetworkPolicy::default());
         let good: NetworkPolicy = serde_json::from_value(serde_json::json!({
             "spec": {"podSelector": {}, "policyTypes": ["Egress"]}
         }))
         .unwrap();
         cluster
             .network_policies
-            .insert(("x".into(), "good".into()), good.into());
+            .insert(("x".into(), "good".into()), good);
         let w = World::new(&cluster);
         let messages: Vec<String> = w.invalid.iter().map(ToString::to_string).collect();
         assert_eq!(
