@@ -40,6 +40,17 @@ pub type FieldResult<T> = Result<T, FieldError>;
 /// The highest EgressPolicy priority (the CRD declares the same bound).
 pub const MAX_PRIORITY: u32 = 1000;
 
+/// Checks and converts every item into a vector of exactly their number. A model lives as long
+/// as its object is enforced, and `push` or `collect` over fallible items would leave room for
+/// more (four for the first, then doubling): for a small policy, most of its model.
+fn exactly<T>(items: impl ExactSizeIterator<Item = FieldResult<T>>) -> FieldResult<Vec<T>> {
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        out.push(item?);
+    }
+    Ok(out)
+}
+
 /// `Invalid value: <value>: <rule>`.
 fn invalid(field: impl Into<String>, value: impl std::fmt::Debug, rule: &str) -> FieldError {
     FieldError {
@@ -218,8 +229,9 @@ pub fn selector(selector: &LabelSelector, field: &str) -> FieldResult<Selector> 
         &format!("{field}.matchLabels"),
         selector.match_labels.iter().flatten(),
     )?;
-    let mut expressions = Vec::new();
-    for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
+    let requirements = selector.match_expressions.as_deref().unwrap_or_default();
+    let mut expressions = Vec::with_capacity(requirements.len());
+    for (i, req) in requirements.iter().enumerate() {
         let at = format!("{field}.matchExpressions[{i}]");
         let operator = match req.operator.as_str() {
             "In" => Operator::In,
@@ -254,14 +266,21 @@ pub fn selector(selector: &LabelSelector, field: &str) -> FieldResult<Selector> 
         for (j, v) in values.iter().enumerate() {
             label_value(&format!("{at}.values[{j}]"), v)?;
         }
+        let mut values = values.to_vec();
+        values.sort_unstable();
+        values.dedup();
+        values.shrink_to_fit();
         expressions.push(Expression {
             key: req.key.clone(),
             operator,
-            values: values.iter().cloned().collect::<BTreeSet<_>>(),
+            values,
         });
     }
+    // In key order, as the map gives them; `collect` would leave room for more.
+    let mut sorted = Vec::with_capacity(labels.len());
+    sorted.extend(labels);
     Ok(Selector {
-        labels,
+        labels: sorted,
         expressions,
     })
 }
@@ -282,7 +301,7 @@ fn ip_block(cidr_text: &str, except: &[String], at: &str) -> FieldResult<Peer> {
         return Err(required(format!("{at}.cidr"), "cidr is required"));
     }
     let net = cidr(&format!("{at}.cidr"), cidr_text)?;
-    let mut excepts = Vec::new();
+    let mut excepts = Vec::with_capacity(except.len());
     for (i, e) in except.iter().enumerate() {
         let field = format!("{at}.except[{i}]");
         let x = cidr(&field, e)?;
@@ -320,11 +339,12 @@ fn port_list<'a>(
     if entries.len() == 0 {
         return Ok(None);
     }
-    entries
-        .enumerate()
-        .map(|(i, (protocol, number, end))| port(protocol, number, end, &format!("{at}[{i}]")))
-        .collect::<FieldResult<Vec<_>>>()
-        .map(Some)
+    exactly(
+        entries
+            .enumerate()
+            .map(|(i, (protocol, number, end))| port(protocol, number, end, &format!("{at}[{i}]"))),
+    )
+    .map(Some)
 }
 
 /// One port entry (`ValidateNetworkPolicyPort`).
@@ -423,12 +443,13 @@ fn netpol_peers(
 ) -> FieldResult<Option<Vec<Peer>>> {
     match peers {
         None | Some([]) => Ok(None),
-        Some(peers) => peers
-            .iter()
-            .enumerate()
-            .map(|(j, p)| netpol_peer(namespace, p, &format!("{at}[{j}]")))
-            .collect::<FieldResult<Vec<_>>>()
-            .map(Some),
+        Some(peers) => exactly(
+            peers
+                .iter()
+                .enumerate()
+                .map(|(j, p)| netpol_peer(namespace, p, &format!("{at}[{j}]"))),
+        )
+        .map(Some),
     }
 }
 
@@ -458,7 +479,7 @@ pub fn network_policy(
         netpol_ports(rule.ports.as_deref(), &format!("{at}.ports"))?;
     }
     let egress = spec.egress.as_deref().unwrap_or_default();
-    let mut rules = Vec::new();
+    let mut rules = Vec::with_capacity(egress.len());
     for (i, rule) in egress.iter().enumerate() {
         let at = format!("spec.egress[{i}]");
         let to = netpol_peers(namespace, rule.to.as_deref(), &format!("{at}.to"))?;
@@ -587,6 +608,9 @@ pub fn pod(namespace: &str, name: &str, pod: &Pod) -> FieldResult<PodInfo> {
             }
         }
     }
+    // Pushed one at a time, as found: kept at their number (see `exactly`).
+    ips.shrink_to_fit();
+    ports.shrink_to_fit();
     Ok(PodInfo {
         workload: owning_workload(name, &pod.metadata, &labels),
         namespace: namespace.into(),
@@ -655,7 +679,7 @@ pub fn egress_policy(name: &str, ep: &EgressPolicy) -> FieldResult<EgressPol> {
         .map(|s| selector(s, "spec.subject.podSelector"))
         .transpose()?;
     let mut names = BTreeSet::new();
-    let mut rules = Vec::new();
+    let mut rules = Vec::with_capacity(spec.rules.len());
     for (i, rule) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
         if rule.name.is_empty() {
@@ -681,6 +705,8 @@ pub fn egress_policy(name: &str, ep: &EgressPolicy) -> FieldResult<EgressPol> {
         for (j, p) in rule.to.iter().enumerate() {
             to.extend(egress_peer(p, &format!("{at}.to[{j}]"))?);
         }
+        // A peer with networks gives one per CIDR: the number is known only now.
+        to.shrink_to_fit();
         let ports = egress_ports(&rule.ports, &format!("{at}.ports"))?;
         rules.push(EgressRuleModel {
             name: rule.name.clone(),
