@@ -4,7 +4,8 @@
 //! parsed (memory relative to the accepted input), a file just under the default cap, and an
 //! alias bomb. Each scenario runs in a fresh process (this binary, re-executed), and its peak
 //! resident memory comes from the kernel (`VmHWM` minus the resident size before loading), so
-//! it is what loading really used.
+//! it is what loading really used. Loading is `cluster::load`: the snapshot read and the
+//! `PolicyStore` load the local source makes on every reload, then the world built from it.
 
 use std::{path::Path, time::Instant};
 

@@ -80,10 +80,11 @@ pub struct Cluster {
     pub egress_policies: BTreeMap<String, EgressPolicy>,
 }
 
-/// A document in a file; `item` is the index in a `kind: List`.
+/// A document in a file; `item` is the index in a `kind: List`. The path is shared by every
+/// document of the file: the store keeps one location per object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Location {
-    pub path: PathBuf,
+    pub path: Arc<Path>,
     pub document: usize,
     pub item: Option<usize>,
 }
@@ -561,9 +562,10 @@ fn yaml_options() -> serde_saphyr::Options {
 /// Parses one YAML (or JSON) text into its objects, one document at a time, handing each to
 /// `each` as soon as it is validated; `path` only names them.
 pub fn parse(path: &Path, text: &str, each: &mut impl FnMut(Parsed)) {
+    let path: Arc<Path> = path.into();
     for (index, first_line, body) in Documents::new(text) {
         let location = Location {
-            path: path.into(),
+            path: Arc::clone(&path),
             document: index,
             item: None,
         };
@@ -800,27 +802,37 @@ pub struct Outcome {
     pub kept: Vec<(ObjectRef, Location)>,
 }
 
-/// The documents of one load that name the same object.
-struct Copies {
-    /// Where the first was read.
-    first: Location,
-    /// The first one's model; `None` if it was rejected.
+/// The first document of one load that names an object.
+struct First {
+    location: Location,
+    /// Its model; `None` if it was rejected.
     model: Option<Model>,
-    /// Where each later one was read: any makes them all duplicates.
-    others: Vec<Location>,
 }
 
 /// One load in progress: what each object's documents gave so far.
 struct Pass<'a> {
     reserved: &'a BTreeMap<ObjectRef, String>,
-    seen: BTreeMap<ObjectRef, Copies>,
+    seen: BTreeMap<ObjectRef, First>,
+    /// Where each later document naming an object in `seen` was read: it and the first are all
+    /// duplicates. Apart from `seen`, where every object would carry room for a list.
+    again: BTreeMap<ObjectRef, Vec<Location>>,
     rejected: Vec<LoadError>,
     /// Files that could not be read whole: objects last read from them and not seen now are
     /// kept, since the file may still hold them.
     tainted: BTreeSet<PathBuf>,
 }
 
-impl Pass<'_> {
+impl<'a> Pass<'a> {
+    fn new(reserved: &'a BTreeMap<ObjectRef, String>, rejected: Vec<LoadError>) -> Self {
+        Self {
+            reserved,
+            seen: BTreeMap::new(),
+            again: BTreeMap::new(),
+            rejected,
+            tainted: BTreeSet::new(),
+        }
+    }
+
     /// Takes one document as it is parsed. Its problems are recorded now (they are sorted at
     /// the end), so of an object only the model and the places it was read stay.
     fn note(&mut self, parsed: Parsed) {
@@ -830,7 +842,7 @@ impl Pass<'_> {
             result,
         } = parsed;
         let Some(key) = key else {
-            self.tainted.insert(location.path);
+            self.tainted.insert(location.path.to_path_buf());
             if let Err(err) = result {
                 self.rejected.push(err);
             }
@@ -854,13 +866,13 @@ impl Pass<'_> {
         };
         match self.seen.entry(key) {
             Entry::Vacant(entry) => {
-                entry.insert(Copies {
-                    first: location,
-                    model,
-                    others: Vec::new(),
-                });
+                entry.insert(First { location, model });
             }
-            Entry::Occupied(mut entry) => entry.get_mut().others.push(location),
+            Entry::Occupied(entry) => self
+                .again
+                .entry(entry.key().clone())
+                .or_default()
+                .push(location),
         }
     }
 }
@@ -871,12 +883,7 @@ impl PolicyStore {
     /// rejected. Each file's text is dropped once its documents are models.
     pub fn load(&mut self, snapshot: Snapshot, reserved: &BTreeMap<ObjectRef, String>) -> Outcome {
         let Snapshot { files, errors } = snapshot;
-        let mut pass = Pass {
-            reserved,
-            seen: BTreeMap::new(),
-            rejected: errors,
-            tainted: BTreeSet::new(),
-        };
+        let mut pass = Pass::new(reserved, errors);
         for FileRead { path, content } in files {
             match content {
                 Ok(text) => parse(&path, &text, &mut |parsed| pass.note(parsed)),
@@ -892,12 +899,7 @@ impl PolicyStore {
     /// Loads one YAML text as the only file; `path` only names it.
     fn load_text(&mut self, path: &Path, text: &str) -> Outcome {
         let none = BTreeMap::new();
-        let mut pass = Pass {
-            reserved: &none,
-            seen: BTreeMap::new(),
-            rejected: Vec::new(),
-            tainted: BTreeSet::new(),
-        };
+        let mut pass = Pass::new(&none, Vec::new());
         parse(path, text, &mut |parsed| pass.note(parsed));
         self.finish(pass)
     }
@@ -907,58 +909,58 @@ impl PolicyStore {
         let Pass {
             reserved,
             seen,
+            mut again,
             mut rejected,
             tainted,
         } = pass;
-        let mut accepted = BTreeMap::new();
+        // Listed in key order (`seen`'s), then packed into the map: one grown an entry at a
+        // time keeps its nodes about half full, one built from a sorted list fills them.
+        let mut accepted = Vec::with_capacity(seen.len());
         let mut kept = Vec::new();
         let keep = |key: &ObjectRef,
-                    accepted: &mut BTreeMap<ObjectRef, (Location, Model)>,
+                    accepted: &mut Vec<(ObjectRef, (Location, Model))>,
                     kept: &mut Vec<(ObjectRef, Location)>| {
             if let Some((location, model)) = self.accepted.get(key) {
-                accepted.insert(key.clone(), (location.clone(), model.clone()));
+                accepted.push((key.clone(), (location.clone(), model.clone())));
                 kept.push((key.clone(), location.clone()));
             }
         };
-        for (key, copies) in seen {
-            let Copies {
-                first,
-                model,
-                others,
-            } = copies;
-            if let Some(second) = others.first() {
+        for (key, First { location, model }) in seen {
+            if let Some(others) = again.remove(&key) {
                 // Each names another: the first the second, every later one the first.
-                rejected.push(LoadError::Duplicate {
-                    location: first.clone(),
-                    object: key.clone(),
-                    other: second.clone(),
-                });
-                for location in others {
+                if let Some(second) = others.first() {
                     rejected.push(LoadError::Duplicate {
-                        location,
+                        location: location.clone(),
                         object: key.clone(),
-                        other: first.clone(),
+                        other: second.clone(),
+                    });
+                }
+                for other in others {
+                    rejected.push(LoadError::Duplicate {
+                        location: other,
+                        object: key.clone(),
+                        other: location.clone(),
                     });
                 }
                 keep(&key, &mut accepted, &mut kept);
                 continue;
             }
             match model {
-                Some(model) => {
-                    accepted.insert(key, (first, model));
-                }
+                Some(model) => accepted.push((key, (location, model))),
                 None => keep(&key, &mut accepted, &mut kept),
             }
         }
+        let mut still_there = Vec::new();
         for (key, (location, _)) in &self.accepted {
-            if !accepted.contains_key(key)
-                && tainted.contains(&location.path)
+            if tainted.contains(&*location.path)
                 && !reserved.contains_key(key)
+                && accepted.binary_search_by(|(k, _)| k.cmp(key)).is_err()
             {
-                keep(key, &mut accepted, &mut kept);
+                keep(key, &mut still_there, &mut kept);
             }
         }
-        self.accepted = accepted;
+        accepted.append(&mut still_there);
+        self.accepted = accepted.into_iter().collect();
         rejected.sort_by_key(sort_key);
         Outcome { rejected, kept }
     }
@@ -1007,7 +1009,7 @@ fn sort_key(err: &LoadError) -> (PathBuf, usize, Option<usize>, String) {
         _ => None,
     };
     match location {
-        Some(l) => (l.path.clone(), l.document, l.item, err.to_string()),
+        Some(l) => (l.path.to_path_buf(), l.document, l.item, err.to_string()),
         None => {
             let path = match err {
                 LoadError::Read { path, .. }
@@ -1123,6 +1125,24 @@ metadata: {name: d}
         );
     }
 
+    #[test]
+    fn documents_split_at_separators_keeping_marker_lines_and_explicit_empty_ones() {
+        fn split(text: &str) -> Vec<(usize, usize, &str)> {
+            Documents::new(text).collect()
+        }
+        assert_eq!(
+            split("a: 1\n---\nb: 2\n...\n--- {c: 3}\n---\n# only comment\n"),
+            [
+                (0, 0, "a: 1\n"),
+                (1, 1, "\nb: 2\n"),
+                (2, 4, " {c: 3}\n"),
+                (3, 5, "\n# only comment\n"),
+            ]
+        );
+        assert_eq!(split("# header\n\n"), []);
+        assert_eq!(split("---\n"), [(0, 0, "\n")]);
+    }
+
     fn namespace_doc(name: &str, team: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {{team: {team}}}}}\n"
@@ -1203,6 +1223,32 @@ metadata: {name: d}
             [
                 "1.yaml document 0: Namespace a: metadata.name: Duplicate value: \"a\": also defined at 2.yaml document 0; neither copy is applied",
                 "2.yaml document 0: Namespace a: metadata.name: Duplicate value: \"a\": also defined at 1.yaml document 0; neither copy is applied",
+            ]
+        );
+        assert_eq!(team(&store, "a").as_deref(), Some("one"));
+        // A third copy names the first, as the second does.
+        let three = namespace_doc("a", "three");
+        let out = store.load(
+            snapshot(&[("1.yaml", &one), ("2.yaml", &two), ("3.yaml", &three)]),
+            &none,
+        );
+        let others: Vec<String> = out
+            .rejected
+            .iter()
+            .map(|e| {
+                e.to_string()
+                    .split("also defined at ")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            others,
+            [
+                "2.yaml document 0; neither copy is applied",
+                "1.yaml document 0; neither copy is applied",
+                "1.yaml document 0; neither copy is applied",
             ]
         );
         assert_eq!(team(&store, "a").as_deref(), Some("one"));
