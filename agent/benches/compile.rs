@@ -50,12 +50,12 @@ fn bench(c: &mut Criterion) {
         .pods
         .iter()
         .find(|p| p.node.as_deref() == Some(NODE))
-        .cloned();
+        .map(|p| (**p).clone());
     let remote = world
         .pods
         .iter()
         .find(|p| p.node.as_deref() != Some(NODE))
-        .cloned();
+        .map(|p| (**p).clone());
     let mut flip = 0usize;
     for (name, pod) in [
         ("incremental (label change, pod on this node)", local),

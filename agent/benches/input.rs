@@ -4,14 +4,12 @@
 //! parsed (memory relative to the accepted input), a file just under the default cap, and an
 //! alias bomb. Each scenario runs in a fresh process (this binary, re-executed), and its peak
 //! resident memory comes from the kernel (`VmHWM` minus the resident size before loading), so
-//! it is what loading really used.
+//! it is what loading really used. Loading is `cluster::load`: the snapshot read and the
+//! `PolicyStore` load the local source makes on every reload, then the world built from it.
 
 use std::{path::Path, time::Instant};
 
-use egret::policy::{
-    cluster::{Cluster, Limits},
-    model::World,
-};
+use egret::policy::cluster::{self, Limits};
 
 /// `VmHWM` or `VmRSS` of this process, in KiB.
 fn status_kib(field: &str) -> u64 {
@@ -64,8 +62,7 @@ fn scenario(name: &str, dir: &Path, text: String, limits: Limits) {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let before = status_kib("VmRSS:");
     let start = Instant::now();
-    let (cluster, errors) = Cluster::load(&[dir.to_path_buf()], limits);
-    let world = World::new(&cluster);
+    let (world, errors) = cluster::load(&[dir.to_path_buf()], limits);
     let took = start.elapsed();
     let peak = status_kib("VmHWM:").saturating_sub(before);
     println!(

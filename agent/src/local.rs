@@ -20,7 +20,7 @@ use std::{
     hash::{Hash as _, Hasher as _},
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Mutex, mpsc},
+    sync::{Arc, Mutex, mpsc},
 };
 
 use k8s_openapi::{
@@ -34,7 +34,7 @@ use crate::{
     pipeline::StateChange,
     policy::{
         cluster::{self, Limits, LoadError, Location, PolicyStore, Snapshot},
-        model::{ObjectKind, ObjectRef, World},
+        model::{InvalidPolicy, ObjectKind, ObjectRef, World},
         validate,
     },
     runtime::{CgroupPlan, Rejections, RuntimeOptions, SourceEvent, Update},
@@ -418,23 +418,28 @@ impl LocalSource {
                 )
             })
             .collect();
-        let outcome = state.0.load(&snapshot, &reserved);
-        let mut cluster = outcome.cluster;
-        for w in &config.workloads {
-            cluster.pods.insert(
-                (w.namespace.clone(), w.name.clone()),
-                workload_pod(w).into(),
-            );
-        }
-        let world = World::new(&cluster);
+        // The snapshot is consumed file by file: its texts are gone once they are models.
+        let outcome = state.0.load(snapshot, &reserved);
         let mut rejected: Vec<LocalError> =
             outcome.rejected.into_iter().map(LocalError::from).collect();
-        // Everything was validated on the way in; anything World::new still refuses is a bug
-        // worth seeing rather than a silent gap.
-        rejected.extend(world.invalid.iter().map(|invalid| LocalError::Config {
-            path: self.config_path.clone(),
-            message: invalid.to_string(),
-        }));
+        let mut pods = Vec::new();
+        for w in &config.workloads {
+            match validate::pod(&w.namespace, &w.name, &workload_pod(w)) {
+                Ok(pod) => pods.push(Arc::new(pod)),
+                // `check_workload` refused the config already for anything this refuses: a
+                // bug worth seeing rather than a silent gap.
+                Err(e) => rejected.push(LocalError::Config {
+                    path: self.config_path.clone(),
+                    message: InvalidPolicy {
+                        object: ObjectRef::new(ObjectKind::Pod, &w.namespace, &w.name),
+                        field: e.field,
+                        message: e.message,
+                    }
+                    .to_string(),
+                }),
+            }
+        }
+        let world = state.0.world_with(pods);
         Ok(Loaded {
             config,
             world,

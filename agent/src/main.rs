@@ -12,10 +12,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use egret::{
     datapath::{self, Datapath, DatapathConfig, LoadMode, Verdict},
     policy::{
-        cluster::Cluster,
+        cluster,
         compile::{CompileOptions, compile},
         explain::Probe,
-        model::World,
     },
     rules_file::RulesFile,
     sys,
@@ -345,11 +344,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })?
             } else {
                 // The same messages, at the same level, as `egret run` logs for the same files.
-                let (cluster, errors) = Cluster::load(&files, limits);
+                let (world, errors) = cluster::load(&files, limits);
                 for err in &errors {
                     tracing::error!("{err}");
                 }
-                World::new(&cluster)
+                world
             };
             for invalid in &world.invalid {
                 tracing::error!("{invalid}");

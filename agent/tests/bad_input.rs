@@ -18,10 +18,7 @@ use std::{
     process::Command,
 };
 
-use egret::policy::{
-    cluster::{Cluster, Limits},
-    model::World,
-};
+use egret::policy::cluster::{self, Limits};
 
 /// A valid policy beside every bad one: it must load whatever the bad file holds.
 const GOOD: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: good}\n---\n\
@@ -350,7 +347,7 @@ fn every_bad_input_is_rejected_naming_file_object_and_field_and_the_rest_loads()
     for case in &cases {
         let dir = temp_dir(case.name);
         write(&dir, &case.input);
-        let (cluster, errors) = Cluster::load(std::slice::from_ref(&dir), Limits::default());
+        let (world, errors) = cluster::load(std::slice::from_ref(&dir), Limits::default());
         let prefix = dir.display().to_string();
         let mut got: Vec<String> = errors
             .iter()
@@ -368,7 +365,6 @@ fn every_bad_input_is_rejected_naming_file_object_and_field_and_the_rest_loads()
                 case.name, case.expect, got
             ));
         }
-        let world = World::new(&cluster);
         if world.pod("good", "p").is_none()
             || !world.network_policies.iter().any(|n| n.name == "allow-dns")
         {
@@ -379,7 +375,7 @@ fn every_bad_input_is_rejected_naming_file_object_and_field_and_the_rest_loads()
         }
         if !world.invalid.is_empty() {
             failures.push(format!(
-                "{}: World::new found more: {:?}",
+                "{}: invalid objects reached the world: {:?}",
                 case.name, world.invalid
             ));
         }

@@ -6,9 +6,8 @@
 use std::path::Path;
 
 use egret::policy::{
-    cluster::Cluster,
+    cluster,
     compile::{CompileOptions, compile},
-    model::World,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -17,14 +16,12 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    let mut cluster = Cluster::default();
-    let errors = cluster.add_yaml(Path::new("fuzz.yaml"), text);
+    let (world, errors) = cluster::load_yaml(Path::new("fuzz.yaml"), text);
     for error in &errors {
         // Every message renders (names file and document).
         assert!(error.to_string().starts_with("fuzz.yaml"));
     }
-    let world = World::new(&cluster);
-    // Objects that reached the cluster were validated on the way in.
+    // Only validated models reach the world.
     assert!(world.invalid.is_empty(), "{:?}", world.invalid);
     let _ = compile(&world, &CompileOptions::default());
 });

@@ -63,14 +63,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let synthetic = cluster(&SHAPE);
     let mut objects: Vec<Value> = Vec::new();
     for ns in synthetic.namespaces.values() {
-        let mut v = serde_json::to_value(ns.as_ref())?;
+        let mut v = serde_json::to_value(ns)?;
         v["apiVersion"] = json!("v1");
         v["kind"] = json!("Namespace");
         objects.push(v);
     }
     let mut pod_ips = Vec::new();
     for pod in synthetic.pods.values() {
-        let mut v = serde_json::to_value(pod.as_ref())?;
+        let mut v = serde_json::to_value(pod)?;
         v["apiVersion"] = json!("v1");
         v["kind"] = json!("Pod");
         if let Some(ip) = v["status"]["podIP"].as_str() {
@@ -82,13 +82,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         objects.push(v);
     }
     for np in synthetic.network_policies.values() {
-        let mut v = serde_json::to_value(np.as_ref())?;
+        let mut v = serde_json::to_value(np)?;
         v["apiVersion"] = json!("networking.k8s.io/v1");
         v["kind"] = json!("NetworkPolicy");
         objects.push(v);
     }
     for ep in synthetic.egress_policies.values() {
-        objects.push(serde_json::to_value(ep.as_ref())?);
+        objects.push(serde_json::to_value(ep)?);
     }
     // 50 Services, each with three endpoints among the pods of its namespace.
     for s in 0..SERVICES {

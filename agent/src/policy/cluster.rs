@@ -1,18 +1,20 @@
-//! Cluster state as plain Kubernetes objects, and reading it from YAML: files or directories
-//! holding any mix of Namespace, Pod, NetworkPolicy and EgressPolicy documents (multi-document
-//! files, and `kind: List` as `kubectl get -o yaml` prints it).
+//! Reading policy input: files or directories holding any mix of Namespace, Pod, NetworkPolicy
+//! and EgressPolicy documents (multi-document files, and `kind: List` as `kubectl get -o yaml`
+//! prints it), read to validated models.
 //!
 //! Reading is bounded and never blocks: only regular files and directories are read (checked
 //! with `stat`, then again with `fstat` on a descriptor opened `O_NONBLOCK`), each file and
 //! each directory has a size cap, directory cycles are cut, and the YAML parser runs with depth,
 //! node and alias budgets. Each document is decoded strictly (unknown fields are errors, as
 //! `kubectl apply` makes them) and validated (`validate.rs`) on its own: one bad object
-//! rejects one object. [`PolicyStore`] keeps, across reloads, the last valid version of an
-//! object whose new version is rejected, as the API server keeps the stored object when an
-//! update is refused.
+//! rejects one object. Documents are parsed one at a time, and of each only its validated model
+//! is kept (the decoded object and its YAML value are dropped as soon as it is checked), so a
+//! load holds the input and one model per object, not several copies of every object.
+//! [`PolicyStore`] keeps, across reloads, the last valid version of an object whose new version
+//! is rejected, as the API server keeps the stored object when an update is refused.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
     fmt,
     hash::{Hash as _, Hasher as _},
     io::Read as _,
@@ -29,7 +31,7 @@ use serde::de::DeserializeOwned;
 
 use super::{
     crd::EgressPolicy,
-    model::{ObjectKind, ObjectRef},
+    model::{EgressPol, Labels, NetPol, ObjectKind, ObjectRef, PodInfo, World},
     validate,
 };
 
@@ -67,22 +69,22 @@ impl Default for Limits {
     }
 }
 
-/// The objects a compile starts from, keyed by (namespace, name) or name. Shared with the
-/// [`PolicyStore`] that keeps them across reloads, so a load holds one copy of each object.
+/// Kubernetes objects built in memory, keyed by (namespace, name) or name: what
+/// [`World::new`] validates (the synthetic benchmark cluster, the property tests). Files are
+/// not read into one: [`load`] and [`PolicyStore`] keep only each object's validated model.
 #[derive(Clone, Debug, Default)]
 pub struct Cluster {
-    pub namespaces: BTreeMap<String, Arc<Namespace>>,
-    pub pods: BTreeMap<(String, String), Arc<Pod>>,
-    pub network_policies: BTreeMap<(String, String), Arc<NetworkPolicy>>,
-    pub egress_policies: BTreeMap<String, Arc<EgressPolicy>>,
-    /// Where each object was read, to name it in messages.
-    pub origins: BTreeMap<ObjectRef, Location>,
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<(String, String), Pod>,
+    pub network_policies: BTreeMap<(String, String), NetworkPolicy>,
+    pub egress_policies: BTreeMap<String, EgressPolicy>,
 }
 
-/// A document in a file; `item` is the index in a `kind: List`.
+/// A document in a file; `item` is the index in a `kind: List`. The path is shared by every
+/// document of the file: the store keeps one location per object.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Location {
-    pub path: PathBuf,
+    pub path: Arc<Path>,
     pub document: usize,
     pub item: Option<usize>,
 }
@@ -97,13 +99,25 @@ impl fmt::Display for Location {
     }
 }
 
-/// One decoded object.
+/// One accepted object as the compiler reads it: its validated model, and nothing of the
+/// document it came from. Shared: the store keeps it across reloads and every world built
+/// from the store points at it.
 #[derive(Clone, Debug)]
-pub enum Object {
-    Namespace(Arc<Namespace>),
-    Pod(Arc<Pod>),
-    NetworkPolicy(Arc<NetworkPolicy>),
-    EgressPolicy(Arc<EgressPolicy>),
+pub enum Model {
+    Namespace(Arc<Labels>),
+    Pod(Arc<PodInfo>),
+    /// `None`: valid, but not an egress policy (its policyTypes lack Egress); it still holds
+    /// its name.
+    NetworkPolicy(Option<Arc<NetPol>>),
+    EgressPolicy(Arc<EgressPol>),
+}
+
+/// A document decoded into its Kubernetes type: alive only until it is validated.
+enum Decoded {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    NetworkPolicy(Box<NetworkPolicy>),
+    EgressPolicy(Box<EgressPolicy>),
 }
 
 /// Something that could not be read or was rejected. Each names the file (and document), the
@@ -436,45 +450,88 @@ pub fn read_file(
     })
 }
 
-/// One document (or List item) as read: the object it names, if it names one, and the object
+/// One document (or List item) as read: the object it names, if it names one, and its model
 /// or why it was rejected.
 #[derive(Debug)]
 pub struct Parsed {
     pub location: Location,
     pub key: Option<ObjectRef>,
-    pub result: Result<Object, LoadError>,
+    pub result: Result<Model, LoadError>,
 }
 
-/// The documents of a YAML stream: `(index, first line, text)`. Split here rather than by the
-/// parser, so a syntax error rejects its own document and not the ones after it.
-fn documents(text: &str) -> Vec<(usize, usize, &str)> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut first_line = 0;
-    let mut offset = 0;
-    let mut explicit = false;
-    for (line_no, line) in text.split_inclusive('\n').enumerate() {
-        let bare = line.trim_end_matches(['\n', '\r']);
-        let separator =
-            bare == "---" || bare.starts_with("--- ") || bare.starts_with("---\t") || bare == "...";
-        if separator {
-            let body = &text[start..offset];
-            if explicit || has_content(body) {
-                out.push((out.len(), first_line, body));
+/// The documents of a YAML stream, one at a time: `(index, first line, text)`. Split here
+/// rather than by the parser, so a syntax error rejects its own document and not the ones
+/// after it.
+struct Documents<'a> {
+    text: &'a str,
+    lines: std::iter::Enumerate<std::str::SplitInclusive<'a, char>>,
+    /// Start and first line of the document being read.
+    start: usize,
+    first_line: usize,
+    /// Where the next line starts.
+    offset: usize,
+    /// Whether the document being read was opened by `---` (then it counts even if empty).
+    explicit: bool,
+    /// Documents returned so far.
+    count: usize,
+    /// Whether the text after the last separator was looked at.
+    done: bool,
+}
+
+impl<'a> Documents<'a> {
+    fn new(text: &'a str) -> Self {
+        Self {
+            text,
+            lines: text.split_inclusive('\n').enumerate(),
+            start: 0,
+            first_line: 0,
+            offset: 0,
+            explicit: false,
+            count: 0,
+            done: false,
+        }
+    }
+
+    fn found(&mut self, first_line: usize, body: &'a str) -> (usize, usize, &'a str) {
+        self.count += 1;
+        (self.count - 1, first_line, body)
+    }
+}
+
+impl<'a> Iterator for Documents<'a> {
+    type Item = (usize, usize, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        for (line_no, line) in self.lines.by_ref() {
+            let bare = line.trim_end_matches(['\n', '\r']);
+            let separator = bare == "---"
+                || bare.starts_with("--- ")
+                || bare.starts_with("---\t")
+                || bare == "...";
+            let offset = self.offset;
+            self.offset += line.len();
+            if !separator {
+                continue;
             }
-            explicit = bare != "...";
+            let body = &self.text[self.start..offset];
+            let first_line = self.first_line;
+            let counts = self.explicit || has_content(body);
+            self.explicit = bare != "...";
             // The separator line may carry content (`--- {a: b}`): keep it in the document,
             // minus the marker.
-            start = offset + if bare == "..." { line.len() } else { 3 };
-            first_line = line_no;
+            self.start = offset + if bare == "..." { line.len() } else { 3 };
+            self.first_line = line_no;
+            if counts {
+                return Some(self.found(first_line, body));
+            }
         }
-        offset += line.len();
+        if self.done {
+            return None;
+        }
+        self.done = true;
+        let body = &self.text[self.start..];
+        (self.explicit || has_content(body)).then(|| self.found(self.first_line, body))
     }
-    let body = &text[start..];
-    if explicit || has_content(body) {
-        out.push((out.len(), first_line, body));
-    }
-    out
 }
 
 fn has_content(text: &str) -> bool {
@@ -502,12 +559,13 @@ fn yaml_options() -> serde_saphyr::Options {
     options
 }
 
-/// Parses one YAML (or JSON) text into its objects; `path` only names them.
-pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
-    let mut out = Vec::new();
-    for (index, first_line, body) in documents(text) {
+/// Parses one YAML (or JSON) text into its objects, one document at a time, handing each to
+/// `each` as soon as it is validated; `path` only names them.
+pub fn parse(path: &Path, text: &str, each: &mut impl FnMut(Parsed)) {
+    let path: Arc<Path> = path.into();
+    for (index, first_line, body) in Documents::new(text) {
         let location = Location {
-            path: path.into(),
+            path: Arc::clone(&path),
             document: index,
             item: None,
         };
@@ -516,7 +574,7 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
                 Ok(serde_json::Value::Null) => continue,
                 Ok(value) => value,
                 Err(err) => {
-                    out.push(Parsed {
+                    each(Parsed {
                         location: location.clone(),
                         key: None,
                         result: Err(LoadError::Yaml {
@@ -542,13 +600,12 @@ pub fn parse(path: &Path, text: &str) -> Vec<Parsed> {
                     item: Some(i),
                     ..location.clone()
                 };
-                out.push(parse_object(location, item));
+                each(parse_object(location, item));
             }
         } else {
-            out.push(parse_object(location, value));
+            each(parse_object(location, value));
         }
     }
-    out
 }
 
 /// The parser's message on one line, without the snippet of the input it renders below
@@ -639,16 +696,17 @@ fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
         detail,
     };
     let decoded = match object_kind {
-        ObjectKind::Namespace => decode::<Namespace>(value).map(|o| Object::Namespace(Arc::new(o))),
-        ObjectKind::Pod => decode::<Pod>(value).map(|o| Object::Pod(Arc::new(o))),
+        ObjectKind::Namespace => decode::<Namespace>(value).map(|o| Decoded::Namespace(o.into())),
+        ObjectKind::Pod => decode::<Pod>(value).map(|o| Decoded::Pod(o.into())),
         ObjectKind::NetworkPolicy => {
-            decode::<NetworkPolicy>(value).map(|o| Object::NetworkPolicy(Arc::new(o)))
+            decode::<NetworkPolicy>(value).map(|o| Decoded::NetworkPolicy(o.into()))
         }
         ObjectKind::EgressPolicy => {
-            decode::<EgressPolicy>(value).map(|o| Object::EgressPolicy(Arc::new(o)))
+            decode::<EgressPolicy>(value).map(|o| Decoded::EgressPolicy(o.into()))
         }
     }
     .map_err(decode_error);
+    // The decoded object ends here: only its model (or why it has none) goes on.
     let result = decoded.and_then(|object| {
         let Some(key) = &key else {
             return Err(LoadError::Invalid {
@@ -663,8 +721,7 @@ fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
             object: key.clone(),
             field: e.field,
             message: e.message,
-        })?;
-        Ok(object)
+        })
     });
     Parsed {
         location,
@@ -673,15 +730,20 @@ fn parse_object(location: Location, value: serde_json::Value) -> Parsed {
     }
 }
 
-/// Validates one object under its key (`validate.rs`, the same checks `World::new` makes).
-fn check(object: &Object, key: &ObjectRef) -> validate::FieldResult<()> {
+/// Validates one object under its key (`validate.rs`, the same checks `World::new` makes) and
+/// converts it to its model.
+fn check(object: &Decoded, key: &ObjectRef) -> validate::FieldResult<Model> {
     let namespace = key.namespace.as_deref().unwrap_or_default();
-    match object {
-        Object::Namespace(ns) => validate::namespace(&key.name, ns).map(drop),
-        Object::Pod(pod) => validate::pod(namespace, &key.name, pod).map(drop),
-        Object::NetworkPolicy(np) => validate::network_policy(namespace, &key.name, np).map(drop),
-        Object::EgressPolicy(ep) => validate::egress_policy(&key.name, ep).map(drop),
-    }
+    Ok(match object {
+        Decoded::Namespace(ns) => Model::Namespace(validate::namespace(&key.name, ns)?.into()),
+        Decoded::Pod(pod) => Model::Pod(validate::pod(namespace, &key.name, pod)?.into()),
+        Decoded::NetworkPolicy(np) => {
+            Model::NetworkPolicy(validate::network_policy(namespace, &key.name, np)?.map(Arc::new))
+        }
+        Decoded::EgressPolicy(ep) => {
+            Model::EgressPolicy(validate::egress_policy(&key.name, ep)?.into())
+        }
+    })
 }
 
 /// Renders a serde_ignored path as a field path: `spec.egress[0].tos`.
@@ -724,17 +786,15 @@ fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, (String, S
 }
 
 /// Objects enforced from the files, kept across reloads: an object whose new version is
-/// rejected keeps its last valid one; an object whose file is gone goes.
+/// rejected keeps its last valid one; an object whose file is gone goes. Only models are kept.
 #[derive(Debug, Default)]
 pub struct PolicyStore {
-    accepted: BTreeMap<ObjectRef, (Location, Object)>,
+    accepted: BTreeMap<ObjectRef, (Location, Model)>,
 }
 
-/// What one load produced.
+/// What one load produced; [`PolicyStore::world`] gives what to enforce.
 #[derive(Debug, Default)]
 pub struct Outcome {
-    /// What to enforce: every valid object, and the last valid version of each rejected one.
-    pub cluster: Cluster,
     /// Every problem, in file order.
     pub rejected: Vec<LoadError>,
     /// Objects enforced in their last valid version because the new one was rejected (or its
@@ -742,134 +802,198 @@ pub struct Outcome {
     pub kept: Vec<(ObjectRef, Location)>,
 }
 
-impl PolicyStore {
-    /// Parses and validates `snapshot` against what is enforced now. `reserved` names objects
-    /// another source holds (local workloads are Pods): a document with one of those keys is
-    /// rejected.
-    pub fn load(&mut self, snapshot: &Snapshot, reserved: &BTreeMap<ObjectRef, String>) -> Outcome {
-        let mut rejected: Vec<LoadError> = Vec::new();
-        // Files that could not be read whole: objects last read from them and not seen now are
-        // kept, since the file may still hold them.
-        let mut tainted: BTreeSet<PathBuf> = BTreeSet::new();
-        let mut seen: BTreeMap<ObjectRef, Vec<Parsed>> = BTreeMap::new();
-        rejected.extend(snapshot.errors.iter().map(clone_error));
-        for file in &snapshot.files {
-            let text = match &file.content {
-                Ok(text) => text,
-                Err(err) => {
-                    tainted.insert(file.path.clone());
-                    rejected.push(clone_error(err));
-                    continue;
-                }
-            };
-            for parsed in parse(&file.path, text) {
-                match &parsed.key {
-                    Some(key) => seen.entry(key.clone()).or_default().push(parsed),
-                    None => {
-                        tainted.insert(file.path.clone());
-                        if let Err(err) = parsed.result {
-                            rejected.push(err);
-                        }
-                    }
-                }
-            }
-        }
-        let mut accepted = BTreeMap::new();
-        let mut kept = Vec::new();
-        let keep = |key: &ObjectRef,
-                    accepted: &mut BTreeMap<ObjectRef, (Location, Object)>,
-                    kept: &mut Vec<(ObjectRef, Location)>| {
-            if let Some((location, object)) = self.accepted.get(key) {
-                accepted.insert(key.clone(), (location.clone(), object.clone()));
-                kept.push((key.clone(), location.clone()));
-            }
-        };
-        for (key, mut copies) in seen {
-            if let Some(owner) = reserved.get(&key) {
-                for copy in copies {
-                    rejected.push(LoadError::Reserved {
-                        location: copy.location,
-                        object: key.clone(),
-                        owner: owner.clone(),
-                    });
-                }
-                continue;
-            }
-            if copies.len() > 1 {
-                for (i, copy) in copies.iter().enumerate() {
-                    let other = if i == 0 { &copies[1] } else { &copies[0] };
-                    rejected.push(LoadError::Duplicate {
-                        location: copy.location.clone(),
-                        object: key.clone(),
-                        other: other.location.clone(),
-                    });
-                }
-                for copy in copies {
-                    if let Err(err) = copy.result {
-                        rejected.push(err);
-                    }
-                }
-                keep(&key, &mut accepted, &mut kept);
-                continue;
-            }
-            let Some(copy) = copies.pop() else { continue };
-            match copy.result {
-                Ok(object) => {
-                    accepted.insert(key, (copy.location, object));
-                }
-                Err(err) => {
-                    rejected.push(err);
-                    keep(&key, &mut accepted, &mut kept);
-                }
-            }
-        }
-        let previous: Vec<ObjectRef> = self.accepted.keys().cloned().collect();
-        for key in previous {
-            let from_tainted = self
-                .accepted
-                .get(&key)
-                .is_some_and(|(location, _)| tainted.contains(&location.path));
-            if !accepted.contains_key(&key) && from_tainted && !reserved.contains_key(&key) {
-                keep(&key, &mut accepted, &mut kept);
-            }
-        }
-        self.accepted = accepted;
-        rejected.sort_by_key(sort_key);
-        Outcome {
-            cluster: self.cluster(),
+/// The first document of one load that names an object.
+struct First {
+    location: Location,
+    /// Its model; `None` if it was rejected.
+    model: Option<Model>,
+}
+
+/// One load in progress: what each object's documents gave so far.
+struct Pass<'a> {
+    reserved: &'a BTreeMap<ObjectRef, String>,
+    seen: BTreeMap<ObjectRef, First>,
+    /// Where each later document naming an object in `seen` was read: it and the first are all
+    /// duplicates. Apart from `seen`, where every object would carry room for a list.
+    again: BTreeMap<ObjectRef, Vec<Location>>,
+    rejected: Vec<LoadError>,
+    /// Files that could not be read whole: objects last read from them and not seen now are
+    /// kept, since the file may still hold them.
+    tainted: BTreeSet<PathBuf>,
+}
+
+impl<'a> Pass<'a> {
+    fn new(reserved: &'a BTreeMap<ObjectRef, String>, rejected: Vec<LoadError>) -> Self {
+        Self {
+            reserved,
+            seen: BTreeMap::new(),
+            again: BTreeMap::new(),
             rejected,
-            kept,
+            tainted: BTreeSet::new(),
         }
     }
 
-    /// The accepted objects as a [`Cluster`].
-    fn cluster(&self) -> Cluster {
-        let mut cluster = Cluster::default();
-        for (key, (location, object)) in &self.accepted {
-            let namespace = key.namespace.clone().unwrap_or_default();
-            match object {
-                Object::Namespace(ns) => {
-                    cluster.namespaces.insert(key.name.clone(), Arc::clone(ns));
-                }
-                Object::Pod(pod) => {
-                    cluster
-                        .pods
-                        .insert((namespace, key.name.clone()), Arc::clone(pod));
-                }
-                Object::NetworkPolicy(np) => {
-                    cluster
-                        .network_policies
-                        .insert((namespace, key.name.clone()), Arc::clone(np));
-                }
-                Object::EgressPolicy(ep) => {
-                    cluster
-                        .egress_policies
-                        .insert(key.name.clone(), Arc::clone(ep));
+    /// Takes one document as it is parsed. Its problems are recorded now (they are sorted at
+    /// the end), so of an object only the model and the places it was read stay.
+    fn note(&mut self, parsed: Parsed) {
+        let Parsed {
+            location,
+            key,
+            result,
+        } = parsed;
+        let Some(key) = key else {
+            self.tainted.insert(location.path.to_path_buf());
+            if let Err(err) = result {
+                self.rejected.push(err);
+            }
+            return;
+        };
+        // A document that names what another source holds is refused for that alone.
+        if let Some(owner) = self.reserved.get(&key) {
+            self.rejected.push(LoadError::Reserved {
+                location,
+                object: key,
+                owner: owner.clone(),
+            });
+            return;
+        }
+        let model = match result {
+            Ok(model) => Some(model),
+            Err(err) => {
+                self.rejected.push(err);
+                None
+            }
+        };
+        match self.seen.entry(key) {
+            Entry::Vacant(entry) => {
+                entry.insert(First { location, model });
+            }
+            Entry::Occupied(entry) => self
+                .again
+                .entry(entry.key().clone())
+                .or_default()
+                .push(location),
+        }
+    }
+}
+
+impl PolicyStore {
+    /// Parses and validates `snapshot` against what is enforced now. `reserved` names objects
+    /// another source holds (local workloads are Pods): a document with one of those keys is
+    /// rejected. Each file's text is dropped once its documents are models.
+    pub fn load(&mut self, snapshot: Snapshot, reserved: &BTreeMap<ObjectRef, String>) -> Outcome {
+        let Snapshot { files, errors } = snapshot;
+        let mut pass = Pass::new(reserved, errors);
+        for FileRead { path, content } in files {
+            match content {
+                Ok(text) => parse(&path, &text, &mut |parsed| pass.note(parsed)),
+                Err(err) => {
+                    pass.tainted.insert(path);
+                    pass.rejected.push(err);
                 }
             }
-            cluster.origins.insert(key.clone(), location.clone());
         }
-        cluster
+        self.finish(pass)
+    }
+
+    /// Loads one YAML text as the only file; `path` only names it.
+    fn load_text(&mut self, path: &Path, text: &str) -> Outcome {
+        let none = BTreeMap::new();
+        let mut pass = Pass::new(&none, Vec::new());
+        parse(path, text, &mut |parsed| pass.note(parsed));
+        self.finish(pass)
+    }
+
+    /// Decides each object of a finished pass: its new model, its last valid one, or none.
+    fn finish(&mut self, pass: Pass<'_>) -> Outcome {
+        let Pass {
+            reserved,
+            seen,
+            mut again,
+            mut rejected,
+            tainted,
+        } = pass;
+        // Listed in key order (`seen`'s), then packed into the map: one grown an entry at a
+        // time keeps its nodes about half full, one built from a sorted list fills them.
+        let mut accepted = Vec::with_capacity(seen.len());
+        let mut kept = Vec::new();
+        let keep = |key: &ObjectRef,
+                    accepted: &mut Vec<(ObjectRef, (Location, Model))>,
+                    kept: &mut Vec<(ObjectRef, Location)>| {
+            if let Some((location, model)) = self.accepted.get(key) {
+                accepted.push((key.clone(), (location.clone(), model.clone())));
+                kept.push((key.clone(), location.clone()));
+            }
+        };
+        for (key, First { location, model }) in seen {
+            if let Some(others) = again.remove(&key) {
+                // Each names another: the first the second, every later one the first.
+                if let Some(second) = others.first() {
+                    rejected.push(LoadError::Duplicate {
+                        location: location.clone(),
+                        object: key.clone(),
+                        other: second.clone(),
+                    });
+                }
+                for other in others {
+                    rejected.push(LoadError::Duplicate {
+                        location: other,
+                        object: key.clone(),
+                        other: location.clone(),
+                    });
+                }
+                keep(&key, &mut accepted, &mut kept);
+                continue;
+            }
+            match model {
+                Some(model) => accepted.push((key, (location, model))),
+                None => keep(&key, &mut accepted, &mut kept),
+            }
+        }
+        let mut still_there = Vec::new();
+        for (key, (location, _)) in &self.accepted {
+            if tainted.contains(&*location.path)
+                && !reserved.contains_key(key)
+                && accepted.binary_search_by(|(k, _)| k.cmp(key)).is_err()
+            {
+                keep(key, &mut still_there, &mut kept);
+            }
+        }
+        accepted.append(&mut still_there);
+        self.accepted = accepted.into_iter().collect();
+        rejected.sort_by_key(sort_key);
+        Outcome { rejected, kept }
+    }
+
+    /// The accepted objects as a [`World`], sharing their models.
+    pub fn world(&self) -> World {
+        self.world_with(Vec::new())
+    }
+
+    /// The accepted objects and `pods` (local workloads, Pods no document may name) as a
+    /// [`World`], sharing their models.
+    pub fn world_with(&self, mut pods: Vec<Arc<PodInfo>>) -> World {
+        let mut namespaces = BTreeMap::new();
+        let mut network_policies = Vec::new();
+        let mut egress_policies = Vec::new();
+        for (key, (_, model)) in &self.accepted {
+            match model {
+                Model::Namespace(labels) => {
+                    namespaces.insert(key.name.clone(), Arc::clone(labels));
+                }
+                Model::Pod(pod) => pods.push(Arc::clone(pod)),
+                Model::NetworkPolicy(Some(np)) => network_policies.push(Arc::clone(np)),
+                Model::NetworkPolicy(None) => {}
+                Model::EgressPolicy(ep) => egress_policies.push(Arc::clone(ep)),
+            }
+        }
+        World::from_validated(
+            namespaces,
+            pods,
+            network_policies,
+            egress_policies,
+            Vec::new(),
+        )
     }
 }
 
@@ -885,7 +1009,7 @@ fn sort_key(err: &LoadError) -> (PathBuf, usize, Option<usize>, String) {
         _ => None,
     };
     match location {
-        Some(l) => (l.path.clone(), l.document, l.item, err.to_string()),
+        Some(l) => (l.path.to_path_buf(), l.document, l.item, err.to_string()),
         None => {
             let path = match err {
                 LoadError::Read { path, .. }
@@ -902,93 +1026,19 @@ fn sort_key(err: &LoadError) -> (PathBuf, usize, Option<usize>, String) {
     }
 }
 
-/// File-level errors are kept in the snapshot (they feed its fingerprint) and reported by each
-/// load; `io::Error` is not `Clone`, so the copy keeps its kind and message.
-fn clone_error(err: &LoadError) -> LoadError {
-    match err {
-        LoadError::Read { path, source } => LoadError::Read {
-            path: path.clone(),
-            source: match source.raw_os_error() {
-                Some(code) => std::io::Error::from_raw_os_error(code),
-                None => std::io::Error::new(source.kind(), source.to_string()),
-            },
-        },
-        LoadError::NotRegular { path, file_type } => LoadError::NotRegular {
-            path: path.clone(),
-            file_type,
-        },
-        LoadError::FileTooLarge { path, size, limit } => LoadError::FileTooLarge {
-            path: path.clone(),
-            size: *size,
-            limit: *limit,
-        },
-        LoadError::DirectoryTooLarge {
-            path,
-            directory,
-            limit,
-        } => LoadError::DirectoryTooLarge {
-            path: path.clone(),
-            directory: directory.clone(),
-            limit: *limit,
-        },
-        LoadError::Cycle { path, ancestor } => LoadError::Cycle {
-            path: path.clone(),
-            ancestor: ancestor.clone(),
-        },
-        LoadError::TooDeep { path } => LoadError::TooDeep { path: path.clone() },
-        LoadError::Encoding { path, offset } => LoadError::Encoding {
-            path: path.clone(),
-            offset: *offset,
-        },
-        other => LoadError::Yaml {
-            location: Location {
-                path: PathBuf::new(),
-                document: 0,
-                item: None,
-            },
-            message: other.to_string(),
-        },
-    }
+/// Reads and validates every file under `paths` once (no earlier state): what `egret explain`
+/// and a first `egret run` load see. Returns what loaded and every problem.
+pub fn load(paths: &[PathBuf], limits: Limits) -> (World, Vec<LoadError>) {
+    let mut store = PolicyStore::default();
+    let outcome = store.load(Snapshot::read(paths, limits), &BTreeMap::new());
+    (store.world(), outcome.rejected)
 }
 
-impl Cluster {
-    /// Reads and validates every file under `paths` once (no earlier state): what `egret
-    /// explain` and a first `egret run` load see. Returns what loaded and every problem.
-    pub fn load(paths: &[PathBuf], limits: Limits) -> (Self, Vec<LoadError>) {
-        let snapshot = Snapshot::read(paths, limits);
-        let outcome = PolicyStore::default().load(&snapshot, &BTreeMap::new());
-        (outcome.cluster, outcome.rejected)
-    }
-
-    /// Adds the documents of one YAML text, each validated; `path` only names them in errors.
-    pub fn add_yaml(&mut self, path: &Path, text: &str) -> Vec<LoadError> {
-        let snapshot = Snapshot {
-            files: vec![FileRead {
-                path: path.into(),
-                content: Ok(text.to_owned()),
-            }],
-            errors: Vec::new(),
-        };
-        let outcome = PolicyStore::default().load(&snapshot, &BTreeMap::new());
-        let Cluster {
-            namespaces,
-            pods,
-            network_policies,
-            egress_policies,
-            origins,
-        } = outcome.cluster;
-        self.namespaces.extend(namespaces);
-        self.pods.extend(pods);
-        self.network_policies.extend(network_policies);
-        self.egress_policies.extend(egress_policies);
-        self.origins.extend(origins);
-        outcome.rejected
-    }
-
-    /// Where `object` was read.
-    pub fn origin(&self, object: &ObjectRef) -> Option<&Location> {
-        self.origins.get(object)
-    }
+/// Reads and validates the documents of one YAML text; `path` only names them in errors.
+pub fn load_yaml(path: &Path, text: &str) -> (World, Vec<LoadError>) {
+    let mut store = PolicyStore::default();
+    let outcome = store.load_text(path, text);
+    (store.world(), outcome.rejected)
 }
 
 #[cfg(test)]
@@ -1022,11 +1072,10 @@ apiVersion: apps/v1
 kind: Deployment
 metadata: {name: d}
 "#;
-        let mut cluster = Cluster::default();
-        let errors = cluster.add_yaml(Path::new("cluster.yaml"), text);
-        assert_eq!(cluster.namespaces.len(), 1);
-        assert_eq!(cluster.pods.len(), 1);
-        assert!(cluster.network_policies.is_empty());
+        let (world, errors) = load_yaml(Path::new("cluster.yaml"), text);
+        assert_eq!(world.namespaces.len(), 1);
+        assert_eq!(world.pods.len(), 1);
+        assert!(world.network_policies.is_empty());
         let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(messages.len(), 2, "{messages:?}");
         assert!(
@@ -1046,10 +1095,9 @@ metadata: {name: d}
     #[test]
     fn a_syntax_error_rejects_only_its_document() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\nkind: [\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: b}\n";
-        let mut cluster = Cluster::default();
-        let errors = cluster.add_yaml(Path::new("f.yaml"), text);
+        let (world, errors) = load_yaml(Path::new("f.yaml"), text);
         assert_eq!(
-            cluster.namespaces.keys().collect::<Vec<_>>(),
+            world.namespaces.keys().collect::<Vec<_>>(),
             ["a", "b"],
             "{errors:?}"
         );
@@ -1066,7 +1114,7 @@ metadata: {name: d}
     #[test]
     fn yaml_errors_give_the_line_in_the_file() {
         let text = "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n---\napiVersion: v1\nkind: [Namespace\n";
-        let errors = Cluster::default().add_yaml(Path::new("f.yaml"), text);
+        let (_, errors) = load_yaml(Path::new("f.yaml"), text);
         assert_eq!(errors.len(), 1);
         assert!(
             errors[0].to_string().starts_with(
@@ -1075,6 +1123,24 @@ metadata: {name: d}
             "{}",
             errors[0]
         );
+    }
+
+    #[test]
+    fn documents_split_at_separators_keeping_marker_lines_and_explicit_empty_ones() {
+        fn split(text: &str) -> Vec<(usize, usize, &str)> {
+            Documents::new(text).collect()
+        }
+        assert_eq!(
+            split("a: 1\n---\nb: 2\n...\n--- {c: 3}\n---\n# only comment\n"),
+            [
+                (0, 0, "a: 1\n"),
+                (1, 1, "\nb: 2\n"),
+                (2, 4, " {c: 3}\n"),
+                (3, 5, "\n# only comment\n"),
+            ]
+        );
+        assert_eq!(split("# header\n\n"), []);
+        assert_eq!(split("---\n"), [(0, 0, "\n")]);
     }
 
     fn namespace_doc(name: &str, team: &str) -> String {
@@ -1096,11 +1162,10 @@ metadata: {name: d}
         }
     }
 
-    fn team(cluster: &Cluster, ns: &str) -> Option<String> {
-        cluster
-            .namespaces
-            .get(ns)
-            .and_then(|n| n.metadata.labels.as_ref())
+    fn team(store: &PolicyStore, ns: &str) -> Option<String> {
+        store
+            .world()
+            .namespace_labels(ns)
             .and_then(|l| l.get("team").cloned())
     }
 
@@ -1109,20 +1174,16 @@ metadata: {name: d}
         let mut store = PolicyStore::default();
         let none = BTreeMap::new();
         let a = namespace_doc("a", "one");
-        let out = store.load(&snapshot(&[("a.yaml", &a)]), &none);
+        let out = store.load(snapshot(&[("a.yaml", &a)]), &none);
         assert!(out.rejected.is_empty());
-        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
+        assert_eq!(team(&store, "a").as_deref(), Some("one"));
 
         let bad = namespace_doc("a", "Bad Value!");
         let b = namespace_doc("b", "two");
-        let out = store.load(&snapshot(&[("a.yaml", &bad), ("b.yaml", &b)]), &none);
+        let out = store.load(snapshot(&[("a.yaml", &bad), ("b.yaml", &b)]), &none);
         assert_eq!(out.rejected.len(), 1);
-        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"), "kept");
-        assert_eq!(
-            team(&out.cluster, "b").as_deref(),
-            Some("two"),
-            "the rest loads"
-        );
+        assert_eq!(team(&store, "a").as_deref(), Some("one"), "kept");
+        assert_eq!(team(&store, "b").as_deref(), Some("two"), "the rest loads");
         assert_eq!(out.kept.len(), 1);
 
         // Unreadable now: what it held stays.
@@ -1134,8 +1195,8 @@ metadata: {name: d}
                 source: std::io::Error::from_raw_os_error(libc::EIO),
             }),
         });
-        let out = store.load(&unreadable, &none);
-        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
+        let out = store.load(unreadable, &none);
+        assert_eq!(team(&store, "a").as_deref(), Some("one"));
         assert!(
             out.rejected[0].to_string().contains("Input/output error"),
             "{}",
@@ -1143,9 +1204,9 @@ metadata: {name: d}
         );
 
         // Removed: gone.
-        let out = store.load(&snapshot(&[("b.yaml", &b)]), &none);
+        let out = store.load(snapshot(&[("b.yaml", &b)]), &none);
         assert!(out.rejected.is_empty());
-        assert!(!out.cluster.namespaces.contains_key("a"));
+        assert!(!store.world().namespaces.contains_key("a"));
     }
 
     #[test]
@@ -1153,9 +1214,9 @@ metadata: {name: d}
         let mut store = PolicyStore::default();
         let none = BTreeMap::new();
         let one = namespace_doc("a", "one");
-        store.load(&snapshot(&[("1.yaml", &one)]), &none);
+        store.load(snapshot(&[("1.yaml", &one)]), &none);
         let two = namespace_doc("a", "two");
-        let out = store.load(&snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
+        let out = store.load(snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
         let messages: Vec<String> = out.rejected.iter().map(ToString::to_string).collect();
         assert_eq!(
             messages,
@@ -1164,10 +1225,36 @@ metadata: {name: d}
                 "2.yaml document 0: Namespace a: metadata.name: Duplicate value: \"a\": also defined at 1.yaml document 0; neither copy is applied",
             ]
         );
-        assert_eq!(team(&out.cluster, "a").as_deref(), Some("one"));
+        assert_eq!(team(&store, "a").as_deref(), Some("one"));
+        // A third copy names the first, as the second does.
+        let three = namespace_doc("a", "three");
+        let out = store.load(
+            snapshot(&[("1.yaml", &one), ("2.yaml", &two), ("3.yaml", &three)]),
+            &none,
+        );
+        let others: Vec<String> = out
+            .rejected
+            .iter()
+            .map(|e| {
+                e.to_string()
+                    .split("also defined at ")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(
+            others,
+            [
+                "2.yaml document 0; neither copy is applied",
+                "1.yaml document 0; neither copy is applied",
+                "1.yaml document 0; neither copy is applied",
+            ]
+        );
+        assert_eq!(team(&store, "a").as_deref(), Some("one"));
         // New duplicates: neither wins.
-        let out =
-            PolicyStore::default().load(&snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
-        assert!(out.cluster.namespaces.is_empty());
+        let mut fresh = PolicyStore::default();
+        fresh.load(snapshot(&[("1.yaml", &one), ("2.yaml", &two)]), &none);
+        assert!(fresh.world().namespaces.is_empty());
     }
 }

@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     rc::Rc,
+    sync::Arc,
 };
 
 use egret_common::RULE_DEFAULT;
@@ -257,22 +258,23 @@ impl Compiler {
             .world
             .pods
             .binary_search_by(|p| (&p.namespace, &p.name).cmp(&(&pod.namespace, &pod.name)));
+        let pod = Arc::new(pod);
         let old = match at {
             Ok(i) if self.world.pods[i] == pod => return,
-            Ok(i) => Some(std::mem::replace(&mut self.world.pods[i], pod.clone())),
+            Ok(i) => Some(std::mem::replace(&mut self.world.pods[i], Arc::clone(&pod))),
             Err(_) => {
-                self.world.insert_pod(pod.clone());
+                self.world.insert_pod(Arc::clone(&pod));
                 None
             }
         };
-        self.forget_expansions_naming(old.as_ref(), Some(&pod));
+        self.forget_expansions_naming(old.as_deref(), Some(&pod));
     }
 
     /// Removes one pod (nothing if it is not there), dropping the expansions that could name
     /// it.
     pub fn remove_pod(&mut self, namespace: &str, name: &str) {
         if let Some(old) = self.world.remove_pod(namespace, name) {
-            self.forget_expansions_naming(Some(&old), None);
+            self.forget_expansions_naming(Some(&*old), None);
         }
     }
 
@@ -357,7 +359,8 @@ impl Compiler {
         let sources: Vec<&PodInfo> = world
             .pods
             .iter()
-            .filter(|p| options.node.is_none() || p.node == options.node)
+            .map(AsRef::as_ref)
+            .filter(|p: &&PodInfo| options.node.is_none() || p.node == options.node)
             .collect();
         let over_budget = over_budget(world, options, origins, expander, &sources);
         let rejected = |kind| {
@@ -1025,7 +1028,7 @@ mod tests {
     use std::{net::IpAddr, path::Path};
 
     use super::*;
-    use crate::policy::cluster::Cluster;
+    use crate::policy::cluster::load_yaml;
 
     /// Pods `web` and `db` in `shop`; `db`'s NetworkPolicy allows 192.0.2.11, and `big` (for
     /// `db`) allows 203.0.113.0/24 on `ranges` UDP port ranges; an EgressPolicy `wide` denies
@@ -1051,10 +1054,9 @@ mod tests {
              apiVersion: egret.dev/v1alpha1\nkind: EgressPolicy\nmetadata: {{name: wide}}\n\
              spec: {{priority: 10, subject: {{podSelector: {{matchLabels: {{app: web}}}}}}, rules: [{{name: r, action: Allow, to: [{{networks: [198.51.100.0/24]}}], ports: [{ports}]}}]}}\n"
         );
-        let mut cluster = Cluster::default();
-        let errors = cluster.add_yaml(Path::new("world.yaml"), &text);
+        let (world, errors) = load_yaml(Path::new("world.yaml"), &text);
         assert!(errors.is_empty(), "{errors:?}");
-        World::new(&cluster)
+        world
     }
 
     fn verdict(compiled: &Compiled, pod: &str, to: &str, port: u16) -> Verdict {

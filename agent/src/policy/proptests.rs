@@ -240,10 +240,9 @@ fn cluster() -> impl Strategy<Value = Cluster> {
             let mut cluster = Cluster::default();
             for (ns, team) in NAMESPACES.iter().zip(teams) {
                 let v = json!({"metadata": {"name": ns, "labels": {"team": team}}});
-                cluster.namespaces.insert(
-                    (*ns).into(),
-                    std::sync::Arc::new(serde_json::from_value(v).unwrap()),
-                );
+                cluster
+                    .namespaces
+                    .insert((*ns).into(), serde_json::from_value(v).unwrap());
             }
             for p in pods {
                 let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(p).unwrap();
@@ -251,7 +250,7 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                     p.metadata.namespace.clone().unwrap(),
                     p.metadata.name.clone().unwrap(),
                 );
-                cluster.pods.insert(key, p.into());
+                cluster.pods.insert(key, p);
             }
             for np in nps {
                 let np: k8s_openapi::api::networking::v1::NetworkPolicy =
@@ -260,13 +259,13 @@ fn cluster() -> impl Strategy<Value = Cluster> {
                     np.metadata.namespace.clone().unwrap(),
                     np.metadata.name.clone().unwrap(),
                 );
-                cluster.network_policies.insert(key, np.into());
+                cluster.network_policies.insert(key, np);
             }
             for ep in eps {
                 let ep: super::crd::EgressPolicy = serde_json::from_value(ep).unwrap();
                 cluster
                     .egress_policies
-                    .insert(ep.metadata.name.clone().unwrap(), ep.into());
+                    .insert(ep.metadata.name.clone().unwrap(), ep);
             }
             cluster
         })
@@ -333,7 +332,7 @@ proptest! {
         let options = CompileOptions::default();
         let mut compiler = super::compile::Compiler::new(world.clone(), options.clone());
         let _ = compiler.compile();
-        let mut pod = which.get(&world.pods).clone();
+        let mut pod = (**which.get(&world.pods)).clone();
         pod.labels.insert("app".into(), app.into());
         if tier {
             pod.labels.insert("tier".into(), "1".into());
@@ -344,7 +343,7 @@ proptest! {
         let incremental = compiler.compile();
         let mut changed = world.clone();
         let i = changed.pods.iter().position(|p| p.namespace == pod.namespace && p.name == pod.name).unwrap();
-        changed.pods[i] = pod;
+        changed.pods[i] = pod.into();
         let fresh = compile(&changed, &options);
         let addresses: Vec<IpAddr> = changed.pods.iter().flat_map(|p| p.ips.iter().copied())
             .chain(OUTSIDE.iter().map(|a| a.parse().unwrap())).collect();
@@ -451,7 +450,7 @@ proptest! {
             if world.pods.is_empty() {
                 break;
             }
-            let mut pod = which.get(&world.pods).clone();
+            let mut pod = (**which.get(&world.pods)).clone();
             match change {
                 PodChange::Remove => {
                     world.remove_pod(&pod.namespace, &pod.name);
@@ -481,7 +480,7 @@ proptest! {
                 }
             }
             world.remove_pod(&pod.namespace, &pod.name);
-            world.insert_pod(pod.clone());
+            world.insert_pod(pod.clone().into());
             compiler.update_pod(pod);
             // Compiling between changes exercises what the compiler keeps from one to the next.
             let _ = compiler.compile();

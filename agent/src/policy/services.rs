@@ -367,7 +367,7 @@ mod tests {
 
         use super::*;
         use crate::policy::{
-            cluster::Cluster,
+            cluster::load_yaml,
             compile::{CompileOptions, compile},
             explain::Origin,
             model::World,
@@ -424,10 +424,8 @@ spec:
         }
 
         fn world() -> World {
-            let mut cluster = Cluster::default();
-            let errors = cluster.add_yaml(Path::new("t.yaml"), PODS);
+            let (mut world, errors) = load_yaml(Path::new("t.yaml"), PODS);
             assert!(errors.is_empty(), "{errors:?}");
-            let mut world = World::new(&cluster);
             let service = |name: &str, vip: &str, ports| ServiceInfo {
                 namespace: "kube-system".into(),
                 name: name.into(),

@@ -98,28 +98,26 @@ pub fn cluster(shape: &Shape) -> Cluster {
         let name = format!("ns-{ns:03}");
         let v = json!({"metadata": {"name": name, "labels": {"team": format!("t{}", ns % 10)}}});
         if let Ok(n) = serde_json::from_value::<Namespace>(v) {
-            cluster.namespaces.insert(name.clone(), n.into());
+            cluster.namespaces.insert(name.clone(), n);
         }
         for index in 0..shape.pods_per_namespace {
             if let Ok(p) = serde_json::from_value::<Pod>(pod(shape, ns, index, 0)) {
                 cluster
                     .pods
-                    .insert((name.clone(), format!("p-{index:04}")), p.into());
+                    .insert((name.clone(), format!("p-{index:04}")), p);
             }
         }
         for i in 0..shape.network_policies_per_namespace {
             if let Ok(np) = serde_json::from_value::<NetworkPolicy>(network_policy(ns, i)) {
                 cluster
                     .network_policies
-                    .insert((name.clone(), format!("np-{i}")), np.into());
+                    .insert((name.clone(), format!("np-{i}")), np);
             }
         }
     }
     for i in 0..shape.egress_policies {
         if let Ok(ep) = serde_json::from_value::<EgressPolicy>(egress_policy(i)) {
-            cluster
-                .egress_policies
-                .insert(format!("ep-{i:03}"), ep.into());
+            cluster.egress_policies.insert(format!("ep-{i:03}"), ep);
         }
     }
     cluster

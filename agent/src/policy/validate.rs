@@ -11,6 +11,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -29,6 +30,7 @@ use super::{
         EgressPol, EgressRuleModel, Expression, FieldError, InvalidPolicy, Labels,
         NAMESPACE_NAME_LABEL, NamedPort, Namespaces, NetPol, NetPolRule, ObjectKind, ObjectRef,
         Operator, Peer, PodInfo, PortMatch, PortSpec, Protocol, Selector, World,
+        implicit_namespace,
     },
 };
 
@@ -37,6 +39,17 @@ pub type FieldResult<T> = Result<T, FieldError>;
 
 /// The highest EgressPolicy priority (the CRD declares the same bound).
 pub const MAX_PRIORITY: u32 = 1000;
+
+/// Checks and converts every item into a vector of exactly their number. A model lives as long
+/// as its object is enforced, and `push` or `collect` over fallible items would leave room for
+/// more (four for the first, then doubling): for a small policy, most of its model.
+fn exactly<T>(items: impl ExactSizeIterator<Item = FieldResult<T>>) -> FieldResult<Vec<T>> {
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        out.push(item?);
+    }
+    Ok(out)
+}
 
 /// `Invalid value: <value>: <rule>`.
 fn invalid(field: impl Into<String>, value: impl std::fmt::Debug, rule: &str) -> FieldError {
@@ -216,8 +229,9 @@ pub fn selector(selector: &LabelSelector, field: &str) -> FieldResult<Selector> 
         &format!("{field}.matchLabels"),
         selector.match_labels.iter().flatten(),
     )?;
-    let mut expressions = Vec::new();
-    for (i, req) in selector.match_expressions.iter().flatten().enumerate() {
+    let requirements = selector.match_expressions.as_deref().unwrap_or_default();
+    let mut expressions = Vec::with_capacity(requirements.len());
+    for (i, req) in requirements.iter().enumerate() {
         let at = format!("{field}.matchExpressions[{i}]");
         let operator = match req.operator.as_str() {
             "In" => Operator::In,
@@ -252,14 +266,21 @@ pub fn selector(selector: &LabelSelector, field: &str) -> FieldResult<Selector> 
         for (j, v) in values.iter().enumerate() {
             label_value(&format!("{at}.values[{j}]"), v)?;
         }
+        let mut values = values.to_vec();
+        values.sort_unstable();
+        values.dedup();
+        values.shrink_to_fit();
         expressions.push(Expression {
             key: req.key.clone(),
             operator,
-            values: values.iter().cloned().collect::<BTreeSet<_>>(),
+            values,
         });
     }
+    // In key order, as the map gives them; `collect` would leave room for more.
+    let mut sorted = Vec::with_capacity(labels.len());
+    sorted.extend(labels);
     Ok(Selector {
-        labels,
+        labels: sorted,
         expressions,
     })
 }
@@ -280,7 +301,7 @@ fn ip_block(cidr_text: &str, except: &[String], at: &str) -> FieldResult<Peer> {
         return Err(required(format!("{at}.cidr"), "cidr is required"));
     }
     let net = cidr(&format!("{at}.cidr"), cidr_text)?;
-    let mut excepts = Vec::new();
+    let mut excepts = Vec::with_capacity(except.len());
     for (i, e) in except.iter().enumerate() {
         let field = format!("{at}.except[{i}]");
         let x = cidr(&field, e)?;
@@ -318,11 +339,12 @@ fn port_list<'a>(
     if entries.len() == 0 {
         return Ok(None);
     }
-    entries
-        .enumerate()
-        .map(|(i, (protocol, number, end))| port(protocol, number, end, &format!("{at}[{i}]")))
-        .collect::<FieldResult<Vec<_>>>()
-        .map(Some)
+    exactly(
+        entries
+            .enumerate()
+            .map(|(i, (protocol, number, end))| port(protocol, number, end, &format!("{at}[{i}]"))),
+    )
+    .map(Some)
 }
 
 /// One port entry (`ValidateNetworkPolicyPort`).
@@ -421,12 +443,13 @@ fn netpol_peers(
 ) -> FieldResult<Option<Vec<Peer>>> {
     match peers {
         None | Some([]) => Ok(None),
-        Some(peers) => peers
-            .iter()
-            .enumerate()
-            .map(|(j, p)| netpol_peer(namespace, p, &format!("{at}[{j}]")))
-            .collect::<FieldResult<Vec<_>>>()
-            .map(Some),
+        Some(peers) => exactly(
+            peers
+                .iter()
+                .enumerate()
+                .map(|(j, p)| netpol_peer(namespace, p, &format!("{at}[{j}]"))),
+        )
+        .map(Some),
     }
 }
 
@@ -456,7 +479,7 @@ pub fn network_policy(
         netpol_ports(rule.ports.as_deref(), &format!("{at}.ports"))?;
     }
     let egress = spec.egress.as_deref().unwrap_or_default();
-    let mut rules = Vec::new();
+    let mut rules = Vec::with_capacity(egress.len());
     for (i, rule) in egress.iter().enumerate() {
         let at = format!("spec.egress[{i}]");
         let to = netpol_peers(namespace, rule.to.as_deref(), &format!("{at}.to"))?;
@@ -585,6 +608,9 @@ pub fn pod(namespace: &str, name: &str, pod: &Pod) -> FieldResult<PodInfo> {
             }
         }
     }
+    // Pushed one at a time, as found: kept at their number (see `exactly`).
+    ips.shrink_to_fit();
+    ports.shrink_to_fit();
     Ok(PodInfo {
         workload: owning_workload(name, &pod.metadata, &labels),
         namespace: namespace.into(),
@@ -653,7 +679,7 @@ pub fn egress_policy(name: &str, ep: &EgressPolicy) -> FieldResult<EgressPol> {
         .map(|s| selector(s, "spec.subject.podSelector"))
         .transpose()?;
     let mut names = BTreeSet::new();
-    let mut rules = Vec::new();
+    let mut rules = Vec::with_capacity(spec.rules.len());
     for (i, rule) in spec.rules.iter().enumerate() {
         let at = format!("spec.rules[{i}]");
         if rule.name.is_empty() {
@@ -679,6 +705,8 @@ pub fn egress_policy(name: &str, ep: &EgressPolicy) -> FieldResult<EgressPol> {
         for (j, p) in rule.to.iter().enumerate() {
             to.extend(egress_peer(p, &format!("{at}.to[{j}]"))?);
         }
+        // A peer with networks gives one per CIDR: the number is known only now.
+        to.shrink_to_fit();
         let ports = egress_ports(&rule.ports, &format!("{at}.ports"))?;
         rules.push(EgressRuleModel {
             name: rule.name.clone(),
@@ -764,17 +792,18 @@ fn reject(world: &mut World, object: ObjectRef, error: FieldError) {
 }
 
 impl World {
-    /// Validates `cluster`: every object is checked as the API server would; an invalid one is
-    /// left out (listed in `invalid`), everything else is kept. A source that validated its
-    /// objects already (the local files) finds `invalid` empty; one that did not (a cluster
-    /// whose CRD is older than egret) gets its objects checked here.
+    /// Validates a cluster of Kubernetes objects built in memory (the synthetic benchmark
+    /// cluster, the property tests): every object is checked as the API server would; an
+    /// invalid one is left out (listed in `invalid`), everything else is kept. The sources
+    /// validate each object as it arrives and keep only its model (`cluster::PolicyStore`,
+    /// the Kubernetes source's `View`); they build their worlds with [`Self::from_validated`].
     pub fn new(cluster: &Cluster) -> Self {
         let mut world = Self::default();
         let mut namespaces = BTreeMap::new();
         for (name, ns) in &cluster.namespaces {
             match namespace(name, ns) {
                 Ok(labels) => {
-                    namespaces.insert(name.clone(), labels);
+                    namespaces.insert(name.clone(), Arc::new(labels));
                 }
                 Err(e) => reject(
                     &mut world,
@@ -786,14 +815,14 @@ impl World {
         let mut pods = Vec::new();
         for ((ns, name), p) in &cluster.pods {
             match pod(ns, name, p) {
-                Ok(info) => pods.push(info),
+                Ok(info) => pods.push(Arc::new(info)),
                 Err(e) => reject(&mut world, ObjectRef::new(ObjectKind::Pod, ns, name), e),
             }
         }
         let mut network_policies = Vec::new();
         for ((ns, name), np) in &cluster.network_policies {
             match network_policy(ns, name, np) {
-                Ok(Some(np)) => network_policies.push(np),
+                Ok(Some(np)) => network_policies.push(Arc::new(np)),
                 Ok(None) => {}
                 Err(e) => reject(
                     &mut world,
@@ -805,7 +834,7 @@ impl World {
         let mut egress_policies = Vec::new();
         for (name, ep) in &cluster.egress_policies {
             match egress_policy(name, ep) {
-                Ok(ep) => egress_policies.push(ep),
+                Ok(ep) => egress_policies.push(Arc::new(ep)),
                 Err(e) => reject(
                     &mut world,
                     ObjectRef::new(ObjectKind::EgressPolicy, "", name),
@@ -822,23 +851,20 @@ impl World {
         )
     }
 
-    /// A world of objects validated one at a time (the agent keeps them so): puts them in the
+    /// A world of objects validated one at a time (the sources keep them so): puts them in the
     /// order the compiler relies on and indexes the pods. A namespace that only pods name gets
-    /// the labels the API server gives every namespace.
+    /// the labels the API server gives every namespace. The models are shared, not copied.
     pub fn from_validated(
-        mut namespaces: BTreeMap<String, Labels>,
-        mut pods: Vec<PodInfo>,
-        mut network_policies: Vec<NetPol>,
-        mut egress_policies: Vec<EgressPol>,
+        mut namespaces: BTreeMap<String, Arc<Labels>>,
+        mut pods: Vec<Arc<PodInfo>>,
+        mut network_policies: Vec<Arc<NetPol>>,
+        mut egress_policies: Vec<Arc<EgressPol>>,
         invalid: Vec<InvalidPolicy>,
     ) -> Self {
         pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for pod in &pods {
             if !namespaces.contains_key(&pod.namespace) {
-                namespaces.insert(
-                    pod.namespace.clone(),
-                    Labels::from([(NAMESPACE_NAME_LABEL.to_owned(), pod.namespace.clone())]),
-                );
+                namespaces.insert(pod.namespace.clone(), implicit_namespace(&pod.namespace));
             }
         }
         network_policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
@@ -863,10 +889,9 @@ mod tests {
     use super::*;
 
     fn world(yaml: &str) -> World {
-        let mut cluster = Cluster::default();
-        let errors = cluster.add_yaml(Path::new("t.yaml"), yaml);
+        let (world, errors) = super::super::cluster::load_yaml(Path::new("t.yaml"), yaml);
         assert!(errors.is_empty(), "{errors:?}");
-        World::new(&cluster)
+        world
     }
 
     #[test]
@@ -904,18 +929,17 @@ mod tests {
         .unwrap();
         cluster
             .network_policies
-            .insert(("x".into(), "bad".into()), np.into());
-        cluster.network_policies.insert(
-            ("x".into(), "Bad_Name!".into()),
-            NetworkPolicy::default().into(),
-        );
+            .insert(("x".into(), "bad".into()), np);
+        cluster
+            .network_policies
+            .insert(("x".into(), "Bad_Name!".into()), NetworkPolicy::default());
         let good: NetworkPolicy = serde_json::from_value(serde_json::json!({
             "spec": {"podSelector": {}, "policyTypes": ["Egress"]}
         }))
         .unwrap();
         cluster
             .network_policies
-            .insert(("x".into(), "good".into()), good.into());
+            .insert(("x".into(), "good".into()), good);
         let w = World::new(&cluster);
         let messages: Vec<String> = w.invalid.iter().map(ToString::to_string).collect();
         assert_eq!(

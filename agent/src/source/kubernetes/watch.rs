@@ -303,23 +303,23 @@ impl View {
             .namespaces
             .iter()
             .filter_map(|((_, name), r)| {
-                valid(r, &mut invalid).map(|labels| (name.clone(), labels))
+                valid(r, &mut invalid).map(|labels| (name.clone(), Arc::new(labels)))
             })
             .collect();
         let pods = self
             .pods
             .iter()
-            .filter_map(|(_, p)| valid(&p.model, &mut invalid))
+            .filter_map(|(_, p)| valid(&p.model, &mut invalid).map(Arc::new))
             .collect();
         let network_policies = self
             .network_policies
             .iter()
-            .filter_map(|(_, r)| valid(r, &mut invalid).flatten())
+            .filter_map(|(_, r)| valid(r, &mut invalid).flatten().map(Arc::new))
             .collect();
         let egress_policies = self
             .egress_policies
             .iter()
-            .filter_map(|(_, e)| valid(&e.model, &mut invalid))
+            .filter_map(|(_, e)| valid(&e.model, &mut invalid).map(Arc::new))
             .collect();
         let mut world =
             World::from_validated(namespaces, pods, network_policies, egress_policies, invalid);
