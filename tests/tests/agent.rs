@@ -1039,13 +1039,6 @@ fn a_pods_first_process_cannot_send_a_frame_before_its_veth_is_found() {
     };
     let denied_at = receiver("192.0.2.10:53");
     let allowed_at = receiver("192.0.2.11:53");
-    let arrived = |at: &std::net::UdpSocket| {
-        let mut any = false;
-        while at.recv(&mut [0u8; 64]).is_ok() {
-            any = true;
-        }
-        any
-    };
     enter(&format!("{}-node", sandbox.id()));
     let dir = temp_dir(&sandbox, "agent-pending");
     let cluster = Cluster::start(&dir);
@@ -1225,13 +1218,6 @@ fn a_pod_started_while_the_agent_runs_sends_no_frame_before_its_veth_is_found() 
     };
     let denied_at = receiver("192.0.2.10:53");
     let allowed_at = receiver("192.0.2.11:53");
-    let arrived = |at: &std::net::UdpSocket| {
-        let mut any = false;
-        while at.recv(&mut [0u8; 64]).is_ok() {
-            any = true;
-        }
-        any
-    };
     let node = sandbox.node_netns().to_owned();
     enter(&node);
     let dir = temp_dir(&sandbox, "agent-pending-late");
@@ -1644,4 +1630,13 @@ fn a_strict_cluster_never_locks_the_agent_out_even_across_a_rolling_update() {
     }
     assert_rbac_grants(&cluster.server);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether any datagram arrived at `at` since the last call (drains what did).
+fn arrived(at: &std::net::UdpSocket) -> bool {
+    let mut any = false;
+    while at.recv(&mut [0u8; 64]).is_ok() {
+        any = true;
+    }
+    any
 }
